@@ -1,0 +1,67 @@
+# edgefleet — the two commands a fresh machine needs:  make demo   and   make test
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: help demo test install-dev install-runtime mosquitto lint typecheck pytest schemas bench clean
+
+help:
+	@echo "make demo    - set up .venv and run the demo (agent + controller on the shipped model and video)"
+	@echo "make test    - set up .venv with dev tools, install Mosquitto if missing, run ruff, mypy, pytest"
+	@echo "make schemas - regenerate docs/protocol/*.schema.json"
+	@echo "make bench   - run the benchmarks in bench/ (prints ratios)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.runtime: pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[agent,onnx,controller]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+# tflite-runtime needs numpy < 2, so its backend is tested from its own small venv.
+.venv-tflite/.done:
+	$(PYTHON) -m venv .venv-tflite
+	.venv-tflite/bin/pip install --quiet 'tflite-runtime==2.14.*' 'numpy<2' 'msgspec>=0.18' \
+		|| echo "tflite-runtime is not available for this Python/platform; its test will say so"
+	touch $@
+
+install-runtime: $(VENV)/.runtime
+install-dev: $(VENV)/.dev .venv-tflite/.done
+
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
+		echo "Installing Mosquitto (Debian package): the embedded broker and the tests use it"; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; }
+
+demo: $(VENV)/.runtime mosquitto
+	$(PY) -m controller.demo
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(VENV)/.dev
+	$(VENV)/bin/mypy protocol agent controller tests bench
+
+pytest: install-dev mosquitto
+	PATH="$$PATH:/usr/sbin" $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test: install-dev mosquitto lint typecheck pytest
+
+schemas: $(VENV)/.runtime
+	$(PY) -m protocol docs/protocol
+
+bench: $(VENV)/.runtime
+	$(PY) -m bench.pipeline
+	$(PY) -m bench.ingest
+
+clean:
+	rm -rf $(VENV) .venv-tflite build *.egg-info .mypy_cache .ruff_cache .pytest_cache

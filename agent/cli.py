@@ -1,0 +1,142 @@
+"""``edgefleet-agent``: the device daemon's command line.
+
+Only AgentError is caught and shown as one line (exit 2); ``-v`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from agent import __version__
+from agent.errors import AgentError
+
+# OpenCV/FFmpeg print native warnings for every failed camera open; the agent reports
+# source trouble itself (status, events, one log line per state change).
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
+
+def _setup_logging(level: str, verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _fail(err: AgentError, verbose: bool) -> None:
+    if verbose:
+        logging.getLogger("agent").exception("failed")
+    click.secho(f"error: {err}", fg="red", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgefleet-agent")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks on errors.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
+    """edgefleet device agent: camera → detector → MQTT."""
+    ctx.obj = {"verbose": verbose}
+
+
+@main.command()
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=Path("/etc/edgefleet/agent.toml"),
+    show_default=True,
+)
+@click.pass_context
+def run(ctx: click.Context, config_path: Path) -> None:
+    """Run the daemon until SIGTERM/SIGINT."""
+    from agent.app import AgentApp
+    from agent.config import load_config
+
+    verbose = ctx.obj["verbose"]
+    try:
+        loaded = load_config(config_path)
+        _setup_logging(loaded.config.log_level, verbose)
+        code = AgentApp(loaded).run()
+    except AgentError as err:
+        _fail(err, verbose)
+    sys.exit(code)
+
+
+@main.command("check-config")
+@click.argument("config_path", type=click.Path(path_type=Path))
+@click.pass_context
+def check_config(ctx: click.Context, config_path: Path) -> None:
+    """Validate a config file and the models it names; exit 2 on the first problem."""
+    from agent.config import load_config, resolve_model
+    from agent.detector import load_detector
+
+    try:
+        loaded = load_config(config_path)
+        base = config_path.resolve().parent
+        for s in loaded.config.streams:
+            detector = load_detector(resolve_model(s.model, base), backend=s.backend, threads=1)
+            click.echo(
+                f"stream {s.name}: {detector.ref} via {detector.backend_name}, source {s.source}"
+            )
+            detector.close()
+    except AgentError as err:
+        _fail(err, ctx.obj["verbose"])
+    click.secho(f"{config_path}: OK", fg="green")
+
+
+@main.command()
+@click.option("-m", "--model", required=True, help="Model manifest (.json) or builtin:NAME.")
+@click.argument("sources", nargs=-1, required=True)
+@click.option(
+    "--jsonl",
+    "out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output file, one JSON line per frame ('-' for stdout).",
+)
+@click.option(
+    "--backend", type=click.Choice(["litert", "tflite", "onnx", "tensorrt"]), default=None
+)
+@click.option("--threads", type=int, default=None, help="Inference threads (default: all cores).")
+@click.option("--min-score", type=float, default=None)
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.pass_context
+def infer(
+    ctx: click.Context,
+    model: str,
+    sources: tuple[str, ...],
+    out: Path,
+    backend: str | None,
+    threads: int | None,
+    min_score: float | None,
+    no_progress: bool,
+) -> None:
+    """Offline batch inference over image files, folders and videos."""
+    from agent.offline import run_offline
+
+    _setup_logging("warning", ctx.obj["verbose"])
+    try:
+        summary = run_offline(
+            model=model,
+            sources=list(sources),
+            out=out,
+            backend=backend,
+            threads=threads,
+            min_score=min_score,
+            progress=not no_progress,
+        )
+    except AgentError as err:
+        _fail(err, ctx.obj["verbose"])
+    click.echo(summary, err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,279 @@
+"""Agent configuration: one TOML file, validated strictly.
+
+Unknown keys are rejected with their name and line; relative paths are resolved
+against the config file's folder; secrets can come from the environment
+(``EDGEFLEET_BROKER_PASSWORD``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+from agent.errors import ConfigError
+from protocol import ProtocolError, validate_device_id, validate_stream_name
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+CONFIG_VERSION: Literal[1] = 1
+BUILTIN_PREFIX = "builtin:"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+PASSWORD_ENV = "EDGEFLEET_BROKER_PASSWORD"  # noqa: S105 - a variable name, not a secret
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class BrokerConfig(_Section, frozen=True, kw_only=True):
+    url: str = "mqtt://127.0.0.1:1883"
+    """``mqtt://host:port`` or ``mqtts://host:port`` (TLS)."""
+    username: str | None = None
+    password: str | None = None
+    """Prefer the EDGEFLEET_BROKER_PASSWORD environment variable."""
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_id: str | None = None
+    """Defaults to ``edgefleet-agent-{device_id}``."""
+    keepalive_s: int = 30
+    connect_timeout_s: float = 10.0
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+
+class SpoolConfig(_Section, frozen=True, kw_only=True):
+    max_bytes: int = 64 * 1024 * 1024
+    """Cap of the on-disk detection spool; when full the oldest messages are dropped (and counted)."""
+
+
+class TelemetryConfig(_Section, frozen=True, kw_only=True):
+    interval_s: float = 10.0
+
+
+class MetricsConfig(_Section, frozen=True, kw_only=True):
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = 9108
+
+
+class StreamConfig(_Section, frozen=True, kw_only=True):
+    name: str
+    source: str
+    """Video file path, ``v4l2:N`` / ``/dev/videoN`` / ``N`` for a camera, or an rtsp/http(s) URL."""
+    model: str
+    """Path of a model manifest (``*.json``) or ``builtin:NAME`` for a shipped model."""
+    backend: Literal["litert", "tflite", "onnx", "tensorrt"] | None = None
+    """Defaults to the manifest's runtime."""
+    threads: int = 1
+    fps: float = 0.0
+    """Cap on inferred frames per second; 0 = as fast as frames come."""
+    min_score: float | None = None
+    labels: list[str] = msgspec.field(default_factory=list)
+    """Only publish these labels; empty = all."""
+    loop: bool = True
+    """Video files: start again at the end."""
+    realtime: bool = True
+    """Video files: play at the file's frame rate (like a camera); false = as fast as possible, no drops."""
+    enabled: bool = True
+    publish_empty: bool = True
+    """Publish frames with no detections too (consumers see the stream is alive)."""
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 30.0
+
+
+class AgentConfig(_Section, frozen=True, kw_only=True):
+    config_version: Literal[1] = CONFIG_VERSION
+    device_id: str
+    state_dir: str = "/var/lib/edgefleet"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
+    spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    streams: list[StreamConfig]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A validated config with every path resolved."""
+
+    config: AgentConfig
+    path: Path | None
+
+    def resolve(self, value: str) -> Path:
+        """Resolve a path from the config against the config file's folder."""
+        return resolve_path(value, self.path.parent if self.path else Path.cwd())
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def resolve_model(value: str, base: Path) -> Path:
+    """``builtin:NAME`` → the shipped manifest; otherwise a path relative to ``base``."""
+    if value.startswith(BUILTIN_PREFIX):
+        name = value[len(BUILTIN_PREFIX) :]
+        path = ASSETS_DIR / f"{name}.json"
+        if not path.is_file():
+            shipped = sorted(p.stem for p in ASSETS_DIR.glob("*.json"))
+            raise ConfigError(f"no built-in model {name!r}; shipped models: {', '.join(shipped)}")
+        return path
+    return resolve_path(value, base)
+
+
+_PATH_PART = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]")
+_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
+
+
+def _locate(text: str, json_path: str, key: str | None) -> int | None:
+    """Best-effort 1-based line of ``key`` (or the table) for a msgspec path like ``$.streams[1]``."""
+    parts = [m.group(1) or int(m.group(2)) for m in _PATH_PART.finditer(json_path)]
+    tables = [str(p) for p in parts if isinstance(p, str)]
+    index = next((p for p in parts if isinstance(p, int)), 0)
+    header = ".".join(tables)
+    lines = text.splitlines()
+    start, seen = 0, -1
+    if header:
+        for i, line in enumerate(lines):
+            stripped = line.strip()
+            if stripped in (f"[{header}]", f"[[{header}]]"):
+                seen += 1
+                if seen == index:
+                    start = i
+                    break
+        else:
+            return None
+    if key is None:
+        return start + 1
+    for i in range(start + (1 if header else 0), len(lines)):
+        stripped = lines[i].strip()
+        if stripped.startswith("[") and (header or i > start):
+            break
+        if re.match(rf"^{re.escape(key)}\s*=", stripped):
+            return i + 1
+    return None
+
+
+def parse_config(text: str, *, source: str = "<config>") -> AgentConfig:
+    """Parse and validate TOML text; raise ConfigError naming the key and line."""
+    try:
+        raw: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: not valid TOML: {err}") from err
+    try:
+        config = msgspec.convert(raw, AgentConfig)
+    except msgspec.ValidationError as err:
+        msg = str(err)
+        path_match = re.search(r"at `(\$[^`]*)`", msg)
+        json_path = path_match.group(1) if path_match else "$"
+        unknown = _UNKNOWN.search(msg)
+        key = unknown.group(1) if unknown else json_path.rsplit(".", 1)[-1].split("[")[0]
+        line = _locate(text, json_path if unknown else json_path.rsplit(".", 1)[0], key)
+        where = f"{source}:{line}" if line else source
+        if unknown:
+            section = json_path.removeprefix("$").lstrip(".") or "top level"
+            raise ConfigError(
+                f"{where}: unknown key {key!r} in {section}; check the spelling against "
+                "the documented keys (README, 'Agent configuration')"
+            ) from err
+        raise ConfigError(f"{where}: {msg}") from err
+    _check(config, source)
+    return config
+
+
+def _check(config: AgentConfig, source: str) -> None:  # noqa: PLR0912 - one flat list of checks
+    def fail(msg: str) -> None:
+        raise ConfigError(f"{source}: {msg}")
+
+    try:
+        validate_device_id(config.device_id)
+        for stream in config.streams:
+            validate_stream_name(stream.name)
+    except ProtocolError as err:
+        raise ConfigError(f"{source}: {err}") from err
+    if not config.streams:
+        fail("no [[streams]] configured; add at least one stream with a source and a model")
+    names = [s.name for s in config.streams]
+    if len(set(names)) != len(names):
+        fail(f"stream names must be unique, got {names}")
+    url = urlsplit(config.broker.url)
+    if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+        fail(f"broker.url {config.broker.url!r}: use mqtt://host:port or mqtts://host:port")
+    try:
+        _ = url.port
+    except ValueError:
+        fail(f"broker.url {config.broker.url!r}: the port is not a number in 1-65535")
+    if (config.broker.cert_file is None) != (config.broker.key_file is None):
+        fail("broker.cert_file and broker.key_file go together: set both or neither")
+    if config.broker.keepalive_s < 5:
+        fail("broker.keepalive_s must be at least 5")
+    if config.spool.max_bytes < 4096:
+        fail("spool.max_bytes must be at least 4096")
+    if config.telemetry.interval_s <= 0:
+        fail("telemetry.interval_s must be > 0")
+    if not 0 < config.metrics.port < 65536:
+        fail("metrics.port must be in 1-65535")
+    for s in config.streams:
+        where = f"streams[{s.name}]"
+        if s.threads < 1:
+            fail(f"{where}.threads must be >= 1")
+        if s.fps < 0:
+            fail(f"{where}.fps must be >= 0 (0 = no cap)")
+        if s.min_score is not None and not 0 <= s.min_score <= 1:
+            fail(f"{where}.min_score must be in 0..1")
+        if not 0 < s.reconnect_min_s <= s.reconnect_max_s:
+            fail(f"{where}: need 0 < reconnect_min_s <= reconnect_max_s")
+
+
+def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
+    """Read, validate and resolve a config file; apply environment overrides."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {p} not found; copy packaging/agent.example.toml and edit it"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {p}: {err.strerror}") from err
+    config = parse_config(text, source=str(p))
+    password = os.environ.get(PASSWORD_ENV)
+    if password:
+        config = msgspec.structs.replace(
+            config, broker=msgspec.structs.replace(config.broker, password=password)
+        )
+    loaded = LoadedConfig(config=config, path=p.resolve())
+    for name in ("ca_file", "cert_file", "key_file"):
+        value = getattr(config.broker, name)
+        if value is not None and not loaded.resolve(value).is_file():
+            raise ConfigError(f"{p}: broker.{name} {loaded.resolve(value)} does not exist")
+    for s in config.streams:
+        model = resolve_model(s.model, p.parent.resolve())
+        if not model.is_file():
+            raise ConfigError(
+                f"{p}: stream {s.name!r}: model manifest {model} does not exist; point "
+                "'model' at a manifest .json or use builtin:blazeface-short-int8"
+            )
+    return loaded

@@ -1,0 +1,179 @@
+"""One stream's inference loop: newest frame → detector → detections message → publisher.
+
+The camera thread (agent.sources) already decodes and preprocesses the frame on the other
+core, so this thread only invokes the model, decodes boxes, and hands a small JSON payload
+to the publisher thread. A new detector can be swapped in between two frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import StreamConfig
+from agent.detector import Detector, Prepared
+from agent.errors import AgentError
+from agent.sources import Frame, FrameSource
+from agent.stats import StreamStats
+from protocol import SCHEMA_VERSION, Detection, Detections, detections_topic, encode
+
+log = logging.getLogger(__name__)
+
+PublishFn = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Tagged:
+    """A preprocessed frame and the detector whose preprocessing made it."""
+
+    detector: Detector
+    prepared: Prepared
+
+
+def _tagging(detector: Detector) -> Callable[[Any], _Tagged]:
+    def transform(image: Any) -> _Tagged:
+        return _Tagged(detector, detector.preprocess(image))
+
+    return transform
+
+
+class StreamPipeline:
+    """Runs inference for one stream on its own thread."""
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        config: StreamConfig,
+        source: FrameSource,
+        detector: Detector,
+        publish: PublishFn,
+        next_seq: Callable[[], int],
+        stats: StreamStats | None = None,
+    ) -> None:
+        self.name = config.name
+        self._config = config
+        self._source = source
+        self._detector = detector
+        self._publish = publish
+        self._next_seq = next_seq
+        self.stats = stats or StreamStats()
+        self._topic = detections_topic(device_id, config.name)
+        self._device_id = device_id
+        self._labels = frozenset(config.labels)
+        self._min_interval = 1.0 / config.fps if config.fps > 0 else 0.0
+        self._stop = threading.Event()
+        self._pending: Detector | None = None
+        self._swapped = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f"infer-{self.name}", daemon=True)
+        self.frames_skipped = 0
+        """Frames skipped by the fps cap."""
+        self.finished = threading.Event()
+        """Set when the loop ends (stop() or a finite source ran out)."""
+        source.set_transform(_tagging(detector))
+
+    @property
+    def detector(self) -> Detector:
+        return self._detector
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def swap_detector(self, new: Detector, timeout: float = 10.0) -> Detector:
+        """Switch to ``new`` between two frames; return the old detector (caller closes it).
+
+        The camera thread starts preprocessing for the new model at once; a frame already
+        prepared for the old model is prepared again, so no frame is dropped.
+        """
+        with self._swapped:
+            old = self._detector
+            self._pending = new
+            self._source.set_transform(_tagging(new))
+            if not self._thread.is_alive():
+                self._detector, self._pending = new, None
+            elif not self._swapped.wait_for(lambda: self._pending is None, timeout):
+                self._pending = None
+                self._source.set_transform(_tagging(old))
+                raise AgentError(
+                    f"stream {self.name}: no frame boundary within {timeout:.0f} s, the current "
+                    "detector seems stuck; the swap was cancelled"
+                )
+        return old
+
+    def _take_pending(self) -> None:
+        with self._swapped:
+            if self._pending is not None:
+                self._detector, self._pending = self._pending, None
+                self._swapped.notify_all()
+
+    def _run(self) -> None:
+        next_due = 0.0
+        try:
+            while not self._stop.is_set():
+                if self._pending is not None:
+                    self._take_pending()
+                frame = self._source.get(timeout=0.25)
+                if frame is None:
+                    if self._source.ended:
+                        break
+                    continue
+                if self._min_interval:
+                    if frame.mono < next_due:
+                        self.frames_skipped += 1
+                        continue
+                    next_due = max(next_due + self._min_interval, frame.mono)
+                self._process(frame)
+        finally:
+            self.finished.set()
+
+    def _process(self, frame: Frame) -> None:
+        detector = self._detector
+        tagged = frame.prepared
+        try:
+            if isinstance(tagged, _Tagged) and tagged.detector is detector:
+                prepared = tagged.prepared
+            else:
+                prepared = detector.preprocess(frame.image)
+            result = detector.infer(prepared)
+        except Exception:
+            self.stats.record_error()
+            log.exception("stream %s: inference failed on frame %d", self.name, frame.index)
+            return
+        detections = result.detections
+        if self._labels:
+            detections = [d for d in detections if d.label in self._labels]
+        if detections or self._config.publish_empty:
+            self._publish(self._topic, self._encode(frame, detector, result.infer_ms, detections))
+        self.stats.record(
+            infer_ms=result.infer_ms,
+            latency_ms=(time.monotonic() - frame.mono) * 1000.0,
+            detections=len(detections),
+        )
+
+    def _encode(
+        self, frame: Frame, detector: Detector, infer_ms: float, detections: list[Detection]
+    ) -> bytes:
+        height, width = frame.image.shape[:2]
+        return encode(
+            Detections(
+                schema=SCHEMA_VERSION,
+                device_id=self._device_id,
+                stream=self.name,
+                seq=self._next_seq(),
+                frame_ts=frame.ts,
+                frame_index=frame.index,
+                model=detector.ref,
+                infer_ms=round(infer_ms, 3),
+                width=int(width),
+                height=int(height),
+                detections=detections,
+            )
+        )

@@ -1,0 +1,65 @@
+"""The FastAPI application: routes, /healthz, /metrics; state lives on ``app.state``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from controller.api.routes import router
+from controller.api.schemas import Health
+from controller.db.session import Database
+from controller.ingest import IngestSnapshot
+from controller.metrics import build_registry
+
+API_VERSION = "0.1.0"
+
+
+def create_app(
+    *,
+    db: Database,
+    ingest_snapshot: Callable[[], IngestSnapshot] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> FastAPI:
+    """Build the app for ``db``; ``ingest_snapshot`` feeds /metrics and /healthz (optional)."""
+    app = FastAPI(
+        title="edgefleet controller",
+        version=API_VERSION,
+        description=(
+            "Fleet state of edgefleet devices. Authenticate with `Authorization: Bearer TOKEN` "
+            "(roles: viewer < operator < admin); create tokens with `edgefleet tokens create`."
+        ),
+    )
+    app.state.db = db
+    app.state.clock = clock
+    app.state.ingest_snapshot = ingest_snapshot
+    app.state.registry = build_registry(db=db, ingest_snapshot=ingest_snapshot)
+    app.include_router(router)
+
+    @app.get("/healthz", tags=["ops"], responses={503: {"model": Health}})
+    def healthz(request: Request) -> Response:
+        """200 when the database answers (status "degraded" while MQTT is down), else 503."""
+        try:
+            request.app.state.db.ping()
+            database = "ok"
+        except Exception:  # noqa: BLE001 - report, do not fail the probe itself
+            database = "unreachable"
+        snap = request.app.state.ingest_snapshot
+        if snap is None:
+            mqtt = "not running"
+        else:
+            mqtt = "connected" if snap().mqtt_connected else "disconnected"
+        ok = database == "ok"
+        healthy = ok and mqtt != "disconnected"
+        body = Health(status="ok" if healthy else "degraded", database=database, mqtt=mqtt)  # type: ignore[arg-type]
+        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    def metrics(request: Request) -> Response:
+        """Prometheus text format: fleet gauges and ingest figures."""
+        return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,451 @@
+"""Build, read, sign and verify model bundles (``.efb``, format in docs/bundles.md).
+
+A bundle is a tar archive (optionally gzip) with ``manifest.json``, ``manifest.sig`` and
+every other member listed in ``manifest.files`` with its sha256 and size. ``read_bundle``
+checks the structure and hashes; ``verify_signature`` checks the ed25519 signature over
+``protocol.encode_manifest(manifest)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from controller.errors import ControllerError
+from controller.keys import key_id
+from protocol import Manifest, ProtocolError, decode_manifest, encode_manifest
+from protocol.manifest import check_relative_path
+
+MANIFEST_MEMBER = "manifest.json"
+SIGNATURE_MEMBER = "manifest.sig"
+_CHUNK = 1 << 20
+
+
+class BundleError(ControllerError):
+    """A bundle is malformed, does not match its manifest, or its signature does not verify."""
+
+
+@dataclass(frozen=True, slots=True)
+class BundleInfo:
+    """A bundle whose structure and member hashes were checked."""
+
+    manifest: Manifest
+    signature: str | None
+    """The base64 ``manifest.sig``, or None when unsigned."""
+    sha256: str
+    """Of the whole ``.efb`` file."""
+    size: int
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _stream_sha256(f: IO[bytes]) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    while chunk := f.read(_CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _member_kind(m: tarfile.TarInfo) -> str | None:
+    if m.issym():
+        return "a symlink"
+    if m.islnk():
+        return "a hard link"
+    if m.isdev() or m.isfifo():
+        return "a device or fifo"
+    if not (m.isfile() or m.isdir()):
+        return "not a regular file"
+    return None
+
+
+@contextmanager
+def _open_tar(path: Path) -> Iterator[tarfile.TarFile]:
+    try:
+        tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed in the finally below
+    except FileNotFoundError as err:
+        raise BundleError(f"bundle {path} not found") from err
+    except (tarfile.TarError, OSError) as err:
+        raise BundleError(
+            f"{path} is not a bundle (a tar archive, optionally gzip): {err}; "
+            "build one with `edgefleet model package`"
+        ) from err
+    try:
+        yield tar
+    finally:
+        tar.close()
+
+
+def read_bundle(path: Path) -> BundleInfo:  # noqa: PLR0912, PLR0915 - one check per rule of the format
+    """Check ``path`` against docs/bundles.md; raise BundleError naming the first problem."""
+    seen: set[str] = set()
+    hashes: dict[str, tuple[str, int]] = {}
+    manifest_bytes: bytes | None = None
+    signature: str | None = None
+    with _open_tar(path) as tar:
+        try:
+            for m in tar:
+                name = m.name
+                try:
+                    check_relative_path(name)
+                except ProtocolError as err:
+                    raise BundleError(
+                        f"unsafe member name {name!r} in {path}: absolute paths and '..' are "
+                        "not allowed; rebuild the bundle with `edgefleet model package`"
+                    ) from err
+                kind = _member_kind(m)
+                if kind is not None:
+                    raise BundleError(
+                        f"member {name!r} of {path} is {kind}; bundles hold regular files only"
+                    )
+                if m.isdir():
+                    continue
+                if name in seen:
+                    raise BundleError(f"member {name!r} appears twice in {path}")
+                seen.add(name)
+                f = tar.extractfile(m)
+                if f is None:  # pragma: no cover - regular files always have data
+                    raise BundleError(f"cannot read member {name!r} of {path}")
+                if name == MANIFEST_MEMBER:
+                    manifest_bytes = f.read()
+                elif name == SIGNATURE_MEMBER:
+                    signature = f.read().decode("ascii", errors="replace").strip()
+                else:
+                    hashes[name] = _stream_sha256(f)
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise BundleError(f"{path} is truncated or corrupt: {err}") from err
+    if manifest_bytes is None:
+        raise BundleError(
+            f"{path} has no {MANIFEST_MEMBER}; build it with `edgefleet model package`"
+        )
+    try:
+        manifest = decode_manifest(manifest_bytes)
+    except ProtocolError as err:
+        raise BundleError(f"{MANIFEST_MEMBER} in {path}: {err}") from err
+    listed = {f.path: f for f in manifest.files}
+    if manifest.model not in listed:
+        raise BundleError(f"the manifest's model {manifest.model!r} is not listed in its files")
+    for g in manifest.golden:
+        if g.image not in listed:
+            raise BundleError(f"golden image {g.image!r} is not listed in the manifest's files")
+    for name in sorted(hashes):
+        if name not in listed:
+            raise BundleError(
+                f"member {name!r} is not listed in the manifest; every file of a bundle must "
+                "be listed with its sha256 and size"
+            )
+    for entry in manifest.files:
+        if entry.path not in hashes:
+            raise BundleError(f"file {entry.path!r} is listed in the manifest but missing")
+        digest, size = hashes[entry.path]
+        if size != entry.size:
+            raise BundleError(
+                f"file {entry.path!r} has {size} bytes, the manifest says {entry.size}: "
+                "the bundle was modified or damaged"
+            )
+        if digest != entry.sha256:
+            raise BundleError(
+                f"file {entry.path!r} has sha256 {digest}, the manifest says {entry.sha256}: "
+                "the bundle was modified or damaged"
+            )
+    digest, size = file_sha256(path)
+    return BundleInfo(manifest=manifest, signature=signature, sha256=digest, size=size)
+
+
+def sign_manifest(manifest: Manifest, key: Ed25519PrivateKey) -> str:
+    return base64.b64encode(key.sign(encode_manifest(manifest))).decode("ascii")
+
+
+def verify_signature(info: BundleInfo, keys: Sequence[Ed25519PublicKey]) -> str:
+    """Return the key id of the trusted key that verifies ``info``; raise BundleError if none."""
+    if not keys:
+        raise BundleError("no trusted public keys given to verify the signature against")
+    if info.signature is None:
+        raise BundleError(
+            f"the bundle is not signed (no {SIGNATURE_MEMBER}); sign it with "
+            "`edgefleet model sign FILE --key signing.key`"
+        )
+    try:
+        raw = base64.b64decode(info.signature, validate=True)
+    except ValueError as err:
+        raise BundleError(f"{SIGNATURE_MEMBER} is not valid base64: {err}") from err
+    payload = encode_manifest(info.manifest)
+    for key in keys:
+        try:
+            key.verify(raw, payload)
+        except InvalidSignature:
+            continue
+        return key_id(key)
+    ids = ", ".join(key_id(k) for k in keys)
+    raise BundleError(
+        f"the signature does not verify with any trusted key ({ids}): the manifest was "
+        "modified after signing or it was signed with another key"
+    )
+
+
+def _add(tar: tarfile.TarFile, name: str, data: IO[bytes], size: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    info.mtime = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, data)
+
+
+def write_bundle(
+    out: Path,
+    manifest: Manifest,
+    files: Mapping[str, Path],
+    *,
+    signature: str | None = None,
+) -> None:
+    """Write an uncompressed bundle atomically (temp file, fsync, rename); ``files`` maps
+    member names to local paths and must match ``manifest.files``."""
+    members: dict[str, Path] = dict(files)
+
+    def fill(tar: tarfile.TarFile) -> None:
+        body = encode_manifest(manifest)
+        _add(tar, MANIFEST_MEMBER, io.BytesIO(body), len(body))
+        if signature is not None:
+            sig = (signature + "\n").encode("ascii")
+            _add(tar, SIGNATURE_MEMBER, io.BytesIO(sig), len(sig))
+        for entry in manifest.files:
+            src = members[entry.path]
+            with src.open("rb") as f:
+                _add(tar, entry.path, f, src.stat().st_size)
+
+    _atomic_tar(out, fill)
+
+
+def _atomic_tar(out: Path, fill: Callable[[tarfile.TarFile], None]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                fill(tar)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sign_bundle(path: Path, key: Ed25519PrivateKey) -> BundleInfo:
+    """Check ``path``, then rewrite it atomically with ``manifest.sig`` for ``key``."""
+    info = read_bundle(path)
+    signature = sign_manifest(info.manifest, key)
+
+    def fill(out_tar: tarfile.TarFile) -> None:
+        body = encode_manifest(info.manifest)
+        _add(out_tar, MANIFEST_MEMBER, io.BytesIO(body), len(body))
+        sig = (signature + "\n").encode("ascii")
+        _add(out_tar, SIGNATURE_MEMBER, io.BytesIO(sig), len(sig))
+        with _open_tar(path) as src:
+            for m in src:
+                if m.isdir() or m.name in (MANIFEST_MEMBER, SIGNATURE_MEMBER):
+                    continue
+                f = src.extractfile(m)
+                assert f is not None
+                _add(out_tar, m.name, f, m.size)
+
+    _atomic_tar(path, fill)
+    return read_bundle(path)
+
+
+# --- packaging ----------------------------------------------------------------------------
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_INFER_TIMEOUT_S = 300.0
+
+
+def _golden_names(images: Sequence[Path]) -> list[str]:
+    names: list[str] = []
+    for i, img in enumerate(images):
+        stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in img.stem) or "image"
+        name = f"golden/{stem}.png"
+        if name in names:
+            name = f"golden/{stem}-{i}.png"
+        names.append(name)
+    return names
+
+
+def run_local_inference(
+    manifest_path: Path, images: Sequence[Path], *, python: str | None = None
+) -> list[list[tuple[str, float, tuple[float, float, float, float]]]]:
+    """Run the agent's offline mode on ``images``; one detection list per image, in order.
+
+    The controller never imports ``agent``: it runs ``python -m agent.cli infer`` instead.
+    """
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    exe = python or sys.executable
+    if python is None and importlib.util.find_spec("agent") is None:
+        raise BundleError(
+            "computing golden outputs needs the edgefleet agent in this Python environment "
+            "(`pip install 'edgefleet[agent]'`), or package without --golden"
+        )
+    cmd = [exe, "-m", "agent.cli", "infer", "--model", str(manifest_path)]
+    cmd += [str(p) for p in images]
+    cmd += ["--jsonl", "-", "--no-progress"]
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=_INFER_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise BundleError(f"running the model locally failed: {err}") from err
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise BundleError(
+            "running the model locally on the golden images failed "
+            f"(exit {proc.returncode}): {' | '.join(tail)}; check the manifest and the images "
+            "with `edgefleet-agent infer --model MANIFEST IMAGE`"
+        )
+    by_source: dict[str, list[tuple[str, float, tuple[float, float, float, float]]]] = {}
+    for line in proc.stdout.splitlines():
+        if not line.strip().startswith("{"):
+            continue
+        row = json.loads(line)
+        dets = [
+            (
+                str(d["label"]),
+                float(d["score"]),
+                (float(b[0]), float(b[1]), float(b[2]), float(b[3])),
+            )
+            for d in row.get("detections", [])
+            for b in [d["box"]]
+        ]
+        by_source[str(row.get("source"))] = dets
+    out = []
+    for img in images:
+        if str(img) not in by_source:
+            raise BundleError(
+                f"the agent produced no result for golden image {img}; is it readable?"
+            )
+        out.append(by_source[str(img)])
+    return out
+
+
+def package_model(  # noqa: PLR0912, PLR0915 - linear steps, each with its own error
+    src: Path,
+    *,
+    out: Path,
+    name: str,
+    version: str,
+    runtime: str | None = None,
+    golden: Sequence[Path] = (),
+    manifest_template: Path | None = None,
+    latency_budget_ms: float | None = None,
+    python: str | None = None,
+) -> BundleInfo:
+    """Build an unsigned bundle from a manifest (``src`` .json) or a model file + template.
+
+    Files are hashed into ``manifest.files``; golden outputs come from running the model
+    locally on ``golden`` (PNG images) through the agent's offline mode.
+    """
+    import json
+    import shutil
+
+    import msgspec
+
+    if src.suffix == ".json":
+        template_path, model_path = src, None
+    else:
+        if manifest_template is None:
+            raise BundleError(
+                f"{src} is a model file: pass --manifest-template JSON with the input, decoder "
+                "and labels, or give a manifest .json instead"
+            )
+        template_path, model_path = manifest_template, src
+    try:
+        raw = json.loads(template_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BundleError(f"cannot read manifest {template_path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise BundleError(f"{template_path} is not a JSON object manifest")
+    base = template_path.parent
+    if model_path is not None:
+        raw["model"] = model_path.name
+    model_name = str(raw.get("model", ""))
+    sources: dict[str, Path] = {model_name: model_path or base / model_name}
+    for entry in raw.get("files") or []:
+        rel = str(entry.get("path", ""))
+        if rel not in sources and not rel.startswith("golden/"):
+            sources[rel] = base / rel
+    for rel, p in sources.items():
+        try:
+            check_relative_path(rel)
+        except ProtocolError as err:
+            raise BundleError(str(err)) from err
+        if not p.is_file():
+            raise BundleError(f"model file {p} not found (listed as {rel!r} in {template_path})")
+    golden_names = _golden_names(golden)
+    for img in golden:
+        try:
+            head = img.read_bytes()[:8]
+        except OSError as err:
+            raise BundleError(f"cannot read golden image {img}: {err.strerror}") from err
+        if head != _PNG_MAGIC:
+            raise BundleError(f"golden image {img} is not a PNG; convert it to PNG first")
+    for rel, img in zip(golden_names, golden, strict=True):
+        sources[rel] = img
+
+    raw.update(name=name, version=version, golden=[])
+    if runtime is not None:
+        raw["runtime"] = runtime
+        raw.setdefault("compatibility", {})["runtimes"] = [runtime]
+    if latency_budget_ms is not None:
+        raw["latency_budget_ms"] = latency_budget_ms
+    raw["files"] = []
+    for rel in sorted(sources):
+        digest, size = file_sha256(sources[rel])
+        raw["files"].append({"path": rel, "sha256": digest, "size": size})
+    try:
+        manifest = decode_manifest(json.dumps(raw))
+    except ProtocolError as err:
+        raise BundleError(f"{template_path}: {err}") from err
+
+    if golden:
+        with tempfile.TemporaryDirectory(prefix="efb-package-") as tmp:
+            stage = Path(tmp)
+            for rel, p in sources.items():
+                dest = stage / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, dest)
+            staged_manifest = stage / MANIFEST_MEMBER
+            staged_manifest.write_bytes(encode_manifest(manifest))
+            results = run_local_inference(
+                staged_manifest, [stage / rel for rel in golden_names], python=python
+            )
+        samples = [
+            {"image": rel, "expected": [list(d) for d in dets]}
+            for rel, dets in zip(golden_names, results, strict=True)
+        ]
+        manifest = msgspec.convert({**msgspec.to_builtins(manifest), "golden": samples}, Manifest)
+    write_bundle(out, manifest, sources)
+    return read_bundle(out)

@@ -1,0 +1,320 @@
+"""Controller configuration: one TOML file, validated strictly.
+
+Unknown keys are rejected with their name; relative paths are resolved against the
+config file's folder (or the working directory without a file); secrets can come from
+the environment (``EDGEFLEET_DB_URL``, ``EDGEFLEET_BROKER_PASSWORD``,
+``EDGEFLEET_EMBEDDED_BROKER_PASSWORD``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+from controller.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+CONFIG_VERSION: Literal[1] = 1
+DB_URL_ENV = "EDGEFLEET_DB_URL"
+BROKER_PASSWORD_ENV = "EDGEFLEET_BROKER_PASSWORD"  # noqa: S105 - a variable name, not a secret
+EMBEDDED_PASSWORD_ENV = "EDGEFLEET_EMBEDDED_BROKER_PASSWORD"  # noqa: S105 - a variable name
+CONFIG_ENV = "EDGEFLEET_CONFIG"
+DEFAULT_DATA_DIR = "edgefleet-data"
+SQLITE_FILE = "controller.db"
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class DatabaseConfig(_Section, frozen=True, kw_only=True):
+    url: str | None = None
+    """SQLAlchemy URL; default ``sqlite:///{data_dir}/controller.db``. PostgreSQL:
+    ``postgresql+psycopg://user@host:5432/db`` (prefer the EDGEFLEET_DB_URL variable for passwords)."""
+    echo: bool = False
+    """Log every SQL statement (debugging only)."""
+    pool_size: int = 5
+    """PostgreSQL connection pool size."""
+
+
+class BrokerConfig(_Section, frozen=True, kw_only=True):
+    url: str | None = None
+    """``mqtt://host:port`` or ``mqtts://host:port``; unset = start the embedded broker."""
+    username: str | None = None
+    password: str | None = None
+    """Prefer the EDGEFLEET_BROKER_PASSWORD environment variable."""
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_id: str | None = None
+    """Defaults to ``edgefleet-controller-{hostname}``; must be unique per replica."""
+    keepalive_s: int = 30
+    connect_timeout_s: float = 10.0
+    session_expiry_s: int = 3600
+    """How long the broker keeps the controller's session (and queues QoS 1 messages) while it is down."""
+    shared_group: str | None = None
+    """Subscribe with MQTT v5 shared subscriptions (``$share/{group}/...``) so replicas split the load."""
+
+
+class EmbeddedBrokerConfig(_Section, frozen=True, kw_only=True):
+    host: str = "127.0.0.1"
+    """Listen address; keep loopback unless agents on other machines must connect."""
+    port: int = 1883
+    """0 = any free port (printed on start)."""
+    username: str = "edgefleet"
+    password: str | None = None
+    """Unset = generated once and kept in ``{data_dir}/broker/password``."""
+    mosquitto: str | None = None
+    """Path of the mosquitto executable; unset = search PATH, /usr/sbin, /usr/local/sbin."""
+
+
+class IngestConfig(_Section, frozen=True, kw_only=True):
+    queue_size: int = 100_000
+    """Bound of the in-memory queue between the MQTT thread and the database writer."""
+    batch_size: int = 2000
+    """Write a batch when this many messages are waiting ..."""
+    flush_interval_s: float = 0.1
+    """... or when the oldest waiting message is this old."""
+    enqueue_timeout_s: float = 2.0
+    """When the queue is full, block the MQTT thread this long (back-pressure), then drop and count."""
+
+
+class RetentionConfig(_Section, frozen=True, kw_only=True):
+    telemetry_raw_s: float = 2 * 86400
+    """Keep raw telemetry samples this long ..."""
+    telemetry_downsample_s: int = 300
+    """... then average them into buckets of this many seconds (0 = delete them instead) ..."""
+    telemetry_downsampled_s: float = 30 * 86400
+    """... and keep the averaged samples this long."""
+    events_s: float = 30 * 86400
+    """Keep device events this long."""
+    interval_s: float = 600
+    """How often the retention job runs."""
+
+
+class ApiConfig(_Section, frozen=True, kw_only=True):
+    bind: str = "127.0.0.1"
+    port: int = 8080
+    """0 = any free port (printed on start)."""
+    public_url: str | None = None
+    """URL printed for operators; defaults to ``http://{bind}:{port}``."""
+
+
+class ModelsConfig(_Section, frozen=True, kw_only=True):
+    blob_dir: str | None = None
+    """Where uploaded bundles are stored; default ``{data_dir}/blobs``."""
+    max_bundle_bytes: int = 2 * 1024**3
+    """Largest accepted upload (``POST /api/v1/models``); larger ones get 413."""
+    trusted_keys: list[str] = msgspec.field(default_factory=list)
+    """Ed25519 public keys (PEM files); when set, uploads must carry a signature one of them verifies."""
+
+
+class ControllerConfig(_Section, frozen=True, kw_only=True):
+    config_version: Literal[1] = CONFIG_VERSION
+    data_dir: str = DEFAULT_DATA_DIR
+    """SQLite database, embedded broker files and the dev token live here."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
+    embedded_broker: EmbeddedBrokerConfig = msgspec.field(default_factory=EmbeddedBrokerConfig)
+    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A validated config plus where it came from; paths resolve against ``base_dir``."""
+
+    config: ControllerConfig
+    path: Path | None
+    base_dir: Path
+
+    def resolve(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.resolve(self.config.data_dir)
+
+    @property
+    def blob_dir(self) -> Path:
+        """Where model bundles are stored (``models.blob_dir`` or ``{data_dir}/blobs``)."""
+        configured = self.config.models.blob_dir
+        return self.resolve(configured) if configured else self.data_dir / "blobs"
+
+    @property
+    def database_url(self) -> str:
+        """The configured URL, or the SQLite file under the data dir."""
+        if self.config.database.url:
+            return self.config.database.url
+        return f"sqlite:///{self.data_dir / SQLITE_FILE}"
+
+    @property
+    def client_id(self) -> str:
+        return self.config.broker.client_id or f"edgefleet-controller-{socket.gethostname()}"[:64]
+
+
+_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
+_AT = re.compile(r"at `(\$[^`]*)`")
+
+
+def parse_config(text: str, *, source: str = "<config>") -> ControllerConfig:
+    """Parse and validate TOML text; raise ConfigError naming the key."""
+    try:
+        raw: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: not valid TOML: {err}") from err
+    return convert_config(raw, source=source)
+
+
+def convert_config(raw: dict[str, Any], *, source: str = "<config>") -> ControllerConfig:
+    """Validate an already parsed mapping (TOML table or dict built in code)."""
+    try:
+        config = msgspec.convert(raw, ControllerConfig)
+    except msgspec.ValidationError as err:
+        msg = str(err)
+        at = _AT.search(msg)
+        json_path = at.group(1) if at else "$"
+        unknown = _UNKNOWN.search(msg)
+        if unknown:
+            section = json_path.removeprefix("$").lstrip(".") or "top level"
+            raise ConfigError(
+                f"{source}: unknown key {unknown.group(1)!r} in {section}; check the spelling "
+                "against the documented keys (docs/controller.md, 'Configuration')"
+            ) from err
+        raise ConfigError(f"{source}: {msg}") from err
+    check_config(config, source=source)
+    return config
+
+
+def _check_mqtt_url(url: str, key: str, fail: Any) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        fail(f"{key} {url!r}: use mqtt://host:port or mqtts://host:port")
+    try:
+        _ = parts.port
+    except ValueError:
+        fail(f"{key} {url!r}: the port is not a number in 1-65535")
+
+
+def check_config(config: ControllerConfig, *, source: str = "<config>") -> None:  # noqa: PLR0912
+    """Cross-field checks msgspec cannot express; raise ConfigError saying what to fix."""
+
+    def fail(msg: str) -> None:
+        raise ConfigError(f"{source}: {msg}")
+
+    db_url = config.database.url
+    if db_url is not None and not db_url.startswith(("sqlite", "postgresql")):
+        fail(
+            f"database.url {db_url!r}: use sqlite:///PATH or postgresql+psycopg://user@host/db "
+            "(or leave it unset for SQLite under data_dir)"
+        )
+    if config.database.pool_size < 1:
+        fail("database.pool_size must be >= 1")
+    if config.broker.url is not None:
+        _check_mqtt_url(config.broker.url, "broker.url", fail)
+    if (config.broker.cert_file is None) != (config.broker.key_file is None):
+        fail("broker.cert_file and broker.key_file go together: set both or neither")
+    if config.broker.keepalive_s < 5:
+        fail("broker.keepalive_s must be at least 5")
+    if config.broker.session_expiry_s < 0:
+        fail("broker.session_expiry_s must be >= 0")
+    group = config.broker.shared_group
+    if group is not None and (not group or any(c in group for c in "/+#")):
+        fail(f"broker.shared_group {group!r}: use a plain name without '/', '+' or '#'")
+    if not 0 <= config.embedded_broker.port < 65536:
+        fail("embedded_broker.port must be in 0-65535 (0 = any free port)")
+    if not 0 <= config.api.port < 65536:
+        fail("api.port must be in 0-65535 (0 = any free port)")
+    ingest = config.ingest
+    if ingest.queue_size < 1 or ingest.batch_size < 1:
+        fail("ingest.queue_size and ingest.batch_size must be >= 1")
+    if ingest.flush_interval_s <= 0:
+        fail("ingest.flush_interval_s must be > 0")
+    if ingest.enqueue_timeout_s < 0:
+        fail("ingest.enqueue_timeout_s must be >= 0")
+    if config.models.max_bundle_bytes < 1:
+        fail("models.max_bundle_bytes must be >= 1")
+    r = config.retention
+    if r.telemetry_raw_s <= 0 or r.telemetry_downsampled_s <= 0 or r.events_s <= 0:
+        fail("retention periods (telemetry_raw_s, telemetry_downsampled_s, events_s) must be > 0")
+    if r.telemetry_downsample_s < 0:
+        fail("retention.telemetry_downsample_s must be >= 0 (0 = delete old raw samples)")
+    if r.interval_s <= 0:
+        fail("retention.interval_s must be > 0")
+
+
+def _with_env(config: ControllerConfig, env: dict[str, str] | os._Environ[str]) -> ControllerConfig:
+    replace = msgspec.structs.replace
+    if env.get(DB_URL_ENV):
+        config = replace(config, database=replace(config.database, url=env[DB_URL_ENV]))
+    if env.get(BROKER_PASSWORD_ENV):
+        config = replace(config, broker=replace(config.broker, password=env[BROKER_PASSWORD_ENV]))
+    if env.get(EMBEDDED_PASSWORD_ENV):
+        config = replace(
+            config,
+            embedded_broker=replace(config.embedded_broker, password=env[EMBEDDED_PASSWORD_ENV]),
+        )
+    return config
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> LoadedConfig:
+    """Read and validate a config file (or the defaults without one), apply env overrides.
+
+    ``overrides`` maps dotted keys (``database.url``, ``api.port``) to values from the
+    command line; they win over the file and the environment.
+    """
+    environ = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    p: Path | None = None
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(
+                f"config file {p} not found; copy the example from docs/controller.md or "
+                "leave --config out to run with the defaults"
+            ) from None
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {p}: {err.strerror}") from err
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{p}: not valid TOML: {err}") from err
+    config = _with_env(convert_config(raw, source=source), environ)
+    if overrides:
+        merged = msgspec.to_builtins(config)
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = merged
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        config = convert_config(merged, source=f"{source} + command line")
+    base = p.resolve().parent if p is not None else Path.cwd()
+    return LoadedConfig(config=config, path=p.resolve() if p else None, base_dir=base)

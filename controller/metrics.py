@@ -1,0 +1,121 @@
+"""Prometheus metrics of one controller: a per-app CollectorRegistry, no global state.
+
+Fleet gauges are read from the database at scrape time; ingest figures come from the
+ingestor's counters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from controller import store
+from controller.db.session import Database
+from controller.ingest import IngestSnapshot
+
+log = logging.getLogger(__name__)
+
+
+class FleetCollector(Collector):
+    """Devices online/offline and devices per active model, from the database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def collect(self) -> Iterator[Metric]:
+        devices = GaugeMetricFamily(
+            "edgefleet_devices", "Devices known to the controller, by state", labels=["state"]
+        )
+        models = GaugeMetricFamily(
+            "edgefleet_model_devices",
+            "Devices running a model (name@version) on at least one stream",
+            labels=["model"],
+        )
+        up = GaugeMetricFamily("edgefleet_database_up", "1 if the last database query worked")
+        try:
+            with self.db.connect() as conn:
+                counts = store.device_counts(conn)
+                per_model = store.model_counts(conn)
+        except Exception as err:  # noqa: BLE001 - a scrape must answer even when the DB is down
+            log.warning("metrics: cannot read the fleet from the database: %s", err)
+            up.add_metric([], 0)
+            yield up
+            return
+        for state, n in sorted(counts.items()):
+            devices.add_metric([state], n)
+        for model, n in sorted(per_model.items()):
+            models.add_metric([model], n)
+        up.add_metric([], 1)
+        yield devices
+        yield models
+        yield up
+
+
+class IngestCollector(Collector):
+    """Ingest counters, rate and lag from ``snapshot()``."""
+
+    def __init__(self, snapshot: Callable[[], IngestSnapshot]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snapshot()
+        stored = CounterMetricFamily(
+            "edgefleet_ingest_messages_stored",
+            "MQTT messages written to the database, by kind",
+            labels=["kind"],
+        )
+        for kind, n in sorted(s.stored_by_kind.items()):
+            stored.add_metric([kind], n)
+        yield stored
+        malformed = CounterMetricFamily(
+            "edgefleet_ingest_messages_malformed",
+            "MQTT messages skipped because they break the protocol or the database rejected them",
+            labels=["kind"],
+        )
+        for kind, n in sorted(s.malformed_by_kind.items()):
+            malformed.add_metric([kind], n)
+        yield malformed
+        for name, value, doc in (
+            ("received", s.received, "MQTT messages received"),
+            ("dropped", s.dropped, "MQTT messages dropped because the ingest queue was full"),
+            ("ignored", s.ignored, "Empty retained messages (cleared topics)"),
+            ("batches", s.batches, "Database write batches"),
+        ):
+            yield CounterMetricFamily(f"edgefleet_ingest_{name}", doc, value=value)
+        yield GaugeMetricFamily(
+            "edgefleet_ingest_rate_messages_per_second",
+            "Messages stored per second over the last 10 s",
+            value=s.rate_per_s,
+        )
+        yield GaugeMetricFamily(
+            "edgefleet_ingest_queue_depth", "Messages waiting for the writer", value=s.queue_depth
+        )
+        lag = GaugeMetricFamily(
+            "edgefleet_ingest_lag_seconds",
+            "Receipt-to-commit time of recently stored messages",
+            labels=["quantile"],
+        )
+        for q, v in (("0.5", s.lag_p50_s), ("0.95", s.lag_p95_s), ("1", s.lag_max_s)):
+            if v is not None:
+                lag.add_metric([q], v)
+        yield lag
+        yield GaugeMetricFamily(
+            "edgefleet_mqtt_connected",
+            "1 while the controller is connected to the MQTT broker",
+            value=1 if s.mqtt_connected else 0,
+        )
+
+
+def build_registry(
+    *, db: Database, ingest_snapshot: Callable[[], IngestSnapshot] | None = None
+) -> CollectorRegistry:
+    """A fresh registry for one app (tests may build many side by side)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(db))
+    if ingest_snapshot is not None:
+        registry.register(IngestCollector(ingest_snapshot))
+    return registry

@@ -1,0 +1,184 @@
+"""The controller's MQTT v5 connection: subscribes to what the devices publish.
+
+paho-mqtt 2.x runs the network loop on its own thread; ``on_message`` only hands the
+topic and payload to the ingestor (decode + enqueue). The session is persistent
+(``clean_start`` false with a session expiry), so QoS 1 messages published while the
+controller restarts are queued by the broker and delivered when it comes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from controller.errors import BrokerError
+from protocol import Kind, subscription
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    """Where and how to connect; built by the service from the config."""
+
+    url: str
+    client_id: str
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive_s: int = 30
+    connect_timeout_s: float = 10.0
+    session_expiry_s: int = 3600
+    shared_group: str | None = None
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+
+class MqttSubscriber:
+    """Connect, subscribe to ``kinds`` of every device and pass messages to ``on_message``."""
+
+    def __init__(
+        self,
+        *,
+        settings: MqttSettings,
+        kinds: tuple[Kind, ...],
+        on_message: Callable[[str, bytes], object],
+        on_connection_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+        self.settings = settings
+        self.kinds = kinds
+        self._handler = on_message
+        self._on_change = on_connection_change
+        self._connected = threading.Event()
+        self._stopping = False
+        self._refused: str | None = None
+        self.filters = [
+            subscription(kind, shared_group=settings.shared_group) for kind in self.kinds
+        ]
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        if settings.username is not None:
+            client.username_pw_set(settings.username, settings.password)
+        if settings.tls:
+            try:
+                client.tls_set(
+                    ca_certs=settings.ca_file,
+                    certfile=settings.cert_file,
+                    keyfile=settings.key_file,
+                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                )
+            except (OSError, ssl.SSLError) as err:
+                raise BrokerError(
+                    f"cannot set up TLS for {settings.url}: {err}; check broker.ca_file, "
+                    "broker.cert_file and broker.key_file"
+                ) from err
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self._client = client
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self, *, wait: bool = True) -> None:
+        """Connect in the background; with ``wait``, raise BrokerError if that fails in time."""
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        s = self.settings
+        try:
+            self._client.connect_async(
+                s.host,
+                s.port,
+                keepalive=s.keepalive_s,
+                clean_start=False,
+                properties=props,
+            )
+        except (OSError, ValueError) as err:
+            raise BrokerError(f"cannot connect to the MQTT broker at {s.url}: {err}") from err
+        self._client.loop_start()
+        if wait and not self._connected.wait(s.connect_timeout_s):
+            why = self._refused or "no answer"
+            self.stop()
+            raise BrokerError(
+                f"cannot connect to the MQTT broker at {s.url} within {s.connect_timeout_s:.0f}s "
+                f"({why}); check broker.url, the credentials and that the broker is running"
+            )
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._set_connected(False)
+
+    # paho callbacks (network thread) ---------------------------------------------------
+
+    def _set_connected(self, value: bool) -> None:
+        if value:
+            self._connected.set()
+        else:
+            self._connected.clear()
+        if self._on_change is not None:
+            self._on_change(value)
+
+    def _on_connect(
+        self, client: Any, _userdata: Any, flags: Any, reason: Any, _props: Any
+    ) -> None:
+        if reason.is_failure:
+            self._refused = f"refused: {reason}"
+            log.error("MQTT broker %s refused the connection: %s", self.settings.url, reason)
+            return
+        client.subscribe([(f, 1) for f in self.filters])
+        log.info(
+            "connected to MQTT broker %s (session present: %s), subscribed to %s",
+            self.settings.url,
+            flags.session_present,
+            ", ".join(self.filters),
+        )
+        self._set_connected(True)
+
+    def _on_disconnect(
+        self, _client: Any, _userdata: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        if self._connected.is_set() and not self._stopping:
+            log.warning(
+                "disconnected from MQTT broker %s: %s; reconnecting", self.settings.url, reason
+            )
+        self._set_connected(False)
+
+    def _on_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            topic = repr(msg._topic)
+        try:
+            self._handler(topic, msg.payload)
+        except Exception:
+            log.exception("ingesting a message on %s failed", topic)

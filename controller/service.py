@@ -1,0 +1,355 @@
+"""The controller's composition root: builds every part from the config and runs them.
+
+``build_controller(config)`` gives a ``Controller``; ``start()`` runs it in background
+threads (for tests and in-process demos, ``stop()`` ends it), ``serve()`` runs the HTTP
+server on the calling thread until SIGINT/SIGTERM (``edgefleet controller serve``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controller import store
+from controller.api import create_app
+from controller.broker import EmbeddedBroker
+from controller.config import ControllerConfig, LoadedConfig, convert_config
+from controller.db.session import Database
+from controller.errors import ControllerError
+from controller.ingest import INGESTED_KINDS, Ingestor
+from controller.mqtt import MqttSettings, MqttSubscriber
+
+log = logging.getLogger(__name__)
+
+DEV_TOKEN_NAME = "dev"  # noqa: S105 - the name of the token, not a secret
+DEV_TOKEN_FILE = "dev-token"  # noqa: S105 - a file name
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerInfo:
+    """How agents (and this controller) reach the MQTT broker."""
+
+    url: str
+    username: str | None
+    password: str | None
+    embedded: bool
+
+
+class Controller:
+    """Database + migrations, (embedded) broker, MQTT ingestion, retention job, HTTP API."""
+
+    def __init__(self, loaded: LoadedConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.loaded = loaded
+        cfg = loaded.config
+        self.config = cfg
+        self.clock = clock
+        self.db = Database.from_url(
+            loaded.database_url, echo=cfg.database.echo, pool_size=cfg.database.pool_size
+        )
+        self.ingestor = Ingestor(
+            db=self.db,
+            queue_size=cfg.ingest.queue_size,
+            batch_size=cfg.ingest.batch_size,
+            flush_interval_s=cfg.ingest.flush_interval_s,
+            enqueue_timeout_s=cfg.ingest.enqueue_timeout_s,
+            clock=clock,
+        )
+        self.embedded_broker: EmbeddedBroker | None = None
+        if cfg.broker.url is None:
+            eb = cfg.embedded_broker
+            self.embedded_broker = EmbeddedBroker(
+                workdir=loaded.data_dir / "broker",
+                host=eb.host,
+                port=eb.port,
+                username=eb.username,
+                password=eb.password,
+                mosquitto=eb.mosquitto,
+            )
+        self.app = create_app(db=self.db, ingest_snapshot=self.ingestor.snapshot, clock=clock)
+        self.subscriber: MqttSubscriber | None = None
+        self._server: Any = None
+        self._server_thread: threading.Thread | None = None
+        self._retention_stop = threading.Event()
+        self._retention_thread: threading.Thread | None = None
+        self._started = False
+
+    # --- facts for operators ----------------------------------------------------------
+
+    @property
+    def broker(self) -> BrokerInfo:
+        if self.embedded_broker is not None:
+            eb = self.embedded_broker
+            return BrokerInfo(url=eb.url, username=eb.username, password=eb.password, embedded=True)
+        b = self.config.broker
+        return BrokerInfo(url=b.url or "", username=b.username, password=b.password, embedded=False)
+
+    @property
+    def api_url(self) -> str:
+        """The HTTP API's URL (the real port once the server listens, with api.port 0)."""
+        if self.config.api.public_url:
+            return self.config.api.public_url.rstrip("/")
+        host = self.config.api.bind
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
+        return f"http://{host}:{self._bound_port()}"
+
+    def _bound_port(self) -> int:
+        servers = getattr(self._server, "servers", None) or []
+        for server in servers:
+            for sock in server.sockets:
+                return int(sock.getsockname()[1])
+        return self.config.api.port
+
+    def describe(self) -> str:
+        """What an operator needs: API URL, database, how agents connect."""
+        b = self.broker
+        lines = [
+            f"edgefleet controller: API {self.api_url} (OpenAPI: {self.api_url}/docs)",
+            f"  database: {self.db.url}",
+        ]
+        if b.embedded:
+            lines += [
+                f"  embedded MQTT broker (mosquitto): {b.url}",
+                f"  agents connect with: url = {b.url!r}, username = {b.username!r}, "
+                f"password = {b.password!r}",
+                f"  (agent config snippet: {self.loaded.data_dir / 'broker' / 'agent.toml'})",
+            ]
+        else:
+            lines.append(f"  MQTT broker: {b.url}")
+        return "\n".join(lines)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        self.db.upgrade()
+
+    def create_dev_token(self) -> str:
+        """Replace the ``dev`` admin token; the new one is returned and kept in {data_dir}/dev-token."""
+        now = self.clock()
+        with self.db.begin() as conn:
+            store.revoke_tokens_named(conn, DEV_TOKEN_NAME, now=now)
+            _, token = store.create_token(conn, name=DEV_TOKEN_NAME, role="admin", now=now)
+        _write_private(self.loaded.data_dir / DEV_TOKEN_FILE, token + "\n")
+        return token
+
+    def start_backend(self) -> None:
+        """Everything but the HTTP server: migrations, broker, ingestion, retention."""
+        if self._started:
+            return
+        self.loaded.data_dir.mkdir(parents=True, exist_ok=True)
+        self.migrate()
+        try:
+            if self.embedded_broker is not None:
+                self.embedded_broker.start()
+                _write_private(
+                    self.loaded.data_dir / "broker" / "agent.toml",
+                    self.embedded_broker.agent_config(),
+                )
+            self.ingestor.start()
+            self.subscriber = MqttSubscriber(
+                settings=self._mqtt_settings(),
+                kinds=INGESTED_KINDS,
+                on_message=self.ingestor.handle,
+                on_connection_change=self._mqtt_changed,
+            )
+            self.subscriber.start(wait=True)
+            self._retention_stop.clear()
+            self._retention_thread = threading.Thread(
+                target=self._retention_loop, name="retention", daemon=True
+            )
+            self._retention_thread.start()
+        except BaseException:
+            self.stop()
+            raise
+        self._started = True
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start everything in background threads; returns once the API listens."""
+        self.start_backend()
+        server = self._make_server()
+        self._server_thread = threading.Thread(target=server.run, name="http", daemon=True)
+        self._server_thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not self._server_thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise ControllerError(
+                    f"the HTTP API did not start on {self.config.api.bind}:{self.config.api.port}; "
+                    "is the port in use? Set api.port (or --port) to a free one"
+                )
+            time.sleep(0.02)
+
+    def serve(self, *, on_ready: Callable[[Controller], None] | None = None) -> None:
+        """Run until SIGINT/SIGTERM: the HTTP server on this thread, the rest in the background."""
+        self.start_backend()
+        server = self._make_server()
+        if on_ready is not None:
+            ready = threading.Thread(
+                target=self._notify_ready, args=(server, on_ready), daemon=True
+            )
+            ready.start()
+        # uvicorn re-raises the signal that stopped it once it is done, with the handlers
+        # that were installed before it ran; SIG_DFL for SIGTERM would kill the process
+        # before stop() (embedded broker left running, queued messages lost).
+        previous = _quiet_signals()
+        try:
+            server.run()
+        except SystemExit as err:
+            raise ControllerError(
+                f"the HTTP API could not listen on {self.config.api.bind}:{self.config.api.port}; "
+                "is the port in use? Set api.port (or --port) to a free one"
+            ) from err
+        finally:
+            self.stop()
+            _restore_signals(previous)
+
+    def _notify_ready(self, server: Any, on_ready: Callable[[Controller], None]) -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.02)
+        if server.started:
+            on_ready(self)
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.should_exit = True
+            if self._server_thread is not None:
+                self._server_thread.join(10)
+                self._server_thread = None
+        if self.subscriber is not None:
+            self.subscriber.stop()
+            self.subscriber = None
+        self.ingestor.stop()
+        self._retention_stop.set()
+        if self._retention_thread is not None:
+            self._retention_thread.join(10)
+            self._retention_thread = None
+        if self.embedded_broker is not None:
+            self.embedded_broker.stop()
+        self.db.dispose()
+        self._started = False
+
+    # --- parts ------------------------------------------------------------------------
+
+    def _mqtt_settings(self) -> MqttSettings:
+        b = self.config.broker
+        info = self.broker
+        return MqttSettings(
+            url=info.url,
+            client_id=self.loaded.client_id,
+            username=info.username,
+            password=info.password,
+            ca_file=str(self.loaded.resolve(b.ca_file)) if b.ca_file else None,
+            cert_file=str(self.loaded.resolve(b.cert_file)) if b.cert_file else None,
+            key_file=str(self.loaded.resolve(b.key_file)) if b.key_file else None,
+            keepalive_s=b.keepalive_s,
+            connect_timeout_s=b.connect_timeout_s,
+            session_expiry_s=b.session_expiry_s,
+            shared_group=b.shared_group,
+        )
+
+    def _mqtt_changed(self, connected: bool) -> None:
+        self.ingestor.stats.mqtt_connected = connected
+
+    def _make_server(self) -> Any:
+        import uvicorn
+
+        config = uvicorn.Config(
+            self.app,
+            host=self.config.api.bind,
+            port=self.config.api.port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+        )
+        self._server = uvicorn.Server(config)
+        return self._server
+
+    def run_retention(self) -> store.RetentionResult:
+        r = self.config.retention
+        return store.apply_retention(
+            self.db.begin,
+            now=self.clock(),
+            telemetry_raw_s=r.telemetry_raw_s,
+            telemetry_downsample_s=r.telemetry_downsample_s,
+            telemetry_downsampled_s=r.telemetry_downsampled_s,
+            events_s=r.events_s,
+        )
+
+    def _retention_loop(self) -> None:
+        while not self._retention_stop.is_set():
+            try:
+                result = self.run_retention()
+            except Exception:
+                log.exception(
+                    "telemetry/event retention failed; retrying in %.0fs",
+                    self.config.retention.interval_s,
+                )
+            else:
+                if _any(result):
+                    log.info("retention: %s", result)
+            self._retention_stop.wait(self.config.retention.interval_s)
+
+
+def _quiet_signals() -> dict[int, Any]:
+    """Make SIGINT/SIGTERM no-ops (uvicorn installs its own while it runs)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _any(result: store.RetentionResult) -> bool:
+    return any(
+        (
+            result.downsampled_rows,
+            result.deleted_raw,
+            result.deleted_downsampled,
+            result.deleted_events,
+        )
+    )
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a secret file (mode 0600) by temp file + fsync + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def build_controller(
+    config: LoadedConfig | ControllerConfig | dict[str, Any] | None = None,
+    *,
+    base_dir: Path | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Controller:
+    """A Controller from a loaded config, a ControllerConfig, a plain dict or the defaults.
+
+    ``base_dir`` resolves relative paths (data_dir, TLS files); default: the working dir.
+    """
+    if isinstance(config, LoadedConfig):
+        loaded = config
+    else:
+        if config is None:
+            cfg = convert_config({})
+        elif isinstance(config, dict):
+            cfg = convert_config(config, source="<dict>")
+        else:
+            cfg = config
+        loaded = LoadedConfig(config=cfg, path=None, base_dir=(base_dir or Path.cwd()).resolve())
+    return Controller(loaded, clock=clock)

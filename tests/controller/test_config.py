@@ -1,0 +1,125 @@
+"""Controller config: strict TOML, defaults, environment and command-line overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.config import load_config, parse_config
+from controller.errors import ConfigError
+
+FULL = """
+config_version = 1
+data_dir = "state"
+log_level = "debug"
+
+[database]
+url = "postgresql+psycopg://edgefleet@db/edgefleet"
+pool_size = 3
+
+[broker]
+url = "mqtts://broker.example:8883"
+username = "controller"
+shared_group = "controllers"
+session_expiry_s = 600
+
+[ingest]
+batch_size = 500
+flush_interval_s = 0.5
+
+[retention]
+telemetry_raw_s = 3600
+telemetry_downsample_s = 0
+
+[api]
+bind = "0.0.0.0"
+port = 9000
+"""
+
+
+def test_every_documented_section_parses() -> None:
+    cfg = parse_config(FULL)
+    assert cfg.broker.shared_group == "controllers"
+    assert cfg.ingest.batch_size == 500 and cfg.retention.telemetry_downsample_s == 0
+    assert cfg.api.port == 9000 and cfg.database.pool_size == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "section"),
+    [
+        ("bogus = 1\n", "bogus", "top level"),
+        ("[ingest]\nbatchsize = 10\n", "batchsize", "ingest"),
+        ("[embedded_broker]\nhost = 'x'\npasword = 'x'\n", "pasword", "embedded_broker"),
+    ],
+)
+def test_unknown_keys_are_rejected_with_their_name(text: str, key: str, section: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, source="c.toml")
+    assert f"unknown key {key!r} in {section}" in str(info.value)
+    assert "c.toml" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[broker]\nurl = 'http://x'\n", "use mqtt://host:port"),
+        ("[database]\nurl = 'mysql://x'\n", "use sqlite:///PATH or postgresql+psycopg://"),
+        ("[broker]\nshared_group = 'a/b'\n", "shared_group"),
+        ("[ingest]\nflush_interval_s = 0\n", "flush_interval_s must be > 0"),
+        ("[api]\nport = 'x'\n", "Expected `int`"),
+    ],
+)
+def test_invalid_values_say_what_to_fix(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert message in str(info.value)
+
+
+def test_defaults_put_sqlite_under_the_data_dir_next_to_the_config(tmp_path: Path) -> None:
+    path = tmp_path / "controller.toml"
+    path.write_text('data_dir = "state"\n')
+    loaded = load_config(path, env={})
+    assert loaded.data_dir == tmp_path / "state"
+    assert loaded.database_url == f"sqlite:///{tmp_path / 'state' / 'controller.db'}"
+    assert loaded.config.broker.url is None  # -> embedded broker
+
+
+def test_environment_overrides_secrets_and_command_line_overrides_win(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[broker]\nurl = "mqtt://b:1883"\npassword = "from-file"\n')
+    env = {
+        "EDGEFLEET_DB_URL": "postgresql+psycopg://u:secret@db/x",
+        "EDGEFLEET_BROKER_PASSWORD": "from-env",
+    }
+    loaded = load_config(path, env=env, overrides={"api.port": 0, "database.url": None})
+    assert loaded.config.broker.password == "from-env"
+    assert loaded.database_url == "postgresql+psycopg://u:secret@db/x"
+    assert loaded.config.api.port == 0
+    with pytest.raises(ConfigError, match=r"api\.port must be in 0-65535"):
+        load_config(path, env={}, overrides={"api.port": 70000})
+
+
+def test_missing_config_file_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found; copy the example"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_the_documented_config_parses_and_names_every_key() -> None:
+    import re
+
+    import msgspec
+
+    from controller.config import ControllerConfig
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "controller.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", doc, re.S)
+    assert block is not None
+    assert parse_config(block.group(1)) == ControllerConfig()
+    documented = set(re.findall(r"^#?\s*(\w+) =", block.group(1), re.M))
+    documented |= set(re.findall(r"^\[(\w+)\]", block.group(1), re.M))
+    for name, section in msgspec.structs.asdict(ControllerConfig()).items():
+        assert name in documented, name
+        if isinstance(section, msgspec.Struct):
+            missing = set(section.__struct_fields__) - documented
+            assert not missing, f"[{name}] keys missing from docs/controller.md: {missing}"

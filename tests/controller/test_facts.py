@@ -1,0 +1,25 @@
+"""Hardware/runtime facts from the device status land in the devices table."""
+
+from __future__ import annotations
+
+import msgspec
+
+from controller import store
+from controller.db.session import Database
+from tests.controller.conftest import received, status
+
+
+def test_status_facts_are_stored_on_the_device(database: Database) -> None:
+    facts = {
+        "arch": "aarch64",
+        "board": "Raspberry Pi 5 Model B",
+        "cpu_count": 4,
+        "runtimes": "litert",
+    }
+    msg = msgspec.structs.replace(status("cam-1"), facts=facts)
+    with database.begin() as conn:
+        store.write_messages(conn, [received(msg)])
+    with database.connect() as conn:
+        device = store.get_device(conn, "cam-1")
+    assert device is not None
+    assert device.facts == facts

@@ -1,0 +1,113 @@
+"""Agent config: strict TOML validation with the key's name and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_config, parse_config
+from agent.errors import ConfigError
+
+GOOD = """\
+device_id = "cam-01"
+state_dir = "state"
+
+[broker]
+url = "mqtt://127.0.0.1:1883"
+
+[[streams]]
+name = "front"
+source = "video.mp4"
+model = "builtin:blazeface-short-int8"
+"""
+
+
+def test_minimal_config_gets_defaults() -> None:
+    cfg = parse_config(GOOD)
+    assert cfg.device_id == "cam-01"
+    assert cfg.streams[0].backend is None
+    assert cfg.spool.max_bytes > 0
+    assert cfg.metrics.enabled is False
+    assert cfg.broker.port == 1883
+    assert cfg.broker.tls is False
+
+
+def test_unknown_top_level_key_names_key_and_line() -> None:
+    text = GOOD.replace('state_dir = "state"', 'state_dir = "state"\nstate_dri = "x"')
+    with pytest.raises(ConfigError, match=r"agent.toml:3: unknown key 'state_dri' in top level"):
+        parse_config(text, source="agent.toml")
+
+
+def test_unknown_key_in_second_stream_points_at_that_stream() -> None:
+    text = GOOD + '\n[[streams]]\nname = "back"\nsource = "0"\nmodel = "m.json"\nfsp = 5\n'
+    with pytest.raises(ConfigError, match=r"agent.toml:16: unknown key 'fsp' in streams\[1\]"):
+        parse_config(text, source="agent.toml")
+
+
+def test_unknown_key_in_table_is_located() -> None:
+    text = GOOD.replace(
+        'url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://127.0.0.1:1883"\npasword = "x"'
+    )
+    with pytest.raises(ConfigError, match=r"agent.toml:6: unknown key 'pasword' in broker"):
+        parse_config(text, source="agent.toml")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "fragment"),
+    [
+        ('device_id = "cam-01"', 'device_id = "Cam 01"', "invalid device id"),
+        ('url = "mqtt://127.0.0.1:1883"', 'url = "http://x"', "mqtt://host:port"),
+        ('url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://h:99999"', "port"),
+        ('name = "front"', 'name = "Front Door"', "invalid stream name"),
+        ('state_dir = "state"', "state_dir = 5", "Expected `str`"),
+        ('device_id = "cam-01"', "", "missing required field `device_id`"),
+    ],
+)
+def test_invalid_values_give_clear_errors(old: str, new: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        parse_config(GOOD.replace(old, new))
+
+
+def test_invalid_toml_says_so() -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_config("device_id = ")
+
+
+def test_duplicate_stream_names_are_rejected() -> None:
+    text = GOOD + '\n[[streams]]\nname = "front"\nsource = "0"\nmodel = "m.json"\n'
+    with pytest.raises(ConfigError, match="unique"):
+        parse_config(text)
+
+
+def test_load_config_resolves_paths_and_checks_model(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(GOOD, encoding="utf-8")
+    loaded = load_config(path)
+    assert loaded.resolve("video.mp4") == tmp_path / "video.mp4"
+    path.write_text(
+        GOOD.replace("builtin:blazeface-short-int8", "models/missing.json"), encoding="utf-8"
+    )
+    with pytest.raises(ConfigError, match=r"model manifest .*missing.json does not exist"):
+        load_config(path)
+    path.write_text(GOOD.replace("builtin:blazeface-short-int8", "builtin:nope"), encoding="utf-8")
+    with pytest.raises(ConfigError, match="no built-in model 'nope'; shipped models: blazeface"):
+        load_config(path)
+
+
+def test_missing_config_file_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"not found; copy packaging/agent\.example\.toml"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_password_comes_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(GOOD, encoding="utf-8")
+    monkeypatch.setenv("EDGEFLEET_BROKER_PASSWORD", "s3cret")
+    assert load_config(path).config.broker.password == "s3cret"
+
+
+def test_shipped_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "packaging" / "agent.example.toml"
+    cfg = parse_config(example.read_text(encoding="utf-8"), source=str(example))
+    assert cfg.streams[0].model == "builtin:blazeface-short-int8"

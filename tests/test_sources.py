@@ -1,0 +1,485 @@
+"""Camera/video sources with real OpenCV on the shipped video and a real MJPEG-over-HTTP camera."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from agent.backoff import Backoff
+from agent.capture import parse_source, redact_url
+from agent.errors import AgentError, SourceError
+from agent.sources import QUEUE_DEPTH, Frame, FrameSource
+from tests.mjpeg_server import MjpegServer, encode_video
+
+VIDEO_FRAMES = 150
+VIDEO_FPS = 15.0
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+class States:
+    """Records ``on_state`` calls and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, state: str, error: str | None) -> None:
+        with self._cond:
+            self.seen.append((state, error))
+            self._cond.notify_all()
+
+    def names(self) -> list[str]:
+        with self._cond:
+            return [s for s, _ in self.seen]
+
+    def wait_for(self, state: str, *, after: int = 0, timeout: float = 10.0) -> str | None:
+        """Wait until ``state`` was entered (at position >= ``after``); returns its error."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for s, err in self.seen[after:]:
+                    if s == state:
+                        return err
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"state {state!r} not reached in {timeout} s: {self.seen}")
+                self._cond.wait(remaining)
+
+
+def eventually(predicate: Callable[[], bool], *, timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout} s: {what}")
+        time.sleep(0.01)
+
+
+def take(source: FrameSource, n: int, *, timeout: float = 10.0) -> list[Frame]:
+    frames: list[Frame] = []
+    deadline = time.monotonic() + timeout
+    while len(frames) < n:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"only {len(frames)} of {n} frames in {timeout} s: {source.stats()}"
+        frame = source.get(timeout=remaining)
+        if frame is not None:
+            frames.append(frame)
+    return frames
+
+
+@pytest.fixture
+def video(assets: Path) -> Path:
+    return assets / "face-walk-640x480.mp4"
+
+
+@pytest.fixture
+def make_source() -> Iterator[Callable[..., FrameSource]]:
+    """Builds started sources and stops every one of them after the test."""
+    made: list[FrameSource] = []
+
+    def make(**kwargs: Any) -> FrameSource:
+        kwargs.setdefault("name", "cam")
+        source = FrameSource(**kwargs)
+        made.append(source)
+        source.start()
+        return source
+
+    yield make
+    for source in made:
+        source.stop(timeout=5.0)
+
+
+@pytest.fixture(scope="session")
+def jpeg_frames(assets: Path) -> list[bytes]:
+    return encode_video(assets / "face-walk-640x480.mp4", limit=30)
+
+
+# -- backoff ---------------------------------------------------------------------------------
+
+
+def test_backoff_without_jitter_doubles_up_to_max() -> None:
+    backoff = Backoff(1.0, 8.0, jitter=0.0)
+    assert [backoff.next() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert backoff.attempts == 6
+
+
+def test_backoff_jitter_stays_in_band_and_is_reproducible_with_a_seed() -> None:
+    a = Backoff(0.5, 10.0, factor=3.0, jitter=0.5, rng=random.Random(7))
+    b = Backoff(0.5, 10.0, factor=3.0, jitter=0.5, rng=random.Random(7))
+    delays = [a.next() for _ in range(8)]
+    assert delays == [b.next() for _ in range(8)]
+    ceilings = [min(10.0, 0.5 * 3.0**n) for n in range(8)]
+    for delay, ceiling in zip(delays, ceilings, strict=True):
+        assert ceiling * 0.5 <= delay <= ceiling
+    assert delays != ceilings  # the jitter actually moved them
+
+
+def test_backoff_full_jitter_can_go_below_half() -> None:
+    backoff = Backoff(1.0, 1.0, jitter=1.0, rng=random.Random(1))
+    delays = [backoff.next() for _ in range(50)]
+    assert all(0.0 <= d <= 1.0 for d in delays)
+    assert min(delays) < 0.5
+
+
+def test_backoff_reset_starts_again_at_min() -> None:
+    backoff = Backoff(0.1, 30.0, jitter=0.0)
+    for _ in range(5):
+        backoff.next()
+    backoff.reset()
+    assert backoff.attempts == 0
+    assert backoff.next() == pytest.approx(0.1)
+
+
+def test_backoff_grows_without_overflow_after_many_attempts() -> None:
+    backoff = Backoff(1.0, 30.0, factor=10.0, jitter=0.0)
+    for _ in range(10_000):
+        delay = backoff.next()
+    assert delay == 30.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"min_s": 0.0, "max_s": 1.0}, "min_s"),
+        ({"min_s": 2.0, "max_s": 1.0}, "max_s"),
+        ({"min_s": 1.0, "max_s": 2.0, "factor": 0.5}, "factor"),
+        ({"min_s": 1.0, "max_s": 2.0, "jitter": 1.5}, "jitter"),
+    ],
+)
+def test_backoff_rejects_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Backoff(**kwargs)
+
+
+# -- URI parsing -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "kind", "path", "device", "url"),
+    [
+        ("clip.mp4", "file", "clip.mp4", None, None),
+        ("/data/videos/clip.mp4", "file", "/data/videos/clip.mp4", None, None),
+        ("file:///data/my%20clip.mp4", "file", "/data/my clip.mp4", None, None),
+        ("file://localhost/data/a.mp4", "file", "/data/a.mp4", None, None),
+        ("cam:2024-01-01.mp4", "file", "cam:2024-01-01.mp4", None, None),
+        ("v4l2:3", "v4l2", None, 3, None),
+        ("V4L2:0", "v4l2", None, 0, None),
+        ("/dev/video2", "v4l2", None, 2, None),
+        ("0", "v4l2", None, 0, None),
+        (
+            "/dev/v4l/by-id/usb-cam-video-index0",
+            "v4l2",
+            "/dev/v4l/by-id/usb-cam-video-index0",
+            None,
+            None,
+        ),
+        (
+            "rtsp://user:pw@10.0.0.5:554/stream1",
+            "network",
+            None,
+            None,
+            "rtsp://user:pw@10.0.0.5:554/stream1",
+        ),
+        ("rtsps://cam.local/live", "network", None, None, "rtsps://cam.local/live"),
+        (
+            "http://127.0.0.1:8080/stream.mjpg",
+            "network",
+            None,
+            None,
+            "http://127.0.0.1:8080/stream.mjpg",
+        ),
+        ("https://cam.example/video.mp4", "network", None, None, "https://cam.example/video.mp4"),
+    ],
+)
+def test_parse_source_accepts_documented_forms(
+    uri: str, kind: str, path: str | None, device: int | None, url: str | None
+) -> None:
+    spec = parse_source(uri)
+    assert (spec.kind, spec.path, spec.device, spec.url) == (kind, path, device, url)
+    assert spec.live == (kind != "file")
+
+
+@pytest.mark.parametrize(
+    ("uri", "why"),
+    [
+        ("", "empty"),
+        (" clip.mp4", "whitespace"),
+        ("v4l2:abc", "camera index"),
+        ("v4l2:", "camera index"),
+        ("v4l2:-1", "camera index"),
+        ("-1", "negative"),
+        ("ftp://host/clip.mp4", "unsupported scheme 'ftp'"),
+        ("rtsp:/cam/stream", "rtsp://"),
+        ("http://", "no host"),
+        ("http://cam:99999/x", "port"),
+        ("file://otherhost/clip.mp4", "otherhost"),
+        ("file:relative.mp4", "file:///"),
+    ],
+)
+def test_parse_source_rejects_bad_forms_with_the_accepted_ones(uri: str, why: str) -> None:
+    with pytest.raises(SourceError, match="accepted forms") as info:
+        parse_source(uri)
+    assert why in str(info.value)
+    assert "v4l2:0" in str(info.value)
+    assert isinstance(info.value, AgentError)
+
+
+def test_frame_source_rejects_a_bad_uri_at_construction() -> None:
+    with pytest.raises(SourceError, match="unsupported scheme"):
+        FrameSource(name="cam", uri="gopher://cam/x")
+
+
+def test_credentials_are_redacted_in_display() -> None:
+    spec = parse_source("rtsp://admin:hunter2@10.0.0.5/stream")
+    assert spec.display == "rtsp://admin:***@10.0.0.5/stream"
+    assert "hunter2" not in spec.display
+    assert redact_url("http://cam/x") == "http://cam/x"
+
+
+# -- video files -----------------------------------------------------------------------------
+
+
+def test_file_as_fast_as_possible_delivers_every_frame_in_order_then_ends(
+    video: Path, make_source: Callable[..., FrameSource]
+) -> None:
+    states = States()
+    source = make_source(
+        uri=str(video), realtime=False, loop=False, on_state=states, clock=lambda: 1234.5
+    )
+    frames: list[Frame] = []
+    while (frame := source.get(timeout=10.0)) is not None:
+        frames.append(frame)
+    assert source.ended
+    assert [f.index for f in frames] == list(range(VIDEO_FRAMES))
+    assert [f.file_frame for f in frames] == list(range(VIDEO_FRAMES))
+    assert all(f.image.shape == (480, 640, 3) and f.image.dtype == np.uint8 for f in frames)
+    assert all(f.ts == 1234.5 and f.prepared is None for f in frames)
+    monos = [f.mono for f in frames]
+    assert monos == sorted(monos)
+    stats = source.stats()
+    assert (stats.state, stats.error) == ("ended", None)
+    assert (stats.frames_captured, stats.frames_dropped) == (VIDEO_FRAMES, 0)
+    assert stats.fps_nominal == VIDEO_FPS
+    assert states.names() == ["running", "ended"]
+    assert source.get(timeout=5.0) is None  # at once: nothing more can come
+    source.stop()
+    assert states.names()[-1] == "stopped"
+
+
+def test_file_as_fast_as_possible_waits_for_the_consumer_and_stops_promptly(
+    video: Path, make_source: Callable[..., FrameSource]
+) -> None:
+    source = make_source(uri=str(video), realtime=False, loop=True)
+    eventually(lambda: source.stats().frames_captured == QUEUE_DEPTH, what="queue filled")
+    time.sleep(0.3)  # room for a (wrong) read-ahead past the bound to show up
+    assert source.stats().frames_captured == QUEUE_DEPTH
+    assert source.stats().state == "running"
+    started = time.monotonic()
+    source.stop(timeout=5.0)
+    assert time.monotonic() - started < 2.0
+    assert source.stats().state == "stopped"
+
+
+def test_looping_file_keeps_counting_and_file_frame_wraps(
+    video: Path, make_source: Callable[..., FrameSource]
+) -> None:
+    source = make_source(uri=str(video), realtime=False, loop=True)
+    frames = take(source, 2 * VIDEO_FRAMES + 20)
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert [f.file_frame for f in frames] == [i % VIDEO_FRAMES for i in range(len(frames))]
+    # Rewinding really went back to the first frame.
+    assert np.array_equal(frames[VIDEO_FRAMES].image, frames[0].image)
+    assert np.array_equal(frames[2 * VIDEO_FRAMES + 7].image, frames[7].image)
+    assert source.stats().state == "running"
+    assert not source.ended
+
+
+def test_realtime_file_is_paced_at_its_frame_rate(
+    video: Path, make_source: Callable[..., FrameSource]
+) -> None:
+    source = make_source(uri=str(video), realtime=True, loop=True)
+    first = source.get(timeout=10.0)
+    assert first is not None
+    start = time.monotonic()
+    got = 0
+    while time.monotonic() - start < 1.0:
+        if source.get(timeout=0.1) is not None:
+            got += 1
+    stats = source.stats()
+    # 15 fps; loose bounds: this asserts pacing happens, not how precisely.
+    assert 8 <= got <= 25, got
+    assert 8 <= stats.frames_captured - 1 <= 26, stats
+    assert stats.fps_nominal == VIDEO_FPS
+
+
+def test_slow_consumer_gets_the_newest_frame_and_drops_are_counted(
+    video: Path, make_source: Callable[..., FrameSource]
+) -> None:
+    source = make_source(uri=str(video), realtime=True, loop=True)
+    processed: list[Frame] = []
+    work = threading.Event()  # never set: wait() is the consumer's simulated 0.2 s of work
+    while len(processed) < 5:
+        frame = source.get(timeout=10.0)
+        assert frame is not None
+        processed.append(frame)
+        work.wait(0.2)
+    source.stop()
+    pending = 0
+    while source.get(timeout=0) is not None:
+        pending += 1
+    stats = source.stats()
+    assert stats.frames_dropped > 0
+    assert pending <= 1
+    assert stats.frames_captured == len(processed) + stats.frames_dropped + pending
+    indices = [f.index for f in processed]
+    assert indices == sorted(indices)
+    assert max(b - a for a, b in itertools.pairwise(indices)) > 1  # frames skipped
+
+
+def test_transform_runs_in_the_capture_thread_and_lands_on_the_frame(
+    video: Path, make_source: Callable[..., FrameSource]
+) -> None:
+    threads: set[str] = set()
+
+    def prepare(image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        threads.add(threading.current_thread().name)
+        return cv2.resize(image, (128, 128), interpolation=cv2.INTER_AREA)
+
+    source = make_source(name="door", uri=str(video), realtime=False, transform=prepare)
+    frames = take(source, 10)
+    for frame in frames:
+        assert isinstance(frame.prepared, np.ndarray)
+        assert frame.prepared.shape == (128, 128, 3)
+        assert np.array_equal(
+            frame.prepared, cv2.resize(frame.image, (128, 128), interpolation=cv2.INTER_AREA)
+        )
+    assert threads == {"source-door"}
+    assert threading.current_thread().name not in threads
+
+
+def test_raising_transform_gives_none_and_can_be_swapped_at_runtime(
+    video: Path, make_source: Callable[..., FrameSource]
+) -> None:
+    def broken(image: np.ndarray[Any, Any]) -> object:
+        raise RuntimeError("model exploded")
+
+    source = make_source(uri=str(video), realtime=False, loop=True, transform=broken)
+    frames = take(source, 20)
+    assert all(f.prepared is None for f in frames)
+    assert source.stats().transform_errors >= 20
+    assert source.stats().state == "running"
+
+    source.set_transform(lambda image: ("v2", image.shape))
+    # Up to QUEUE_DEPTH frames were prepared by the old transform before the swap.
+    after = take(source, QUEUE_DEPTH + 5)
+    assert after[-1].prepared == ("v2", (480, 640, 3))
+    assert all(f.prepared is None for f in after if f.prepared != ("v2", (480, 640, 3)))
+    assert [f.index for f in frames + after] == list(range(len(frames) + len(after)))
+
+
+def test_missing_file_fails_once_naming_the_path(
+    tmp_path: Path, make_source: Callable[..., FrameSource]
+) -> None:
+    missing = tmp_path / "nope" / "clip.mp4"
+    states = States()
+    source = make_source(uri=str(missing), on_state=states)
+    error = states.wait_for("failed")
+    assert error is not None
+    assert str(missing) in error
+    assert "does not exist" in error
+    assert source.get(timeout=5.0) is None
+    assert source.ended
+    stats = source.stats()
+    assert (stats.state, stats.reconnects, stats.frames_captured) == ("failed", 0, 0)
+    assert states.names() == ["failed"]
+
+
+def test_file_that_is_not_a_video_fails_with_a_hint(
+    tmp_path: Path, make_source: Callable[..., FrameSource]
+) -> None:
+    junk = tmp_path / "notes.mp4"
+    junk.write_bytes(b"this is not a video\n" * 100)
+    states = States()
+    make_source(uri=f"file://{junk}", on_state=states)
+    error = states.wait_for("failed")
+    assert error is not None
+    assert str(junk) in error
+    assert "decode" in error
+
+
+# -- cameras and streams ---------------------------------------------------------------------
+
+
+def test_absent_camera_keeps_retrying_with_a_clear_error_and_stops_promptly(
+    make_source: Callable[..., FrameSource],
+) -> None:
+    assert not Path("/dev/video57").exists()
+    states = States()
+    source = make_source(uri="v4l2:57", reconnect_min_s=30.0, reconnect_max_s=60.0, on_state=states)
+    error = states.wait_for("reconnecting")
+    assert error is not None
+    assert "v4l2:57" in error
+    assert "/dev/video57 does not exist" in error
+    assert "v4l2-ctl --list-devices" in error
+    assert source.get(timeout=0.05) is None
+    assert not source.ended
+    started = time.monotonic()  # the thread now sleeps in a 15-30 s backoff
+    source.stop(timeout=5.0)
+    assert time.monotonic() - started < 2.0
+    assert source.stats().state == "stopped"
+    assert source.ended
+
+
+def test_absent_camera_counts_reconnect_attempts(make_source: Callable[..., FrameSource]) -> None:
+    source = make_source(uri="/dev/video57", reconnect_min_s=0.01, reconnect_max_s=0.05)
+    eventually(lambda: source.stats().reconnects >= 3, what="three reconnect attempts")
+    assert source.stats().state == "reconnecting"
+
+
+def test_mjpeg_camera_reconnects_after_it_goes_away_and_comes_back(
+    jpeg_frames: list[bytes], make_source: Callable[..., FrameSource]
+) -> None:
+    server = MjpegServer(jpeg_frames, fps=30.0).start()
+    try:
+        url = server.url
+        states = States()
+        source = make_source(
+            uri=url,
+            reconnect_min_s=0.1,
+            reconnect_max_s=0.4,
+            open_timeout_s=3.0,
+            read_timeout_s=3.0,
+            on_state=states,
+        )
+        before = take(source, 5)
+        assert all(f.image.shape == (480, 640, 3) for f in before)
+        assert states.names() == ["running"]
+
+        server.stop()
+        error = states.wait_for("reconnecting")
+        assert error is not None
+        assert url in error
+        eventually(lambda: source.stats().reconnects >= 2, what="reconnect attempts")
+        assert source.stats().state == "reconnecting"
+        assert "cannot connect to" in (source.stats().error or "")
+        assert "check the URL, credentials" in (source.stats().error or "")
+
+        marks = len(states.seen)
+        server.start()  # same port
+        assert states.wait_for("running", after=marks) is None
+        after = take(source, 5)
+        assert after[0].index > before[-1].index  # a running counter across reconnects
+        indices = [f.index for f in after]
+        assert indices == sorted(indices)
+        assert source.stats().error is None
+    finally:
+        server.stop()

@@ -1,0 +1,298 @@
+"""The on-disk spool: order, acks, drop-oldest, torn records, restarts (real files, real kill -9)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.atomic import StateFileError
+from agent.spool import HEADER, STATE_FILE, Spool, SpoolError, encode_record
+
+REPO = Path(__file__).resolve().parent.parent
+TOPIC = "edgefleet/v1/dev1/detections/cam"
+
+
+def payload(i: int) -> bytes:
+    return b'{"seq": %d}' % i
+
+
+def fixed_payload(i: int) -> bytes:
+    return b'{"seq": %06d}' % i  # every record the same size
+
+
+def contents(spool: Spool) -> list[bytes]:
+    return [r.payload for r in spool.peek(spool.depth + 1)]
+
+
+def segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob("seg*.log"))
+
+
+def test_spool_keeps_order_topic_and_qos_across_restart(tmp_path: Path) -> None:
+    with Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096) as spool:
+        for i in range(300):
+            spool.append(f"t/{i % 3}", payload(i), qos=i % 2)
+        assert spool.depth == 300
+    assert len(segments(tmp_path)) > 1  # the test crosses segment boundaries
+    with Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096) as again:
+        records = again.peek(1000)
+        assert [(r.topic, r.payload, r.qos) for r in records] == [
+            (f"t/{i % 3}", payload(i), i % 2) for i in range(300)
+        ]
+        assert [r.index for r in records] == sorted(r.index for r in records)
+
+
+def test_spool_peek_skip_reads_past_records_in_flight(tmp_path: Path) -> None:
+    with Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096) as spool:
+        spool.append_many([(TOPIC, payload(i), 1) for i in range(200)])
+        got = spool.peek(5, skip=150)
+        assert [r.payload for r in got] == [payload(i) for i in range(150, 155)]
+        assert spool.peek(10, skip=198) == spool.peek(2, skip=198)
+        assert spool.peek(10, skip=200) == []
+
+
+def test_spool_ack_persists_across_restart(tmp_path: Path) -> None:
+    with Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096) as spool:
+        spool.append_many([(TOPIC, payload(i), 1) for i in range(100)])
+        spool.ack(37)
+        assert spool.depth == 63
+    with Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096) as again:
+        assert contents(again) == [payload(i) for i in range(37, 100)]
+        again.ack(63)
+        assert again.depth == 0
+        assert again.size_bytes == 0
+    with Spool(tmp_path, max_bytes=1 << 20) as empty:
+        assert empty.depth == 0
+        empty.append(TOPIC, b"new")
+        assert contents(empty) == [b"new"]
+
+
+def test_spool_deletes_segments_once_consumed(tmp_path: Path) -> None:
+    with Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096) as spool:
+        spool.append_many([(TOPIC, payload(i), 1) for i in range(400)])
+        before = len(segments(tmp_path))
+        assert before > 3
+        spool.ack(200)
+        assert 0 < len(segments(tmp_path)) < before
+        spool.ack(200)
+        assert segments(tmp_path) == []
+
+
+def test_spool_ack_more_than_pending_is_refused(tmp_path: Path) -> None:
+    with Spool(tmp_path, max_bytes=1 << 20) as spool:
+        spool.append(TOPIC, b"x")
+        with pytest.raises(ValueError, match="1 pending"):
+            spool.ack(2)
+
+
+def test_spool_drops_oldest_when_full_with_exact_count(tmp_path: Path) -> None:
+    size = len(encode_record(TOPIC, fixed_payload(0), 1))
+    with Spool(tmp_path, max_bytes=10 * size, segment_bytes=4 * size) as spool:
+        for i in range(25):
+            spool.append(TOPIC, fixed_payload(i))
+        assert spool.depth == 10
+        assert spool.dropped == 15
+        assert spool.size_bytes == 10 * size
+        assert contents(spool) == [fixed_payload(i) for i in range(15, 25)]
+    with Spool(tmp_path, max_bytes=10 * size, segment_bytes=4 * size) as again:
+        assert again.dropped == 15
+        assert contents(again) == [fixed_payload(i) for i in range(15, 25)]
+        again.append(TOPIC, fixed_payload(25))
+        assert again.dropped == 16
+        assert contents(again)[0] == fixed_payload(16)
+
+
+def test_spool_drops_a_record_larger_than_the_whole_spool(tmp_path: Path) -> None:
+    with Spool(tmp_path, max_bytes=4096) as spool:
+        spool.append(TOPIC, b"small")
+        spool.append(TOPIC, b"x" * 5000)
+        assert contents(spool) == [b"small"]
+        assert spool.dropped == 1
+
+
+def test_spool_ack_through_stays_correct_after_drops(tmp_path: Path) -> None:
+    size = len(encode_record(TOPIC, fixed_payload(0), 1))
+    with Spool(tmp_path, max_bytes=5 * size) as spool:
+        for i in range(5):
+            spool.append(TOPIC, fixed_payload(i))
+        in_flight = spool.peek(3)  # handed to the broker
+        for i in range(5, 7):
+            spool.append(TOPIC, fixed_payload(i))  # drops records 0 and 1
+        assert spool.dropped == 2
+        assert spool.ack_through(in_flight[-1].index) == 1  # only record 2 was still pending
+        assert contents(spool) == [fixed_payload(i) for i in range(3, 7)]
+
+
+def test_spool_ignores_torn_tail_record_and_keeps_appending(tmp_path: Path) -> None:
+    with Spool(tmp_path, max_bytes=1 << 20) as spool:
+        for i in range(5):
+            spool.append(TOPIC, payload(i))
+    (seg,) = segments(tmp_path)
+    data = seg.read_bytes()
+    seg.write_bytes(data[:-3])  # power loss in the middle of the last record
+    with Spool(tmp_path, max_bytes=1 << 20) as again:
+        assert contents(again) == [payload(i) for i in range(4)]
+        again.append(TOPIC, payload(99))
+    with Spool(tmp_path, max_bytes=1 << 20) as third:
+        assert contents(third) == [*(payload(i) for i in range(4)), payload(99)]
+
+
+def test_spool_skips_record_with_bad_crc(tmp_path: Path) -> None:
+    with Spool(tmp_path, max_bytes=1 << 20) as spool:
+        for i in range(3):
+            spool.append(TOPIC, payload(i))
+    (seg,) = segments(tmp_path)
+    data = bytearray(seg.read_bytes())
+    data[-2] ^= 0xFF  # flip a bit inside the last payload
+    seg.write_bytes(bytes(data))
+    with Spool(tmp_path, max_bytes=1 << 20) as again:
+        assert contents(again) == [payload(0), payload(1)]
+
+
+def test_spool_removes_segment_cut_before_its_header(tmp_path: Path) -> None:
+    with Spool(tmp_path, max_bytes=1 << 20) as spool:
+        spool.append(TOPIC, payload(0))
+    (tmp_path / "seg+00000000000000000099.log").write_bytes(HEADER[:3])
+    with Spool(tmp_path, max_bytes=1 << 20) as again:
+        assert contents(again) == [payload(0)]
+    assert len(segments(tmp_path)) == 1
+
+
+def test_spool_refuses_a_foreign_segment_file(tmp_path: Path) -> None:
+    (tmp_path / "seg+00000000000000000001.log").write_bytes(b"NOTASPOOL" + b"\x00" * 20)
+    with pytest.raises(SpoolError, match="not an edgefleet spool segment"):
+        Spool(tmp_path, max_bytes=1 << 20)
+
+
+def test_spool_refuses_unknown_state_schema(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).write_text(json.dumps({"schema": 9, "head_segment": 1}))
+    with pytest.raises(StateFileError, match="delete it"):
+        Spool(tmp_path, max_bytes=1 << 20)
+
+
+def test_spool_prepend_puts_records_in_front_durably(tmp_path: Path) -> None:
+    with Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096) as spool:
+        spool.append_many([(TOPIC, payload(i), 1) for i in range(10, 20)])
+        spool.ack(2)  # the head segment has a consumed prefix
+        spool.prepend([(TOPIC, payload(i), 1) for i in range(5, 10)])
+        assert contents(spool) == [payload(i) for i in range(5, 10)] + [
+            payload(i) for i in range(12, 20)
+        ]
+        spool.append(TOPIC, payload(20))
+    with Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096) as again:
+        assert contents(again) == [payload(i) for i in (*range(5, 10), *range(12, 21))]
+
+
+def test_spool_prepend_into_empty_spool(tmp_path: Path) -> None:
+    with Spool(tmp_path, max_bytes=1 << 20) as spool:
+        spool.prepend([(TOPIC, payload(i), 1) for i in range(3)])
+    with Spool(tmp_path, max_bytes=1 << 20) as again:
+        assert contents(again) == [payload(i) for i in range(3)]
+
+
+def test_spool_survives_kill_9_without_sync(tmp_path: Path) -> None:
+    """A process crash loses nothing: every append is in the page cache when it returns."""
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from agent.spool import Spool\n"
+        "s = Spool(Path(sys.argv[1]), max_bytes=1 << 20, sync_interval_s=3600)\n"
+        "for i in range(500):\n"
+        "    s.append('t', b'%d' % i)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=REPO, timeout=60, check=False
+    )
+    assert proc.returncode == -9
+    with Spool(tmp_path, max_bytes=1 << 20) as again:
+        assert contents(again) == [b"%d" % i for i in range(500)]
+
+
+def test_spool_sync_if_due_respects_the_interval(tmp_path: Path) -> None:
+    now = [0.0]
+    with Spool(tmp_path, max_bytes=1 << 20, sync_interval_s=1.0, clock=lambda: now[0]) as spool:
+        spool.append(TOPIC, b"a")
+        assert spool.sync_if_due() is False
+        now[0] = 1.5
+        assert spool.sync_if_due() is True
+        assert spool.sync_if_due() is False  # nothing changed since
+        spool.ack(1)
+        now[0] = 3.0
+        assert spool.sync_if_due() is True
+        assert json.loads((tmp_path / STATE_FILE).read_text())["schema"] == 1
+
+
+def test_spool_closed_refuses_use(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    spool.close()
+    spool.close()  # idempotent
+    with pytest.raises(SpoolError, match="closed"):
+        spool.append(TOPIC, b"x")
+
+
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(0, 40)),
+        st.tuples(st.just("ack"), st.integers(0, 30)),
+        st.tuples(st.just("prepend"), st.integers(1, 5)),
+        st.tuples(st.just("reopen"), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_ops)
+def test_spool_matches_a_bounded_fifo_model(ops: list[tuple[str, int]]) -> None:
+    size = len(encode_record(TOPIC, fixed_payload(0), 1))
+    capacity = 30
+    model: deque[bytes] = deque()
+    dropped = 0
+    counter = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+
+        def open_spool() -> Spool:
+            return Spool(directory, max_bytes=capacity * size, segment_bytes=7 * size)
+
+        spool = open_spool()
+        try:
+            for op, n in ops:
+                if op == "append":
+                    items = [(TOPIC, fixed_payload(counter + i), 1) for i in range(n)]
+                    counter += n
+                    spool.append_many(items)
+                    for _, p, _ in items:
+                        if len(model) == capacity:
+                            model.popleft()
+                            dropped += 1
+                        model.append(p)
+                elif op == "ack":
+                    k = min(n, len(model))
+                    spool.ack(k)
+                    for _ in range(k):
+                        model.popleft()
+                elif op == "prepend":
+                    items = [(TOPIC, fixed_payload(900000 + counter + i), 1) for i in range(n)]
+                    counter += n
+                    spool.prepend(items)
+                    fit = min(n, capacity - len(model))
+                    dropped += n - fit
+                    model.extendleft(reversed([p for _, p, _ in items][n - fit :]))
+                else:
+                    spool.close()
+                    spool = open_spool()
+                assert contents(spool) == list(model)
+                assert spool.dropped == dropped
+                assert spool.size_bytes == len(model) * size
+        finally:
+            spool.close()
