@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help demo test install-dev install-runtime mosquitto lint typecheck pytest schemas bench clean
+.PHONY: help demo test install-dev install-runtime mosquitto promtool lint typecheck pytest schemas bench clean
 
 help:
 	@echo "make demo    - set up .venv and run the demo (agent + controller on the shipped model and video)"
@@ -41,6 +41,14 @@ mosquitto:
 		echo "Installing Mosquitto (Debian package): the embedded broker and the tests use it"; \
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; }
 
+# promtool (Debian package prometheus) checks packaging/prometheus/alerts.yml in the tests.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+		echo "Installing promtool (Debian package prometheus, without its recommends)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends prometheus \
+		|| echo "promtool could not be installed; the alert-rule checks will say so"; }
+
 demo: $(VENV)/.runtime mosquitto
 	$(PY) -m controller.demo
 
@@ -51,10 +59,10 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy protocol agent controller tests bench
 
-pytest: install-dev mosquitto
+pytest: install-dev mosquitto promtool
 	PATH="$$PATH:/usr/sbin" $(VENV)/bin/pytest $(PYTEST_ARGS)
 
-test: install-dev mosquitto lint typecheck pytest
+test: install-dev mosquitto promtool lint typecheck pytest
 
 schemas: $(VENV)/.runtime
 	$(PY) -m protocol docs/protocol

@@ -102,12 +102,33 @@ def test_agent_replays_spool_after_broker_outage_exactly_once_in_order(
         if proc.poll() is None:
             proc.kill()
     sub.close()
-    seqs = [decode(m.payload, Detections).seq for m in sub.messages]
-    assert len(seqs) == len(set(seqs)), "a seq arrived twice"
-    assert seqs == sorted(seqs), "out of order"
+    delivered, redelivered = _consume_by_seq(sub.messages)
+    seqs = [d.seq for d in delivered]
     assert seqs == list(range(seqs[0], seqs[-1] + 1)), (
         f"gaps: {sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))[:20]}"
     )
+    # QoS 1 is at-least-once: a PUBACK lost when the broker went down makes the agent send
+    # that message again. Such a redelivery is byte-identical (never renumbered) and bounded
+    # by the in-flight window; the documented consumer rule (drop a seq already seen) then
+    # yields every seq exactly once, in order.
+    assert len(redelivered) <= 100, f"{len(redelivered)} redeliveries: more than one window"
+
+
+def _consume_by_seq(messages: list[Received]) -> tuple[list[Detections], list[Detections]]:
+    """What a protocol consumer keeps (docs/protocol.md: drop a seq already seen)."""
+    kept: list[Detections] = []
+    again: list[Detections] = []
+    payloads: dict[int, bytes] = {}
+    for m in messages:
+        d = decode(m.payload, Detections)
+        if d.seq in payloads:
+            assert payloads[d.seq] == m.payload, f"seq {d.seq} arrived twice with other content"
+            again.append(d)
+            continue
+        assert not kept or d.seq > kept[-1].seq, f"seq {d.seq} arrived after {kept[-1].seq}"
+        payloads[d.seq] = m.payload
+        kept.append(d)
+    return kept, again
 
 
 def _dir_bytes(path: Path) -> int:

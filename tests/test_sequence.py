@@ -138,3 +138,23 @@ def test_atomic_json_round_trip_carries_schema(tmp_path: Path) -> None:
     assert read_json_state(path, schema=3, what="test state", fix="fix it") == {"schema": 3, "a": 1}
     with pytest.raises(StateFileError, match="fix it"):
         read_json_state(path, schema=4, what="test state", fix="fix it")
+
+
+def test_sequence_close_lets_a_clean_restart_continue_without_a_gap(tmp_path: Path) -> None:
+    path = tmp_path / "seq.json"
+    first = SequenceCounter(path, block=1000)
+    assert [first.next() for _ in range(5)] == [1, 2, 3, 4, 5]
+    first.close()
+    assert SequenceCounter(path, block=1000).peek() == 6
+
+
+def test_sequence_number_taken_after_close_is_never_repeated_by_the_next_start(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "seq.json"
+    first = SequenceCounter(path, block=1000)
+    first.next()
+    first.close()
+    late = first.next()  # e.g. a last frame published while shutting down
+    assert late == 2
+    assert SequenceCounter(path, block=1000).next() > late
