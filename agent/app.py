@@ -1,12 +1,14 @@
 """Composition root of the agent daemon: the only place that builds objects.
 
-Config → sequence counter, spool, publisher → per stream: detector + camera source +
-inference pipeline → telemetry loop, metrics endpoint, signal handling.
+Config → sequence counter, spool, publisher → OTA manager (restart recovery picks each
+stream's model) → per stream: detector + camera source + inference pipeline → desired-state
+subscription, telemetry loop, metrics endpoint, signal handling.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -15,13 +17,22 @@ from pathlib import Path
 from types import FrameType
 
 from agent import __version__
+from agent.backends import model_family
 from agent.config import LoadedConfig, StreamConfig, resolve_model
-from agent.detector import Detector, load_detector
+from agent.detector import Detector, load_detector, read_manifest
+from agent.drift import StreamDrift
 from agent.errors import AgentError
 from agent.facts import collect_facts
+from agent.homeassistant import discovery_messages
 from agent.metrics import AgentMetrics, StreamMetrics, serve_metrics
-from agent.pipeline import StreamPipeline
+from agent.ota import OtaError
+from agent.ota.health import HealthRecorder
+from agent.ota.manager import FAULT_ENV, OtaManager, build_services, fault_hook_from_env
+from agent.ota.services import StreamIO
+from agent.ota.store import ModelStore
+from agent.pipeline import ObserverGroup, StreamPipeline
 from agent.publisher import Publisher
+from agent.sdnotify import Notifier, ProgressWatchdog, ReadinessGate
 from agent.sequence import SequenceCounter
 from agent.sources import FrameSource
 from agent.spool import Spool
@@ -34,6 +45,7 @@ from protocol import (
     StreamStatus,
     StreamTelemetry,
     Telemetry,
+    desired_topic,
     encode,
 )
 from protocol.messages import DeviceState, SourceState
@@ -66,10 +78,12 @@ def _source_uri(loaded: LoadedConfig, source: str) -> str:
 class StreamHandle:
     """One configured stream and everything running for it."""
 
-    def __init__(self, config: StreamConfig) -> None:
+    def __init__(self, config: StreamConfig, *, drift: StreamDrift) -> None:
         self.config = config
         self.name = config.name
         self.stats = StreamStats()
+        self.health = HealthRecorder()
+        self.drift = drift
         self.detector: Detector | None = None
         self.source: FrameSource | None = None
         self.pipeline: StreamPipeline | None = None
@@ -104,6 +118,7 @@ class StreamHandle:
             latency_ms_p95=snap.latency_ms_p95,
             errors=snap.errors,
             reconnects=src.reconnects if src else 0,
+            score_psi=self.drift.psi(),
         )
 
     def metrics(self) -> StreamMetrics:
@@ -126,7 +141,14 @@ class StreamHandle:
             last_progress_age_s=time.monotonic() - snap.last_progress
             if snap.last_progress
             else None,
+            score_psi=self.drift.psi(),
         )
+
+    def last_progress(self) -> float | None:
+        """Monotonic time of the last finished inference while the source runs, else None."""
+        if self.state != "running" or self.pipeline is None:
+            return None
+        return self.stats.snapshot().last_progress or None
 
 
 class AgentApp:
@@ -140,11 +162,28 @@ class AgentApp:
         self._facts = collect_facts()
         self._stop = threading.Event()
         self._status_lock = threading.Lock()
-        self.streams = [StreamHandle(s) for s in self._config.streams if s.enabled]
         self.state_dir = loaded.resolve(self._config.state_dir)
+        drift = self._config.drift
+        self.streams = [
+            StreamHandle(
+                s,
+                drift=StreamDrift(
+                    baseline_path=self.state_dir / "drift" / f"{s.name}.json",
+                    window=drift.window,
+                    baseline_size=drift.baseline_size,
+                ),
+            )
+            for s in self._config.streams
+            if s.enabled
+        ]
+        self._notifier = Notifier.from_env()
+        self._ready = ReadinessGate([h.name for h in self.streams], on_ready=self._on_ready)
+        self._watchdog: ProgressWatchdog | None = None
+        self._seq: SequenceCounter | None = None
         self._publisher: Publisher | None = None
         self._telemetry: TelemetryLoop | None = None
         self._stop_metrics: Callable[[], None] | None = None
+        self._ota: OtaManager | None = None
 
     # --- messages ------------------------------------------------------------------------
 
@@ -209,6 +248,9 @@ class AgentApp:
             previous = handle.state
             handle.state = state  # type: ignore[assignment]
             handle.error = error
+            if state in ("failed", "ended", "reconnecting"):
+                # systemd readiness: a camera that is not there does not hold up the others.
+                self._ready.stream_failed(handle.name)
             if state in ("failed", "reconnecting") and previous != state:
                 log.warning("stream %s: source %s: %s", handle.name, state, error)
                 self._event(
@@ -224,19 +266,92 @@ class AgentApp:
 
         return changed
 
-    def _start_stream(self, handle: StreamHandle, next_seq: Callable[[], int]) -> None:
+    def _baseline_manifest(self, cfg: StreamConfig) -> Path:
+        return resolve_model(
+            cfg.model, self._loaded.path.parent if self._loaded.path else Path.cwd()
+        )
+
+    def _load_model(self, cfg: StreamConfig, manifest: Path) -> Detector:
+        """Load a model for stream ``cfg``; its ``backend`` applies when it runs that format."""
+        backend = cfg.backend
+        if backend is not None:
+            runtime = read_manifest(manifest).runtime
+            if model_family(backend) != model_family(runtime):
+                backend = None  # an OTA model of another format runs on its own runtime
+        return load_detector(
+            manifest, backend=backend, threads=cfg.threads, min_score=cfg.min_score
+        )
+
+    def _swap(self, handle: StreamHandle, detector: Detector) -> Detector:
+        if handle.pipeline is None:
+            raise OtaError(
+                "stream_not_running",
+                f"stream {handle.name} is not running ({handle.error}); fix it and restart the "
+                "agent before deploying a model to it",
+            )
+        old = handle.pipeline.swap_detector(detector)
+        handle.detector = detector
+        log.info("stream %s: now running %s (was %s)", handle.name, detector.ref, old.ref)
+        return old
+
+    def _stream_io(self, handle: StreamHandle) -> StreamIO:
+        baseline = self._baseline_manifest(handle.config)
+        try:
+            baseline_ref: str | None = read_manifest(baseline).ref
+        except AgentError:
+            baseline_ref = None
+        return StreamIO(
+            name=handle.name,
+            baseline_manifest=baseline,
+            baseline_ref=baseline_ref,
+            load=lambda path: self._load_model(handle.config, path),
+            swap=lambda detector: self._swap(handle, detector),
+            active=lambda: handle.model,
+            health=handle.health,
+        )
+
+    def _build_ota(self) -> OtaManager:
+        assert self._publisher is not None
+        cfg = self._config
+        store = ModelStore(self.state_dir / "models")
+        services = build_services(
+            cfg.ota,
+            ota_dir=self.state_dir / "ota",
+            store=store,
+            key_paths=[self._loaded.resolve(k) for k in cfg.ota.trusted_keys],
+            runtimes={r for r in str(self._facts.get("runtimes") or "").split(",") if r},
+            fault=fault_hook_from_env(os.environ.get(FAULT_ENV)),
+        )
+        return OtaManager(
+            device_id=cfg.device_id,
+            services=services,
+            streams=[self._stream_io(h) for h in self.streams],
+            publish_reported=self._publisher.publish_reported,
+            publish_event=self._publisher.publish_event,
+            on_change=self.publish_status,
+            enabled=cfg.ota.enabled,
+            clock=self._clock,
+        )
+
+    def _start_stream(
+        self, handle: StreamHandle, next_seq: Callable[[], int], installed: Path | None = None
+    ) -> None:
         assert self._publisher is not None
         cfg = handle.config
-        base = self._loaded.path.parent if self._loaded.path else Path.cwd()
+        handle.detector = None
+        if installed is not None:
+            try:
+                handle.detector = self._load_model(cfg, installed)
+            except AgentError as err:
+                log.error("stream %s: installed model: %s; using the baseline", handle.name, err)
+                if self._ota is not None:
+                    self._ota.startup_failed(handle.name, err)
         try:
-            handle.detector = load_detector(
-                resolve_model(cfg.model, base),
-                backend=cfg.backend,
-                threads=cfg.threads,
-                min_score=cfg.min_score,
-            )
+            if handle.detector is None:
+                handle.detector = self._load_model(cfg, self._baseline_manifest(cfg))
         except AgentError as err:
             handle.state, handle.error = "failed", str(err)
+            self._ready.stream_failed(handle.name)
             log.error("stream %s: %s", handle.name, err)
             self._event("model.load_failed", "error", str(err), handle.name)
             return
@@ -257,6 +372,7 @@ class AgentApp:
             publish=self._publisher.publish_detections,
             next_seq=next_seq,
             stats=handle.stats,
+            observer=ObserverGroup(handle.health, handle.drift, self._ready.observer(handle.name)),
         )
         handle.pipeline.start()
         handle.source.start()
@@ -272,7 +388,7 @@ class AgentApp:
         cfg = self._config
         tune_process()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        seq = SequenceCounter(self.state_dir / "seq.json")
+        seq = self._seq = SequenceCounter(self.state_dir / "seq.json")
         spool = Spool(self.state_dir / "spool", max_bytes=cfg.spool.max_bytes)
         self._publisher = Publisher(
             device_id=cfg.device_id,
@@ -282,9 +398,19 @@ class AgentApp:
             tls_resolver=self._loaded.resolve,
         )
         self._publisher.start()
+        if cfg.homeassistant.enabled:
+            self._announce_to_home_assistant()
+        self._ota = self._build_ota()
+        installed = self._ota.recover()
         for handle in self.streams:
-            self._start_stream(handle, seq.next)
+            self._start_stream(handle, seq.next, installed.get(handle.name))
         self.publish_status()
+        self._ota.start()
+        if self._ota.enabled:
+            ota = self._ota
+            self._publisher.subscribe(
+                desired_topic(cfg.device_id), lambda message: ota.handle_desired(message.payload)
+            )
         self._telemetry = TelemetryLoop(
             interval_s=cfg.telemetry.interval_s,
             make=self._telemetry_message,
@@ -300,6 +426,41 @@ class AgentApp:
                 port=cfg.metrics.port,
             )
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.bind, cfg.metrics.port)
+        interval = self._notifier.watchdog_interval_s
+        if interval is not None:
+            self._watchdog = ProgressWatchdog(
+                self._notifier,
+                interval_s=interval,
+                stall_s=cfg.watchdog.stall_s,
+                progress=self._progress,
+            )
+            self._watchdog.start()
+
+    def _announce_to_home_assistant(self) -> None:
+        assert self._publisher is not None
+        ha = self._config.homeassistant
+        for message in discovery_messages(
+            device_id=self._config.device_id,
+            streams=[h.name for h in self.streams],
+            agent_version=__version__,
+            off_delay_s=ha.off_delay_s,
+            prefix=ha.prefix,
+        ):
+            self._publisher.publish_retained(message.topic, message.payload)
+        log.info("announced %d streams to Home Assistant (%s/…)", len(self.streams), ha.prefix)
+
+    def _progress(self) -> list[float]:
+        """Last inference time of every stream whose source runs (for the systemd watchdog)."""
+        return [t for h in self.streams if (t := h.last_progress()) is not None]
+
+    def _on_ready(self) -> None:
+        failed = [h.name for h in self.streams if h.state in ("failed", "ended", "reconnecting")]
+        running = len(self.streams) - len(failed)
+        text = f"{running} of {len(self.streams)} streams running"
+        if failed:
+            text += f"; failed: {', '.join(failed)}"
+        log.info("ready: %s", text)
+        self._notifier.ready(text)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -314,6 +475,9 @@ class AgentApp:
 
     def shutdown(self) -> None:
         deadline = time.monotonic() + SHUTDOWN_BUDGET_S
+        self._notifier.stopping()
+        if self._watchdog is not None:
+            self._watchdog.stop()
         pub = self._publisher
         if pub is not None:
             with self._status_lock:
@@ -321,6 +485,8 @@ class AgentApp:
             # Subscribers see `stopping` before the final `offline` replaces it.
             pub.flush_retained(timeout=0.5)
         self._stop.set()
+        if self._ota is not None:
+            self._ota.stop(timeout=0.5)
         for h in self.streams:
             if h.source is not None:
                 h.source.stop(timeout=1.0)
@@ -330,6 +496,8 @@ class AgentApp:
             h.state = "stopped"
             if h.detector is not None:
                 h.detector.close()
+        if self._seq is not None:
+            self._seq.close()
         if self._telemetry is not None:
             self._telemetry.stop()
         if self._stop_metrics is not None:

@@ -77,6 +77,7 @@ def check_config(ctx: click.Context, config_path: Path) -> None:
     """Validate a config file and the models it names; exit 2 on the first problem."""
     from agent.config import load_config, resolve_model
     from agent.detector import load_detector
+    from agent.ota.bundle import key_id, load_trusted_keys
 
     try:
         loaded = load_config(config_path)
@@ -87,6 +88,14 @@ def check_config(ctx: click.Context, config_path: Path) -> None:
                 f"stream {s.name}: {detector.ref} via {detector.backend_name}, source {s.source}"
             )
             detector.close()
+        ota = loaded.config.ota
+        keys = load_trusted_keys([loaded.resolve(k) for k in ota.trusted_keys])
+        if not ota.enabled:
+            click.echo("ota: disabled (the desired state is ignored)")
+        elif keys:
+            click.echo(f"ota: trusted keys {', '.join(key_id(k) for k in keys)}")
+        else:
+            click.secho("ota: no trusted_keys: every model update will be refused", fg="yellow")
     except AgentError as err:
         _fail(err, ctx.obj["verbose"])
     click.secho(f"{config_path}: OK", fg="green")

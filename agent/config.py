@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -77,6 +78,69 @@ class MetricsConfig(_Section, frozen=True, kw_only=True):
     port: int = 9108
 
 
+class DriftConfig(_Section, frozen=True, kw_only=True):
+    """Per-stream drift KPI: PSI of the detection scores against the active model's baseline."""
+
+    baseline_size: int = 1000
+    """Detections the active model's baseline histogram is learned from (kept in the state
+    dir, so a restart with the same model keeps its baseline)."""
+    window: int = 500
+    """Most recent detections compared with the baseline (``score_psi`` in telemetry)."""
+
+
+class WatchdogConfig(_Section, frozen=True, kw_only=True):
+    """systemd watchdog (``WatchdogSec=`` in the unit); inactive outside systemd."""
+
+    stall_s: float = 20.0
+    """A running stream whose last finished inference is older than this withholds the
+    watchdog ping, so systemd restarts a stuck detector. Keep it above the slowest stream's
+    frame interval (``fps`` cap) and below the unit's ``WatchdogSec``."""
+
+
+class HomeAssistantConfig(_Section, frozen=True, kw_only=True):
+    """Home Assistant MQTT discovery (opt-in): an object-count sensor and a "detected"
+    binary sensor per stream, with availability from the status topic."""
+
+    enabled: bool = False
+    prefix: str = "homeassistant"
+    """Home Assistant's discovery prefix."""
+    off_delay_s: int = 5
+    """The binary sensor turns off this long after the last frame with detections
+    (0 = only a frame without detections turns it off)."""
+
+
+class OtaConfig(_Section, frozen=True, kw_only=True):
+    """Over-the-air model updates (docs/ota.md): desired state from the controller."""
+
+    enabled: bool = True
+    """Act on the controller's desired state; false = ignore it and run the config's models."""
+    trusted_keys: list[str] = msgspec.field(default_factory=list)
+    """ed25519 public keys (PEM, ``signing.pub``) a bundle must be signed with; relative paths
+    are resolved against the config file. Empty: every desired model is refused
+    (reason ``no_trusted_keys``)."""
+    probation_s: float = 60.0
+    """How long a new model is watched after the swap before it is committed."""
+    latency_factor: float = 2.0
+    """Probation fails (``probation_latency``) when the new model's inference p95 exceeds this
+    many times the old model's (baselines under 1 ms count as 1 ms)."""
+    fps_factor: float = 0.5
+    """Probation fails (``probation_fps``) when frames/s fall below this share of the old
+    model's."""
+    detection_rate_factor: float = 0.5
+    """Probation fails (``probation_detection_rate``) when the share of frames with a detection
+    falls below this share of the old model's (checked when the old model detected something)."""
+    psi_limit: float = 0.5
+    """Probation fails (``probation_score_drift``) when the PSI of the detection scores against
+    the old model's exceeds this (0.25 is a significant shift; a new model may move its scores
+    somewhat, hence the default). Checked once both have at least 50 detections."""
+    max_errors: int = 0
+    """Probation fails (``probation_errors``) as soon as the new model has more inference errors."""
+    download_retries: int = 5
+    """Consecutive download attempts without progress before ``download_failed``."""
+    golden_latency_runs: int = 10
+    """Invokes timed for the manifest's latency budget during staging."""
+
+
 class StreamConfig(_Section, frozen=True, kw_only=True):
     name: str
     source: str
@@ -111,6 +175,10 @@ class AgentConfig(_Section, frozen=True, kw_only=True):
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    ota: OtaConfig = msgspec.field(default_factory=OtaConfig)
+    drift: DriftConfig = msgspec.field(default_factory=DriftConfig)
+    watchdog: WatchdogConfig = msgspec.field(default_factory=WatchdogConfig)
+    homeassistant: HomeAssistantConfig = msgspec.field(default_factory=HomeAssistantConfig)
     streams: list[StreamConfig]
 
 
@@ -235,6 +303,18 @@ def _check(config: AgentConfig, source: str) -> None:  # noqa: PLR0912 - one fla
         fail("telemetry.interval_s must be > 0")
     if not 0 < config.metrics.port < 65536:
         fail("metrics.port must be in 1-65535")
+    _check_ota(config.ota, fail)
+    if config.drift.baseline_size < 10 or config.drift.window < 10:
+        fail("drift.baseline_size and drift.window must be at least 10 detections")
+    if config.watchdog.stall_s <= 0:
+        fail("watchdog.stall_s must be > 0")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*", config.homeassistant.prefix):
+        fail(
+            f"homeassistant.prefix {config.homeassistant.prefix!r} must be a plain topic "
+            "prefix (letters, digits, _ - and /), e.g. homeassistant"
+        )
+    if config.homeassistant.off_delay_s < 0:
+        fail("homeassistant.off_delay_s must be >= 0")
     for s in config.streams:
         where = f"streams[{s.name}]"
         if s.threads < 1:
@@ -245,6 +325,24 @@ def _check(config: AgentConfig, source: str) -> None:  # noqa: PLR0912 - one fla
             fail(f"{where}.min_score must be in 0..1")
         if not 0 < s.reconnect_min_s <= s.reconnect_max_s:
             fail(f"{where}: need 0 < reconnect_min_s <= reconnect_max_s")
+
+
+def _check_ota(ota: OtaConfig, fail: Callable[[str], None]) -> None:
+    if ota.probation_s < 0:
+        fail("ota.probation_s must be >= 0 (0 = commit right after the swap)")
+    if ota.latency_factor < 1:
+        fail("ota.latency_factor must be >= 1 (2 = the new model may be twice as slow)")
+    for name in ("fps_factor", "detection_rate_factor"):
+        if not 0 <= getattr(ota, name) <= 1:
+            fail(f"ota.{name} must be in 0..1 (0 disables the check)")
+    if ota.psi_limit <= 0:
+        fail("ota.psi_limit must be > 0 (0.25 is a significant shift)")
+    if ota.max_errors < 0:
+        fail("ota.max_errors must be >= 0")
+    if ota.download_retries < 0:
+        fail("ota.download_retries must be >= 0")
+    if ota.golden_latency_runs < 1:
+        fail("ota.golden_latency_runs must be >= 1")
 
 
 def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
@@ -269,6 +367,12 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
         value = getattr(config.broker, name)
         if value is not None and not loaded.resolve(value).is_file():
             raise ConfigError(f"{p}: broker.{name} {loaded.resolve(value)} does not exist")
+    for key in config.ota.trusted_keys:
+        if not loaded.resolve(key).is_file():
+            raise ConfigError(
+                f"{p}: ota.trusted_keys: {loaded.resolve(key)} does not exist; copy the "
+                "controller's signing.pub there or fix the path"
+            )
     for s in config.streams:
         model = resolve_model(s.model, p.parent.resolve())
         if not model.is_file():

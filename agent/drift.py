@@ -14,12 +14,17 @@ significant shift of the score distribution: the scene or the model changed.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
+from agent.atomic import StateFileError, atomic_write_json, read_json_state
 from agent.errors import AgentError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BINS = 10
 SIGNIFICANT_PSI = 0.25
@@ -202,3 +207,87 @@ class DriftMonitor:
         if sum(expected) == 0:
             return None
         return psi(expected, actual)
+
+
+BASELINE_SCHEMA = 1
+
+
+class StreamDrift:
+    """The drift KPI of one stream, as a pipeline frame observer.
+
+    Follows the active model: when frames come from another ``name@version`` the monitor
+    starts over with that model's baseline — the one stored in ``baseline_path`` for it, or a
+    new one learned from its first ``baseline_size`` detections and then stored (temp file +
+    fsync + rename, by the inference thread once per learned baseline). A restart with the
+    same model therefore keeps comparing against the same baseline.
+    """
+
+    def __init__(self, *, baseline_path: Path, window: int, baseline_size: int) -> None:
+        self._path = baseline_path
+        self._window = window
+        self._baseline_size = baseline_size
+        self._model: str | None = None
+        self._stored = False
+        self._monitor = DriftMonitor(window=window, baseline_size=baseline_size)
+
+    # -- FrameObserver (inference thread) ------------------------------------------------
+
+    def frame(self, model: str, infer_ms: float, scores: Sequence[float]) -> None:
+        if model != self._model:
+            self._switch(model)
+        self._monitor.observe(scores)
+        if not self._stored:
+            counts = self._monitor.baseline_counts
+            if counts is not None:
+                self._store(model, counts)
+
+    def error(self, model: str) -> None:
+        pass
+
+    # -- readers -------------------------------------------------------------------------
+
+    def psi(self) -> float | None:
+        value = self._monitor.psi()
+        return None if value is None else round(value, 4)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _switch(self, model: str) -> None:
+        self._model = model
+        baseline = self._load(model)
+        self._stored = baseline is not None
+        self._monitor.reset(baseline)
+
+    def _load(self, model: str) -> tuple[int, ...] | None:
+        try:
+            raw = read_json_state(
+                self._path,
+                schema=BASELINE_SCHEMA,
+                what="drift baseline",
+                fix=f"delete {self._path}; the agent learns a new baseline",
+            )
+        except StateFileError as err:
+            log.warning("%s; learning a new baseline", err)
+            return None
+        if raw is None or raw.get("model") != model:
+            return None
+        counts = raw.get("counts")
+        if (
+            not isinstance(counts, list)
+            or len(counts) != self._monitor.bins
+            or not all(isinstance(c, int) and c >= 0 for c in counts)
+            or sum(counts) == 0
+        ):
+            log.warning("drift baseline %s is malformed; learning a new one", self._path)
+            return None
+        return tuple(counts)
+
+    def _store(self, model: str, counts: tuple[int, ...]) -> None:
+        self._stored = True
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(
+                self._path, schema=BASELINE_SCHEMA, data={"model": model, "counts": list(counts)}
+            )
+        except OSError as err:
+            log.warning("cannot store the drift baseline in %s: %s", self._path, err)

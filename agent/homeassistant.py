@@ -47,8 +47,15 @@ def _object_id(device_id: str, stream: str, suffix: str) -> str:
     return f"edgefleet_{_slug(device_id)}_{_slug(stream)}_{suffix}"
 
 
-def discovery_topic(component: str, object_id: str, *, prefix: str = DISCOVERY_PREFIX) -> str:
-    return f"{prefix}/{component}/{object_id}/config"
+def discovery_topic(
+    component: str, device_id: str, stream: str, suffix: str, *, prefix: str = DISCOVERY_PREFIX
+) -> str:
+    """``{prefix}/{component}/{device_id}/{stream}_{suffix}/config``.
+
+    The device id is Home Assistant's optional ``node_id`` level, so a broker ACL can let each
+    device write only its own discovery topics (``pattern write homeassistant/+/%u/+/config``).
+    """
+    return f"{prefix}/{component}/{device_id}/{stream}_{suffix}/config"
 
 
 def _common(
@@ -174,12 +181,13 @@ def discovery_messages(
         )
         messages.append(
             DiscoveryMessage(
-                discovery_topic("sensor", count["unique_id"], prefix=prefix), _encode(count)
+                discovery_topic("sensor", device_id, stream, "count", prefix=prefix),
+                _encode(count),
             )
         )
         messages.append(
             DiscoveryMessage(
-                discovery_topic("binary_sensor", detected["unique_id"], prefix=prefix),
+                discovery_topic("binary_sensor", device_id, stream, "detected", prefix=prefix),
                 _encode(detected),
             )
         )
@@ -195,8 +203,9 @@ def removal_messages(
     for stream in streams:
         detections_topic(device_id, stream)  # validates the stream name
         for component, suffix in (("sensor", "count"), ("binary_sensor", "detected")):
-            object_id = _object_id(device_id, stream, suffix)
             messages.append(
-                DiscoveryMessage(discovery_topic(component, object_id, prefix=prefix), b"")
+                DiscoveryMessage(
+                    discovery_topic(component, device_id, stream, suffix, prefix=prefix), b""
+                )
             )
     return messages

@@ -30,6 +30,7 @@ class StreamMetrics:
     infer_ms_p95: float | None
     latency_ms_p95: float | None
     last_progress_age_s: float | None
+    score_psi: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +115,11 @@ class AgentCollector(Collector):
                 "95th percentile capture-to-publish latency",
                 labels=["stream"],
             ),
+            "score_psi": GaugeMetricFamily(
+                "edgefleet_stream_score_psi",
+                "Drift KPI: PSI of recent detection scores against the active model's baseline",
+                labels=["stream"],
+            ),
             "progress_age": GaugeMetricFamily(
                 "edgefleet_stream_last_inference_age_seconds",
                 "Seconds since the last finished inference",
@@ -136,6 +142,8 @@ class AgentCollector(Collector):
             ):
                 if value is not None:
                     families[key].add_metric([s.name], value / 1000.0)
+            if s.score_psi is not None:
+                families["score_psi"].add_metric([s.name], s.score_psi)
             if s.last_progress_age_s is not None:
                 families["progress_age"].add_metric([s.name], s.last_progress_age_s)
         yield from families.values()

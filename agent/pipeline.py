@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from agent.config import StreamConfig
 from agent.detector import Detector, Prepared
@@ -24,6 +24,31 @@ from protocol import SCHEMA_VERSION, Detection, Detections, detections_topic, en
 log = logging.getLogger(__name__)
 
 PublishFn = Callable[[str, bytes], None]
+
+
+class FrameObserver(Protocol):
+    """Sees every inferred frame (on the inference thread: keep it cheap)."""
+
+    def frame(self, model: str, infer_ms: float, scores: Sequence[float]) -> None:
+        """``model`` (``name@version``) inferred a frame; ``scores`` of its published detections."""
+
+    def error(self, model: str) -> None:
+        """Inference with ``model`` raised on a frame."""
+
+
+class ObserverGroup:
+    """Several frame observers as one; each sees every frame, in the given order."""
+
+    def __init__(self, *observers: FrameObserver) -> None:
+        self._observers = observers
+
+    def frame(self, model: str, infer_ms: float, scores: Sequence[float]) -> None:
+        for observer in self._observers:
+            observer.frame(model, infer_ms, scores)
+
+    def error(self, model: str) -> None:
+        for observer in self._observers:
+            observer.error(model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +79,10 @@ class StreamPipeline:
         publish: PublishFn,
         next_seq: Callable[[], int],
         stats: StreamStats | None = None,
+        observer: FrameObserver | None = None,
     ) -> None:
         self.name = config.name
+        self._observer = observer
         self._config = config
         self._source = source
         self._detector = detector
@@ -145,6 +172,8 @@ class StreamPipeline:
             result = detector.infer(prepared)
         except Exception:
             self.stats.record_error()
+            if self._observer is not None:
+                self._observer.error(detector.ref)
             log.exception("stream %s: inference failed on frame %d", self.name, frame.index)
             return
         detections = result.detections
@@ -157,6 +186,8 @@ class StreamPipeline:
             latency_ms=(time.monotonic() - frame.mono) * 1000.0,
             detections=len(detections),
         )
+        if self._observer is not None:
+            self._observer.frame(detector.ref, result.infer_ms, [d.score for d in detections])
 
     def _encode(
         self, frame: Frame, detector: Detector, infer_ms: float, detections: list[Detection]

@@ -228,6 +228,11 @@ class Publisher:
         """Set the retained reported state (QoS 1); the latest is re-sent after reconnects."""
         self._set_retained(self._reported_topic, payload)
 
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Set any other retained message (QoS 1), e.g. Home Assistant discovery; re-sent
+        after reconnects like the status."""
+        self._set_retained(topic, payload)
+
     def flush_retained(self, timeout: float) -> bool:
         """Wait until the retained messages set so far are acknowledged (while connected).
 

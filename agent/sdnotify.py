@@ -216,6 +216,10 @@ class ReadinessGate:
         """The stream finished its first inference."""
         self._settle(stream)
 
+    def observer(self, stream: str) -> _FirstFrame:
+        """A pipeline frame observer that marks ``stream`` processed on its first frame."""
+        return _FirstFrame(lambda: self.first_frame(stream))
+
     def stream_failed(self, stream: str) -> None:
         """The stream could not start (model or source failed)."""
         with self._lock:
@@ -234,3 +238,21 @@ class ReadinessGate:
                 return
             self._fired = True
         self._on_ready()
+
+
+class _FirstFrame:
+    """Calls ``on_first`` once, on the first inferred frame (or failed inference)."""
+
+    def __init__(self, on_first: Callable[[], object]) -> None:
+        self._on_first: Callable[[], object] | None = on_first
+
+    def frame(self, model: str, infer_ms: float, scores: Sequence[float]) -> None:
+        self._fire()
+
+    def error(self, model: str) -> None:
+        self._fire()
+
+    def _fire(self) -> None:
+        on_first, self._on_first = self._on_first, None
+        if on_first is not None:
+            on_first()

@@ -80,6 +80,10 @@ class StreamTelemetry(_Part, frozen=True, kw_only=True):
     latency_ms_p95: float | None
     errors: int = 0
     reconnects: int = 0
+    score_psi: float | None = None
+    """Drift KPI: population stability index of the recent detection scores against the
+    active model's baseline (< 0.1 no change, > 0.25 a significant shift); None until both
+    have enough detections."""
 
 
 class Telemetry(_Message, frozen=True, kw_only=True):

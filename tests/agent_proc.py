@@ -57,9 +57,12 @@ def agent_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "agent.cli", *args]
 
 
-def start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with log.open("wb") as out:
+def start_agent(
+    config: Path, log: Path, *, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start the daemon; ``env`` adds variables (e.g. the EDGEFLEET_OTA_FAULT test hook)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    with log.open("ab") as out:
         return subprocess.Popen(
             agent_command("run", "--config", str(config)),
             cwd=REPO,

@@ -28,6 +28,7 @@ from tests.broker import find_mosquitto, free_port
 
 PACKAGING = REPO / "packaging" / "mosquitto"
 CONTROLLER_PASSWORD = "controller-secret"
+HOMEASSISTANT_PASSWORD = "ha-secret"
 
 
 @dataclass
@@ -67,6 +68,7 @@ def _start_broker(tmp: Path, *, client_certs: bool) -> Broker:
     init_ca(tmp / "ca", common_name="test CA", days=2)
     issue(tmp / "ca", name="server", kind="server", days=2)
     set_password(tmp / "passwd", "controller", CONTROLLER_PASSWORD)
+    set_password(tmp / "passwd", "homeassistant", HOMEASSISTANT_PASSWORD)
     port = free_port()
     conf = _config(tmp, port, client_certs=client_certs)
     proc = subprocess.Popen(
@@ -260,6 +262,27 @@ def test_device_reads_only_its_own_desired_state(fleet: Fleet) -> None:
     assert not any(p == b"for-b" for _, p in a.messages)
     # the controller really published it: b's desired went through the broker
     ctl.wait(lambda: ctl.got(f"edgefleet/v1/{b_id}/desired", b"for-b"))
+
+
+def test_device_writes_only_its_own_home_assistant_discovery(broker: Broker, fleet: Fleet) -> None:
+    a, a_id, b_id = fleet.a, fleet.a_id, fleet.b_id
+    ha = Client(
+        broker.port, ca=broker.ca, username="homeassistant", password=HOMEASSISTANT_PASSWORD
+    )
+    try:
+        ha.connected().subscribe("homeassistant/#")
+        ha.subscribe(f"edgefleet/v1/{a_id}/detections/+")
+        ha.subscribe(f"edgefleet/v1/{a_id}/telemetry")  # not granted to Home Assistant
+        a.publish(f"homeassistant/sensor/{b_id}/front_count/config", b"forged")
+        a.publish("homeassistant/sensor/front_count/config", b"no-node")
+        a.publish(f"edgefleet/v1/{a_id}/telemetry", b"not-for-ha")
+        a.publish(f"homeassistant/sensor/{a_id}/front_count/config", b"own")
+        a.publish(f"edgefleet/v1/{a_id}/detections/front", b"det")
+        ha.wait(lambda: ha.got(f"edgefleet/v1/{a_id}/detections/front", b"det"))
+        ha.wait(lambda: ha.got(f"homeassistant/sensor/{a_id}/front_count/config", b"own"))
+        assert not any(p in (b"forged", b"no-node", b"not-for-ha") for _, p in ha.messages)
+    finally:
+        ha.close()
 
 
 def test_anonymous_client_is_not_authorized(broker: Broker) -> None:

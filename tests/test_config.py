@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config, parse_config
+from agent.config import OtaConfig, load_config, parse_config
 from agent.errors import ConfigError
 
 GOOD = """\
@@ -111,3 +111,53 @@ def test_shipped_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parent.parent / "packaging" / "agent.example.toml"
     cfg = parse_config(example.read_text(encoding="utf-8"), source=str(example))
     assert cfg.streams[0].model == "builtin:blazeface-short-int8"
+    assert cfg.ota == OtaConfig()  # the example spells out the defaults
+
+
+def test_ota_section_defaults_and_validation() -> None:
+    ota = parse_config(GOOD).ota
+    assert ota.enabled is True and ota.trusted_keys == [] and ota.probation_s == 60.0
+    assert (ota.latency_factor, ota.fps_factor, ota.detection_rate_factor) == (2.0, 0.5, 0.5)
+    assert (ota.psi_limit, ota.max_errors, ota.download_retries) == (0.5, 0, 5)
+    with pytest.raises(ConfigError, match=r"agent.toml:13: unknown key 'probation' in ota"):
+        parse_config(GOOD + "\n[ota]\nprobation = 5\n", source="agent.toml")
+    for bad, fragment in [
+        ("latency_factor = 0.5", "ota.latency_factor must be >= 1"),
+        ("fps_factor = 1.5", r"ota.fps_factor must be in 0..1"),
+        ("probation_s = -1", "ota.probation_s must be >= 0"),
+        ("psi_limit = 0", "ota.psi_limit must be > 0"),
+    ]:
+        with pytest.raises(ConfigError, match=fragment):
+            parse_config(GOOD + f"\n[ota]\n{bad}\n")
+
+
+def test_trusted_keys_resolve_against_the_config_and_must_exist(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(GOOD + '\n[ota]\ntrusted_keys = ["keys/signing.pub"]\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"ota.trusted_keys: .*keys/signing.pub does not exist"):
+        load_config(path)
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "signing.pub").write_text("not checked here")
+    loaded = load_config(path)
+    assert loaded.resolve(loaded.config.ota.trusted_keys[0]) == tmp_path / "keys" / "signing.pub"
+
+
+def test_check_config_loads_the_trusted_keys(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.cli import main
+    from tests.bundle_factory import write_public_key
+
+    write_public_key(Ed25519PrivateKey.generate(), tmp_path / "signing.pub")
+    (tmp_path / "bad.pub").write_text("not a key")
+    path = tmp_path / "agent.toml"
+    for keys, code, fragment in [
+        ('["signing.pub"]', 0, "ota: trusted keys "),
+        ("[]", 0, "every model update will be refused"),
+        ('["bad.pub"]', 2, "is not a PEM public key"),
+    ]:
+        path.write_text(GOOD + f"\n[ota]\ntrusted_keys = {keys}\n", encoding="utf-8")
+        result = CliRunner().invoke(main, ["check-config", str(path)])
+        assert result.exit_code == code, result.output
+        assert fragment in result.output

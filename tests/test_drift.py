@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.drift import SIGNIFICANT_PSI, DriftError, DriftMonitor, ScoreHistogram, psi
+from agent.drift import (
+    SIGNIFICANT_PSI,
+    DriftError,
+    DriftMonitor,
+    ScoreHistogram,
+    StreamDrift,
+    psi,
+)
 
 
 def _scores(rng: np.random.Generator, mean: float, n: int) -> list[float]:
@@ -118,3 +127,58 @@ def test_monitor_uses_a_provided_baseline_and_reset_learns_a_new_one() -> None:
 def test_monitor_rejects_a_baseline_with_the_wrong_number_of_bins() -> None:
     with pytest.raises(DriftError, match="bins"):
         DriftMonitor([1, 2, 3], window=10)
+
+
+def _feed(drift: StreamDrift, model: str, scores: list[float]) -> None:
+    for score in scores:
+        drift.frame(model, 1.0, [score])
+
+
+def test_stream_drift_learns_and_stores_the_active_models_baseline(tmp_path: Path) -> None:
+    path = tmp_path / "drift" / "front.json"  # the folder is made when first needed
+    drift = StreamDrift(baseline_path=path, window=20, baseline_size=40)
+    _feed(drift, "m@1", [0.91, 0.95] * 20)
+    assert drift.psi() is None, "no recent window yet"
+    stored = json.loads(path.read_text())
+    assert stored["model"] == "m@1" and sum(stored["counts"]) == 40
+    _feed(drift, "m@1", [0.91, 0.95] * 10)
+    same = drift.psi()
+    assert same is not None and same < 0.1
+    _feed(drift, "m@1", [0.55] * 20)
+    shifted = drift.psi()
+    assert shifted is not None and shifted > SIGNIFICANT_PSI
+
+
+def test_stream_drift_keeps_the_baseline_across_a_restart_with_the_same_model(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "front.json"
+    _feed(StreamDrift(baseline_path=path, window=20, baseline_size=40), "m@1", [0.92] * 40)
+    restarted = StreamDrift(baseline_path=path, window=20, baseline_size=40)
+    _feed(restarted, "m@1", [0.55] * 20)  # compared at once: nothing relearned
+    value = restarted.psi()
+    assert value is not None and value > SIGNIFICANT_PSI
+
+
+def test_stream_drift_starts_over_when_another_model_becomes_active(tmp_path: Path) -> None:
+    path = tmp_path / "front.json"
+    drift = StreamDrift(baseline_path=path, window=20, baseline_size=40)
+    _feed(drift, "m@1", [0.92] * 60)
+    assert drift.psi() is not None
+    _feed(drift, "m@2", [0.55] * 20)
+    assert drift.psi() is None, "m@2 learns its own baseline first"
+    _feed(drift, "m@2", [0.55] * 40)
+    value = drift.psi()
+    assert value is not None and value < 0.1
+    assert json.loads(path.read_text())["model"] == "m@2"
+
+
+@pytest.mark.parametrize("content", ["not json", '{"schema": 1, "model": "m@1", "counts": [1]}'])
+def test_stream_drift_relearns_over_a_broken_baseline_file(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "front.json"
+    path.write_text(content)
+    drift = StreamDrift(baseline_path=path, window=10, baseline_size=10)
+    _feed(drift, "m@1", [0.9] * 20)
+    value = drift.psi()
+    assert value is not None and value < 0.1
+    assert sum(json.loads(path.read_text())["counts"]) == 10

@@ -143,10 +143,10 @@ def _detections(n: int) -> bytes:
 def test_each_stream_gets_a_count_sensor_and_a_detected_binary_sensor_on_ha_topics() -> None:
     topics = [m.topic for m in _messages()]
     assert topics == [
-        "homeassistant/sensor/edgefleet_cam_01_front_count/config",
-        "homeassistant/binary_sensor/edgefleet_cam_01_front_detected/config",
-        "homeassistant/sensor/edgefleet_cam_01_back_yard_count/config",
-        "homeassistant/binary_sensor/edgefleet_cam_01_back_yard_detected/config",
+        "homeassistant/sensor/cam-01/front_count/config",
+        "homeassistant/binary_sensor/cam-01/front_detected/config",
+        "homeassistant/sensor/cam-01/back_yard_count/config",
+        "homeassistant/binary_sensor/cam-01/back_yard_detected/config",
     ]
     assert all(m.retain for m in _messages())
 
@@ -161,7 +161,7 @@ def test_payloads_use_only_documented_home_assistant_keys() -> None:
 
 
 def test_the_schema_would_reject_an_undocumented_key() -> None:
-    payload = _by_topic()["homeassistant/sensor/edgefleet_cam_01_front_count/config"]
+    payload = _by_topic()["homeassistant/sensor/cam-01/front_count/config"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**payload, "value_tmpl": "x"}, SENSOR_SCHEMA)
 
@@ -190,8 +190,8 @@ def test_value_templates_render_count_and_on_off_from_a_real_detections_message(
     n: int, count: str, state: str
 ) -> None:
     payloads = _by_topic()
-    sensor = payloads["homeassistant/sensor/edgefleet_cam_01_front_count/config"]
-    binary = payloads["homeassistant/binary_sensor/edgefleet_cam_01_front_detected/config"]
+    sensor = payloads["homeassistant/sensor/cam-01/front_count/config"]
+    binary = payloads["homeassistant/binary_sensor/cam-01/front_detected/config"]
     message = _detections(n)
     assert _render(sensor["value_template"], message) == count
     rendered = _render(binary["value_template"], message)
@@ -211,9 +211,7 @@ def test_availability_template_renders_the_status_state(state: str) -> None:
             started_at=0.0,
         )
     )
-    avail = _by_topic()["homeassistant/sensor/edgefleet_cam_01_front_count/config"]["availability"][
-        0
-    ]
+    avail = _by_topic()["homeassistant/sensor/cam-01/front_count/config"]["availability"][0]
     assert _render(avail["value_template"], status) == state
 
 

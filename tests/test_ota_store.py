@@ -170,3 +170,47 @@ def test_leftovers_of_interrupted_installs_are_removed_on_open(tmp_path: Path) -
         ["state.json", reopened.current("cam").parent.name]  # type: ignore[union-attr]
     )
     assert version_of(reopened.current("cam")) == "1.0.0"
+
+
+def test_revert_goes_back_to_the_baseline_and_forth(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(StoreError) as info:
+        store.revert("cam")
+    assert info.value.reason == "no_previous"
+    install_and_activate(store, tmp_path, "1.0.0")
+    slot = store.slots("cam")[0]
+    assert slot is not None and store.slots("cam")[1] is None
+    assert store.revert("cam") is None  # previous None = the baseline
+    assert store.slots("cam") == (None, slot)
+    assert store.current("cam") is None and version_of(store.previous("cam")) == "1.0.0"
+    assert version_of(store.revert("cam")) == "1.0.0"
+    assert store.slots("cam") == (slot, None)
+    # Survives a reopen (nothing referenced is cleaned away).
+    assert ModelStore(tmp_path / "store").slots("cam") == (slot, None)
+
+
+def test_deactivate_keeps_the_current_as_previous_and_drops_the_old_previous(
+    tmp_path: Path,
+) -> None:
+    store = ModelStore(tmp_path / "store")
+    install_and_activate(store, tmp_path, "1.0.0")
+    install_and_activate(store, tmp_path, "2.0.0")
+    store.deactivate("cam")
+    assert store.current("cam") is None
+    assert version_of(store.previous("cam")) == "2.0.0"
+    slots = [p for p in (tmp_path / "store" / "cam").iterdir() if p.is_dir()]
+    assert len(slots) == 1  # 1.0.0 is gone
+    store.deactivate("cam")  # already on the baseline: a no-op
+    assert version_of(store.previous("cam")) == "2.0.0"
+
+
+def test_discard_removes_a_staged_install_only(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    install_and_activate(store, tmp_path, "1.0.0")
+    (tmp_path / "b").mkdir()
+    staged = store.install("cam", make_bundle_dir(tmp_path / "b", "2.0.0"))
+    current = store.current("cam")
+    assert current is not None
+    store.discard("cam", current.parent)  # not staged: left alone
+    store.discard("cam", staged)
+    assert not staged.exists() and current.exists()

@@ -6,6 +6,9 @@ Layout under ``root``::
     {stream}/slot-{ref}-{token}/     an installed bundle: manifest.json (+ .sig) and its files
     {stream}/staging-{ref}/          installed but not yet activated
 
+``current`` None means the stream runs its baseline (the model in the agent's config); a
+``previous`` None means the model before was the baseline.
+
 ``state.json`` is the only pointer and is replaced atomically (temp file + fsync + rename),
 so a crash at any step leaves ``current`` on a complete directory that was verified when it
 was installed. Directories that ``state.json`` does not reference (interrupted installs,
@@ -102,6 +105,11 @@ class ModelStore:
         """manifest.json of the bundle that was active before, or None."""
         return self._manifest(stream, "previous")
 
+    def slots(self, stream: str) -> tuple[str | None, str | None]:
+        """Names of the (current, previous) slot folders; None = baseline / nothing."""
+        state = self._state(stream)
+        return state.get("current"), state.get("previous")
+
     # -- changes -------------------------------------------------------------------------
 
     def install(self, stream: str, bundle_dir: Path, *, move: bool = False) -> Path:
@@ -170,6 +178,48 @@ class ModelStore:
         assert path is not None
         log.warning("stream %s: rolled back to %s", stream, path.parent.name)
         return path
+
+    def revert(self, stream: str) -> Path | None:
+        """Swap current and previous, where None is the baseline; return the new current.
+
+        Unlike :meth:`rollback` this also goes back to the baseline (previous None) and from
+        it (current None). Raises StoreError ``no_previous`` when both are None.
+        """
+        state = self._state(stream)
+        if not state.get("previous") and not state.get("current"):
+            raise StoreError(
+                "no_previous", f"stream {stream} has no installed model to switch back to"
+            )
+        self._write(stream, current=state.get("previous"), previous=state.get("current"))
+        self._fault("state_written")
+        path = self.current(stream)
+        log.warning(
+            "stream %s: reverted to %s", stream, path.parent.name if path else "the baseline"
+        )
+        return path
+
+    def deactivate(self, stream: str) -> None:
+        """Go back to the baseline: current None, previous = the current one (old previous
+        deleted). A no-op when the baseline is already current."""
+        folder = self._stream_dir(stream)
+        state = self._state(stream)
+        if not state.get("current"):
+            return
+        old_previous = state.get("previous")
+        self._write(stream, current=None, previous=state.get("current"))
+        self._fault("state_written")
+        if old_previous:
+            shutil.rmtree(folder / old_previous, ignore_errors=True)
+            fsync_dir(folder)
+        log.info("stream %s: back to the baseline model", stream)
+
+    def discard(self, stream: str, staged: Path) -> None:
+        """Remove a staged (never activated) install."""
+        folder = self._stream_dir(stream)
+        staged = Path(staged)
+        if staged.parent == folder and staged.name.startswith("staging-") and staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+            fsync_dir(folder)
 
     # -- internals -----------------------------------------------------------------------
 

@@ -1,0 +1,136 @@
+"""The I/O an OTA updater is given (all injected, so the state machine is tested in-process).
+
+:class:`Services` is shared by every stream (state folder, model store, download, bundle
+check, golden check, probation policy, clocks, fault hook); :class:`StreamIO` is one stream's
+side (load a model, swap it in, what is active, its health samples).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from agent.detector import Detector
+from agent.ota.bundle import VerifiedBundle
+from agent.ota.golden import GoldenReport
+from agent.ota.health import HealthRecorder
+from agent.ota.probation import Thresholds
+from agent.ota.store import ModelStore
+from protocol import Manifest, ModelRef
+from protocol.messages import DeploymentPhase
+
+__all__ = [
+    "Cancelled",
+    "Details",
+    "DownloadFn",
+    "FaultHook",
+    "GoldenFn",
+    "Job",
+    "Level",
+    "OtaEvent",
+    "Services",
+    "StreamIO",
+    "VerifyFn",
+    "WaitFn",
+]
+
+Details = dict[str, str | int | float | bool | None]
+
+
+DownloadFn = Callable[[ModelRef, Path, threading.Event], Path]
+"""(model, destination file, stop event) → the verified file (``agent.ota.download``)."""
+VerifyFn = Callable[[Path], VerifiedBundle]
+"""Bundle file → verified bundle (signature, hashes, compatibility) or BundleError."""
+GoldenFn = Callable[[Detector, Path, Manifest], GoldenReport]
+WaitFn = Callable[[float, threading.Event], bool]
+"""Wait up to ``seconds`` or until the event is set; True when it was set."""
+FaultHook = Callable[[str], None]
+"""Called at each step (a phase name, or ``activated`` right after the store switched);
+tests pause or raise there to simulate a crash at that point."""
+
+Level = Literal["info", "warning", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class OtaEvent:
+    """One ``ota.*`` event (the manager turns it into a ``protocol.Event``)."""
+
+    code: str
+    level: Level
+    message: str
+    stream: str
+    phase: DeploymentPhase
+    details: Details
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    target: ModelRef | None
+    """None: go back to the stream's baseline (the config's model)."""
+    rev: int | None = None
+    rollout_id: str | None = None
+    resume: bool = False
+    """Pick up an interrupted deployment at its persisted phase (restart recovery)."""
+
+
+def _event_wait(seconds: float, stop: threading.Event) -> bool:
+    return stop.wait(seconds)
+
+
+def _no_fault(point: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Services:
+    """What every stream's updater shares: file locations, store, verification, policy."""
+
+    ota_dir: Path
+    store: ModelStore
+    download: DownloadFn
+    verify: VerifyFn
+    golden: GoldenFn
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    probation_s: float = 60.0
+    keys_problem: tuple[str, str] | None = None
+    """(reason, message) when no update can be verified (no or unreadable trusted keys)."""
+    clock: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic
+    """Must be the clock of the streams' HealthRecorders."""
+    wait: WaitFn = _event_wait
+    fault: FaultHook = _no_fault
+
+    @property
+    def downloads(self) -> Path:
+        return self.ota_dir / "downloads"
+
+    @property
+    def work(self) -> Path:
+        return self.ota_dir / "work"
+
+    def download_path(self, ref: ModelRef) -> Path:
+        return self.downloads / f"{ref.sha256.lower()}.efb"
+
+
+@dataclass(frozen=True)
+class StreamIO:
+    """The stream side an updater drives (built by the app)."""
+
+    name: str
+    baseline_manifest: Path
+    baseline_ref: str | None
+    load: Callable[[Path], Detector]
+    """Load a model for this stream (its backend, threads, min_score)."""
+    swap: Callable[[Detector], Detector]
+    """Make the detector live between two frames; return the old one. AgentError on timeout."""
+    active: Callable[[], str | None]
+    """``name@version`` serving now."""
+    health: HealthRecorder
+
+
+class Cancelled(Exception):
+    """The running job was superseded or the updater is stopping."""

@@ -1,0 +1,269 @@
+"""Hot-swap benchmark: frames dropped/lost and end-to-end latency during an OTA update.
+
+One process runs the agent's real pieces: a FrameSource on the shipped video, the stream
+pipeline with the INT8 BlazeFace, and the OTA manager deploying signed bundles (served over
+HTTP on loopback) with a 1 s probation. Each round measures a steady window, then a full
+update (download, verify, staging next to the live model, swap, probation) and the frames
+right around the swap; it prints the numbers and the ratios against steady state.
+
+Two modes: ``camera`` (the file paced at its 15 fps, newest frame wins: a slow frame drops
+the next one) and ``max-rate`` (as fast as possible through a lossless queue: a lost frame
+would be a gap in ``frame_index``). Latency is capture → published (the detections message
+handed to the publisher). Run: `make bench` or `.venv/bin/python -m bench.swap`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import __version__
+from agent.app import tune_process
+from agent.config import ASSETS_DIR, StreamConfig
+from agent.detector import load_detector
+from agent.ota.bundle import open_bundle
+from agent.ota.download import download
+from agent.ota.golden import check_golden
+from agent.ota.health import HealthRecorder
+from agent.ota.manager import OtaManager
+from agent.ota.services import Services, StreamIO
+from agent.ota.store import ModelStore
+from agent.pipeline import StreamPipeline
+from agent.sources import FrameSource
+from protocol import SCHEMA_VERSION, Desired, Detections, ModelRef, decode, encode
+from tests.bundle_factory import blazeface_files, blazeface_manifest, build_bundle, sign, with_files
+from tests.range_server import RangeServerState, range_server
+
+VIDEO = ASSETS_DIR / "face-walk-640x480.mp4"
+BASELINE = ASSETS_DIR / "blazeface-short-int8.json"
+
+
+@dataclass(frozen=True)
+class Published:
+    at: float
+    frame: Detections
+
+
+@dataclass(frozen=True)
+class Window:
+    frames: int
+    dropped: int
+    lost: int
+    """Gaps in frame_index among the published frames."""
+    p50: float
+    p99: float
+    seconds: float
+
+
+def golden_frame() -> tuple[bytes, list[object]]:
+    """A video frame with a face as the golden sample, with what the model finds on it."""
+    cap = cv2.VideoCapture(str(VIDEO))
+    for _ in range(10):
+        ok, image = cap.read()
+    cap.release()
+    assert ok
+    with load_detector(BASELINE) as detector:
+        found = detector.detect(image).detections
+    ok, png = cv2.imencode(".png", image)
+    assert ok
+    expected = [[d.label, d.score, list(d.box)] for d in found]
+    return png.tobytes(), [{"image": "golden/frame.png", "expected": expected}]
+
+
+def make_ref(
+    tmp: Path, key: Ed25519PrivateKey, version: str, url: str, png: bytes, golden: list[object]
+) -> tuple[ModelRef, bytes]:
+    files = {**blazeface_files(), "golden/frame.png": png}
+    manifest = blazeface_manifest(version=version, golden=golden, latency_budget_ms=10_000.0)
+    path = build_bundle(tmp / f"{version}.efb", manifest, files, key=key)
+    data = path.read_bytes()
+    ref = ModelRef(
+        name=manifest.name,
+        version=version,
+        url=url,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        signature=sign(with_files(manifest, files), key),
+    )
+    return ref, data
+
+
+@contextmanager
+def running(
+    realtime: bool, tmp: Path, key: Ed25519PrivateKey
+) -> Iterator[tuple[StreamPipeline, FrameSource, OtaManager, list[Published]]]:
+    published: list[Published] = []
+    lock = threading.Lock()
+
+    def publish(_topic: str, payload: bytes) -> None:
+        now = time.time()
+        with lock:
+            published.append(Published(now, decode(payload, Detections)))
+
+    health = HealthRecorder()
+    counter = iter(range(1 << 62))
+    source = FrameSource(name="bench", uri=str(VIDEO), loop=True, realtime=realtime)
+    pipeline = StreamPipeline(
+        device_id="bench",
+        config=StreamConfig(name="bench", source=str(VIDEO), model=str(BASELINE)),
+        source=source,
+        detector=load_detector(BASELINE),
+        publish=publish,
+        next_seq=lambda: next(counter),
+        observer=health,
+    )
+    services = Services(
+        ota_dir=tmp / "ota",
+        store=ModelStore(tmp / "models"),
+        download=lambda r, dest, stop: download(
+            r.url, dest, sha256=r.sha256, size=r.size, stop=stop
+        ),
+        verify=lambda path: open_bundle(
+            path,
+            trusted_keys=[key.public_key()],
+            agent_version=__version__,
+            runtimes={"litert"},
+            arch=platform.machine(),
+        ),
+        golden=lambda det, folder, manifest: check_golden(det, folder, manifest, latency_runs=10),
+        probation_s=1.0,
+    )
+    manager = OtaManager(
+        device_id="bench",
+        services=services,
+        streams=[
+            StreamIO(
+                name="bench",
+                baseline_manifest=BASELINE,
+                baseline_ref=pipeline.detector.ref,
+                load=load_detector,
+                swap=pipeline.swap_detector,
+                active=lambda: pipeline.detector.ref,
+                health=health,
+            )
+        ],
+        publish_reported=lambda payload: None,
+        publish_event=lambda payload: None,
+    )
+    manager.recover()
+    pipeline.start()
+    source.start()
+    manager.start()
+    try:
+        yield pipeline, source, manager, published
+    finally:
+        manager.stop()
+        source.stop()
+        pipeline.stop()
+
+
+def measure(published: list[Published], start: float, end: float, dropped: int) -> Window:
+    picked = [p for p in published if start <= p.at <= end]
+    latencies = [(p.at - p.frame.frame_ts) * 1000.0 for p in picked]
+    indices = [p.frame.frame_index for p in picked]
+    lost = sum(b - a - 1 for a, b in itertools.pairwise(indices) if b > a + 1)
+    p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float("nan"),) * 2
+    return Window(len(picked), dropped, lost, float(p50), float(p99), end - start)
+
+
+def rounds(mode: str, n: int, steady_s: float) -> dict[str, list[Window]]:
+    realtime = mode == "camera"
+    key = Ed25519PrivateKey.generate()
+    out: dict[str, list[Window]] = {"steady": [], "update": [], "swap": []}
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        png, golden = golden_frame()
+        state = RangeServerState(body=b"")
+        with (
+            range_server(state) as url,
+            running(realtime, tmp, key) as (_, source, manager, published),
+        ):
+            time.sleep(1.0)  # warm up
+            for i in range(n):
+                ref, body = make_ref(tmp, key, f"2.0.{i}", url, png, golden)
+                state.body = body
+                t0, d0 = time.time(), source.stats().frames_dropped
+                time.sleep(steady_s)
+                t1, d1 = time.time(), source.stats().frames_dropped
+                out["steady"].append(measure(published, t0, t1, d1 - d0))
+                manager.handle_desired(
+                    encode(Desired(schema=SCHEMA_VERSION, rev=i + 1, models={"bench": ref}))
+                )
+                time.sleep(0.02)
+                assert manager.wait_idle(60)
+                t2, d2 = time.time(), source.stats().frames_dropped
+                phase = manager.updaters["bench"].state.phase
+                assert phase == "committed", phase
+                out["update"].append(measure(published, t1, t2, d2 - d1))
+                # The frames around the swap: 10 before and 10 after the first of the new model.
+                new = f"{ref.name}@{ref.version}"
+                at = next(j for j, p in enumerate(published) if p.frame.model == new)
+                near = published[max(0, at - 10) : at + 10]
+                out["swap"].append(measure(near, near[0].at, near[-1].at, 0))
+                time.sleep(0.2)
+    return out
+
+
+def _row(name: str, windows: list[Window], base: Window | None) -> str:
+    frames = sum(w.frames for w in windows)
+    dropped = sum(w.dropped for w in windows)
+    lost = sum(w.lost for w in windows)
+    p50 = statistics.median(w.p50 for w in windows)
+    p99 = statistics.median(w.p99 for w in windows)
+    seconds = sum(w.seconds for w in windows)
+    fps = f"{frames / seconds:8.1f}" if name != "around the swap" and seconds > 0 else "       -"
+    text = f"  {name:18s} {frames:7d} {fps} {dropped:8d} {lost:6d} {p50:8.2f} {p99:8.2f}"
+    if base is not None:
+        text += f"   p50 {p50 / base.p50:4.2f}x  p99 {p99 / base.p99:4.2f}x"
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steady-s", type=float, default=3.0)
+    parser.add_argument("--mode", choices=["camera", "max-rate", "both"], default="both")
+    args = parser.parse_args()
+    tune_process()
+    modes = ["camera", "max-rate"] if args.mode == "both" else [args.mode]
+    for mode in modes:
+        result = rounds(mode, args.rounds, args.steady_s)
+        steady = result["steady"]
+        base = Window(
+            0,
+            0,
+            0,
+            statistics.median(w.p50 for w in steady),
+            statistics.median(w.p99 for w in steady),
+            0,
+        )
+        what = (
+            "file paced at 15 fps, newest frame wins"
+            if mode == "camera"
+            else "as fast as possible, lossless queue"
+        )
+        print(
+            f"\nhot swap, {mode} ({what}); {args.rounds} updates with 1 s probation, medians of rounds"
+        )
+        print("  window              frames      fps  dropped   lost   p50 ms   p99 ms")
+        print(_row("steady", steady, None))
+        print(_row("during the update", result["update"], base))
+        print(_row("around the swap", result["swap"], base))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,803 @@
+"""agent.ota.updater + manager in one process: real bundles, HTTP, store, detectors, golden.
+
+The stream side is a small stand-in (:class:`SimStream`): it keeps the live detector and, on a
+fake clock, runs it on real frames of the shipped video at 30 fps whenever the updater waits,
+feeding a real HealthRecorder. So probation sees real detections in fake time and each test
+takes well under a second of probation. Crashes are simulated with the fault hook: it blocks
+the worker for good (like a process frozen before ``kill -9``) and a fresh manager is built on
+the same state folder, as a restarted agent would.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy.typing as npt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import __version__
+from agent.backoff import Backoff
+from agent.detector import Detector, load_detector
+from agent.ota.bundle import VerifiedBundle, open_bundle
+from agent.ota.download import download
+from agent.ota.golden import check_golden
+from agent.ota.health import HealthRecorder
+from agent.ota.manager import NO_KEYS, OtaManager
+from agent.ota.services import Services, StreamIO
+from agent.ota.state import load_stream_state
+from agent.ota.store import ModelStore
+from protocol import Desired, Event, ModelRef, Reported, decode, encode
+from tests.bundle_factory import ASSETS
+from tests.ota_support import (
+    BASELINE_REF,
+    VIDEO,
+    Bundle,
+    FakeClock,
+    desired,
+    make_bundle,
+)
+from tests.range_server import RangeServerState, range_server
+
+BASELINE = ASSETS / "blazeface-short-int8.json"
+FPS = 30.0
+
+
+def _video_frames(step: int = 5) -> list[npt.NDArray[Any]]:
+    cap = cv2.VideoCapture(str(VIDEO))
+    frames = []
+    index = 0
+    while True:
+        ok, image = cap.read()
+        if not ok:
+            break
+        if index % step == 0:
+            frames.append(image)
+        index += 1
+    cap.release()
+    return frames
+
+
+FRAMES = _video_frames()  # 30 frames, 18 with a face
+
+
+class SimStream:
+    """The live side of one stream: current detector, frames at 30 fps on a fake clock."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.health = HealthRecorder(clock=clock)
+        self.detector: Detector | None = None
+        self.failing: set[str] = set()
+        """Models whose every inference raises (an injected fault)."""
+        self.swaps: list[str] = []
+        self._n = 0
+
+    def swap(self, new: Detector) -> Detector:
+        assert self.detector is not None
+        old, self.detector = self.detector, new
+        self.swaps.append(new.ref)
+        return old
+
+    def active(self) -> str | None:
+        return self.detector.ref if self.detector else None
+
+    def run(self, seconds: float) -> None:
+        for _ in range(max(1, round(seconds * FPS))):
+            self.clock.advance(1 / FPS)
+            detector = self.detector
+            assert detector is not None
+            if detector.ref in self.failing:
+                self.health.error(detector.ref)
+                continue
+            result = detector.detect(FRAMES[self._n % len(FRAMES)])
+            self._n += 1
+            self.health.frame(detector.ref, result.infer_ms, [d.score for d in result.detections])
+
+    def wait(self, seconds: float, stop: threading.Event) -> bool:
+        if not stop.is_set():
+            self.run(seconds)
+        return stop.is_set()
+
+
+@dataclass
+class Rig:
+    """A manager on ``root`` with one stream ``front`` and what it published."""
+
+    root: Path
+    key: Ed25519PrivateKey
+    sim: SimStream
+    manager: OtaManager
+    store: ModelStore
+    reports: list[Reported] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    def send(self, message: Desired) -> None:
+        self.manager.handle_desired(encode(message))
+
+    def settle(self, timeout: float = 30.0) -> None:
+        time.sleep(0.05)
+        assert self.manager.wait_idle(timeout), "the updater did not finish"
+
+    @property
+    def last(self) -> Reported:
+        return self.reports[-1]
+
+    def codes(self) -> list[str]:
+        return [e.code for e in self.events]
+
+    def phase(self) -> str:
+        return load_stream_state(self.state_dir / "ota", "front").phase
+
+
+def _services(
+    root: Path,
+    key: Ed25519PrivateKey,
+    sim: SimStream,
+    *,
+    trusted: list[Ed25519PrivateKey] | None,
+    fault: Callable[[str], None],
+    probation_s: float,
+) -> Services:
+    keys = [k.public_key() for k in (trusted if trusted is not None else [key])]
+
+    def fetch(ref: ModelRef, dest: Path, stop: threading.Event) -> Path:
+        return download(
+            ref.url,
+            dest,
+            sha256=ref.sha256,
+            size=ref.size,
+            retries=3,
+            backoff=Backoff(0.01, 0.02, jitter=0),
+            stop=stop,
+        )
+
+    def verify(path: Path) -> VerifiedBundle:
+        return open_bundle(
+            path,
+            trusted_keys=keys,
+            agent_version=__version__,
+            runtimes={"litert"},
+            arch=platform.machine(),
+        )
+
+    return Services(
+        ota_dir=root / "state" / "ota",
+        store=ModelStore(root / "state" / "models"),
+        download=fetch,
+        verify=verify,
+        golden=lambda det, folder, manifest: check_golden(det, folder, manifest, latency_runs=3),
+        probation_s=probation_s,
+        keys_problem=NO_KEYS if not keys else None,
+        monotonic=sim.clock,
+        wait=sim.wait,
+        fault=fault,
+    )
+
+
+def make_rig(
+    root: Path,
+    key: Ed25519PrivateKey,
+    *,
+    trusted: list[Ed25519PrivateKey] | None = None,
+    fault: Callable[[str], None] = lambda point: None,
+    probation_s: float = 2.0,
+    warm_s: float = 3.0,
+) -> Rig:
+    """Build (or rebuild after a 'crash') the manager on ``root`` and start it like the app."""
+    clock = FakeClock()
+    sim = SimStream(clock)
+    services = _services(root, key, sim, trusted=trusted, fault=fault, probation_s=probation_s)
+    reports: list[Reported] = []
+    events: list[Event] = []
+    manager = OtaManager(
+        device_id="cam-01",
+        services=services,
+        streams=[
+            StreamIO(
+                name="front",
+                baseline_manifest=BASELINE,
+                baseline_ref=BASELINE_REF,
+                load=load_detector,
+                swap=sim.swap,
+                active=sim.active,
+                health=sim.health,
+            )
+        ],
+        publish_reported=lambda payload: reports.append(decode(payload, Reported)),
+        publish_event=lambda payload: events.append(decode(payload, Event)),
+    )
+    installed = manager.recover()["front"]
+    sim.detector = load_detector(installed or BASELINE)
+    sim.run(warm_s)  # the old model's baseline; from here on only the worker runs models
+    manager.start()
+    return Rig(root, key, sim, manager, services.store, reports, events)
+
+
+@pytest.fixture(scope="module")
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def served(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> Iterator[Callable[..., tuple[Bundle, ModelRef, RangeServerState]]]:
+    """Serve a bundle variant over real HTTP: ``served(kind=..., version=...)``."""
+    servers: list[Any] = []
+
+    def serve(**kw: Any) -> tuple[Bundle, ModelRef, RangeServerState]:
+        n = len(servers)
+        bundle = make_bundle(tmp_path / f"b{n}.efb", key, **kw)
+        state = RangeServerState(body=bundle.body)
+        ctx = range_server(state)
+        url = ctx.__enter__()
+        servers.append(ctx)
+        return bundle, bundle.at(url), state
+
+    yield serve
+    for ctx in servers:
+        ctx.__exit__(None, None, None)
+
+
+def _fronts(rig: Rig) -> list[tuple[str, str | None, str | None]]:
+    return [
+        (r.streams["front"].phase, r.streams["front"].active, r.streams["front"].reason)
+        for r in rig.reports
+    ]
+
+
+# --- happy path and the baseline ------------------------------------------------------------
+
+
+def test_signed_bundle_goes_through_every_phase_and_is_committed(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+) -> None:
+    rig = make_rig(tmp_path, key)
+    bundle, ref, _ = served()
+    assert rig.last.streams["front"].active == BASELINE_REF and rig.last.desired_rev is None
+    old = rig.sim.detector
+    rig.send(desired(1, {"front": ref}))
+    rig.settle()
+    assert rig.codes() == [
+        "ota.downloading",
+        "ota.verifying",
+        "ota.staging",
+        "ota.switching",
+        "ota.probation",
+        "ota.committed",
+    ]
+    phases = [p for p, _, _ in _fronts(rig)]
+    assert phases[-6:] == [
+        "downloading",
+        "verifying",
+        "staging",
+        "switching",
+        "probation",
+        "committed",
+    ]
+    report = rig.last
+    front = report.streams["front"]
+    assert report.desired_rev == 1
+    assert (front.active, front.target, front.phase, front.reason) == (
+        bundle.name,
+        bundle.name,
+        "committed",
+        None,
+    )
+    assert front.previous == BASELINE_REF
+    assert set(front.installed) == {BASELINE_REF, bundle.name}
+    # The candidate went live only at the switch, and the old detector was closed at commit.
+    assert rig.sim.swaps == [bundle.name]
+    assert rig.sim.detector is not old and old is not None
+    committed = rig.events[-1]
+    assert committed.level == "info" and committed.details["rev"] == 1
+    assert committed.details["rollout_id"] == "r1"
+    live_frames = committed.details["live_frames"]
+    assert isinstance(live_frames, int) and live_frames >= 55  # ~2 s at 30 fps
+    assert committed.details["baseline_detection_rate"] == pytest.approx(0.6, abs=0.1)
+    assert committed.details["live_detection_rate"] == pytest.approx(0.6, abs=0.1)
+    # Store: the new model is current, the baseline previous; the download is gone.
+    current = rig.store.current("front")
+    assert current is not None and '"version": "2.0.0"' in current.read_text()
+    assert rig.store.slots("front")[1] is None
+    assert list((tmp_path / "state" / "ota" / "downloads").iterdir()) == []
+
+
+def test_same_or_lower_rev_is_ignored_and_the_rev_survives_a_restart(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+) -> None:
+    rig = make_rig(tmp_path, key)
+    _, ref, server = served()
+    rig.send(desired(5, {"front": ref}))
+    rig.settle()
+    requests = server.requests
+    n_events = len(rig.events)
+    _, other, _ = served(version="3.0.0")
+    rig.send(desired(5, {"front": other}))  # same rev, other model: ignored
+    rig.send(desired(4, {}))  # lower rev: ignored
+    rig.settle()
+    assert len(rig.events) == n_events and server.requests == requests
+    assert rig.last.desired_rev == 5
+    again = make_rig(tmp_path, key)  # a restart: rev 5 is remembered
+    assert again.last.desired_rev == 5
+    assert again.last.streams["front"].active == "blazeface-short-int8@2.0.0"
+    again.send(desired(5, {"front": other}))
+    again.settle()
+    assert again.events == []
+
+
+def test_stream_absent_from_desired_goes_back_to_the_baseline(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+) -> None:
+    rig = make_rig(tmp_path, key)
+    bundle, ref, _ = served()
+    rig.send(desired(1, {"front": ref}))
+    rig.settle()
+    assert rig.sim.active() == bundle.name
+    rig.send(desired(2, {}, rollout_id=None))
+    rig.settle()
+    front = rig.last.streams["front"]
+    assert (front.active, front.target, front.phase) == (BASELINE_REF, BASELINE_REF, "committed")
+    assert front.previous == bundle.name
+    assert rig.store.slots("front")[0] is None
+    assert rig.codes()[-2:] == ["ota.switching", "ota.committed"]
+    # And a restart stays on the baseline.
+    assert make_rig(tmp_path, key).sim.active() == BASELINE_REF
+
+
+def test_desired_naming_the_active_model_is_committed_without_work(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+) -> None:
+    rig = make_rig(tmp_path, key)
+    _, ref, server = served(version="1.0.0")  # the baseline's own name@version
+    rig.send(desired(1, {"front": ref}))
+    rig.settle()
+    assert server.requests == 0
+    assert rig.last.streams["front"].phase == "committed"
+    assert rig.codes() == ["ota.committed"]
+
+
+def test_unknown_stream_and_garbage_desired_are_reported_not_fatal(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+) -> None:
+    rig = make_rig(tmp_path, key)
+    _, ref, _ = served()
+    rig.manager.handle_desired(b'{"schema": 1, "rev": "x"}')
+    rig.send(desired(1, {"back": ref}))
+    rig.settle()
+    assert rig.codes() == ["ota.bad_desired", "ota.unknown_stream"]
+    assert rig.last.desired_rev == 1 and rig.last.streams["front"].phase == "idle"
+
+
+# --- rejected before load ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason", "fetched"),
+    [
+        ("tampered", "file_hash_mismatch", True),
+        ("wrong_key", "bad_signature", True),
+        ("truncated", "size_mismatch", True),
+        ("wrong_sha", "sha256_mismatch", True),
+        ("no_keys", "no_trusted_keys", False),
+        ("http_404", "http_404", True),
+    ],
+)
+def test_bad_bundles_fail_before_anything_is_loaded(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any, kind: str, reason: str, fetched: bool
+) -> None:
+    trusted = None
+    if kind == "wrong_key":
+        trusted = [Ed25519PrivateKey.generate()]
+    elif kind == "no_keys":
+        trusted = []
+    rig = make_rig(tmp_path, key, trusted=trusted)
+    bundle, ref, server = served(kind="tampered" if kind == "tampered" else "good")
+    if kind == "truncated":
+        server.body = server.body[: len(server.body) // 2]
+    elif kind == "wrong_sha":
+        ref = ModelRef(**{**_fields(ref), "sha256": "0" * 64})
+    elif kind == "http_404":
+        server.status = 404
+    old = rig.sim.detector
+    rig.send(desired(1, {"front": ref}))
+    rig.settle()
+    front = rig.last.streams["front"]
+    assert (front.phase, front.reason, front.target) == ("failed", reason, bundle.name)
+    assert front.active == BASELINE_REF and rig.sim.detector is old and rig.sim.swaps == []
+    assert (server.requests > 0) == fetched
+    failed = rig.events[-1]
+    assert (failed.code, failed.level, failed.details["reason"]) == ("ota.failed", "error", reason)
+    assert "ota.staging" not in rig.codes()
+    if kind == "no_keys":
+        assert "trusted_keys" in failed.message
+    assert rig.store.slots("front") == (None, None)
+    assert list((tmp_path / "state" / "models" / "front").glob("staging-*")) == []
+
+
+def _fields(ref: ModelRef) -> dict[str, Any]:
+    return {f: getattr(ref, f) for f in ref.__struct_fields__}
+
+
+# --- rejected in staging -------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("garbage", "load_failed"),
+        ("nan", "nan_output"),
+        ("slow", "over_latency_budget"),
+        ("blind", "golden_mismatch"),
+    ],
+)
+def test_models_that_fail_staging_never_go_live(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any, kind: str, reason: str
+) -> None:
+    rig = make_rig(tmp_path, key)
+    _, ref, _ = served(kind=kind)
+    rig.send(desired(1, {"front": ref}))
+    rig.settle()
+    front = rig.last.streams["front"]
+    assert (front.phase, front.reason, front.active) == ("failed", reason, BASELINE_REF)
+    assert rig.codes()[-2:] == ["ota.staging", "ota.failed"]
+    assert rig.sim.swaps == []
+    assert rig.store.slots("front") == (None, None)
+    assert not list((tmp_path / "state" / "models" / "front").glob("staging-*"))
+    assert not list((tmp_path / "state" / "ota" / "work").iterdir())
+
+
+def test_a_failed_bundle_is_not_retried_by_a_later_rev_but_a_download_failure_is(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+) -> None:
+    rig = make_rig(tmp_path, key)
+    _, blind, blind_server = served(kind="blind")
+    rig.send(desired(1, {"front": blind}))
+    rig.settle()
+    rig.send(desired(2, {"front": blind}))
+    rig.settle()
+    assert blind_server.requests == 1 and rig.last.streams["front"].reason == "golden_mismatch"
+    _, good, server = served(version="3.0.0")
+    server.status = 503
+    rig.send(desired(3, {"front": good}))
+    rig.settle()
+    assert rig.last.streams["front"].reason == "download_failed"
+    server.status = None
+    rig.send(desired(4, {"front": good}))
+    rig.settle()
+    front = rig.last.streams["front"]
+    assert (front.phase, front.active) == ("committed", "blazeface-short-int8@3.0.0")
+
+
+# --- probation -----------------------------------------------------------------------------
+
+
+def test_model_blind_on_live_video_is_rolled_back_in_probation(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+) -> None:
+    rig = make_rig(tmp_path, key)
+    bundle, ref, _ = served(kind="live_blind")
+    old = rig.sim.detector
+    rig.send(desired(1, {"front": ref}))
+    rig.settle()
+    front = rig.last.streams["front"]
+    assert (front.phase, front.reason, front.target) == (
+        "rolled_back",
+        "probation_detection_rate",
+        bundle.name,
+    )
+    assert front.active == BASELINE_REF and rig.sim.detector is old  # the same, still-loaded one
+    assert rig.sim.swaps == [bundle.name, BASELINE_REF]
+    event = rig.events[-1]
+    assert (event.code, event.level) == ("ota.rolled_back", "warning")
+    assert event.details["live_detection_rate"] == 0.0
+    assert float(event.details["baseline_detection_rate"] or 0) > 0.4
+    assert rig.store.slots("front")[0] is None  # store rolled back to the baseline
+    assert old is not None and old.detect(FRAMES[0]).detections  # the old one still works
+
+
+def test_inference_errors_roll_back_at_once(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+) -> None:
+    rig = make_rig(tmp_path, key, probation_s=30.0)
+    bundle, ref, _ = served()
+    rig.sim.failing.add(bundle.name)
+    start = rig.sim.clock.t
+    rig.send(desired(1, {"front": ref}))
+    rig.settle()
+    assert rig.last.streams["front"].reason == "probation_errors"
+    assert rig.sim.clock.t - start < 5.0  # did not wait for the 30 s of probation
+    assert rig.sim.active() == BASELINE_REF
+
+
+def test_new_desired_during_probation_supersedes_the_candidate(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+) -> None:
+    entered = threading.Event()
+    release = threading.Event()
+
+    def fault(point: str) -> None:
+        if point == "probation" and not release.is_set():
+            entered.set()
+            release.wait(10)
+
+    rig = make_rig(tmp_path, key, fault=fault)
+    first, ref1, _ = served()
+    second, ref2, _ = served(version="3.0.0")
+    rig.send(desired(1, {"front": ref1}))
+    assert entered.wait(10)
+    rig.send(desired(2, {"front": ref2}))
+    release.set()
+    rig.settle()
+    outcomes = [(e.code, e.details["target"], e.details["reason"]) for e in rig.events]
+    assert ("ota.rolled_back", first.name, "superseded") in outcomes
+    assert outcomes[-1] == ("ota.committed", second.name, None)
+    assert rig.sim.swaps == [first.name, BASELINE_REF, second.name]
+    front = rig.last.streams["front"]
+    assert front.active == second.name and front.previous == BASELINE_REF
+
+
+# --- download resume and restarts ------------------------------------------------------------
+
+
+def test_cut_download_resumes_from_the_byte_it_reached(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+) -> None:
+    rig = make_rig(tmp_path, key)
+    _, ref, server = served()
+    cut = len(server.body) // 3
+    server.cut_after = [cut]
+    rig.send(desired(1, {"front": ref}))
+    rig.settle()
+    assert rig.last.streams["front"].phase == "committed"
+    assert server.ranges[0] is None and len(server.ranges) == 2
+    resumed_at = int(str(server.ranges[1]).removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at <= cut
+    # Only the missing tail was sent again, not the whole file.
+    assert server.bytes_served == cut + len(server.body) - resumed_at
+
+
+class Frozen:
+    """A fault hook that freezes the worker at ``point`` for good (a process about to die)."""
+
+    def __init__(self, point: str) -> None:
+        self.point = point
+        self.reached = threading.Event()
+        self._never = threading.Event()
+
+    def __call__(self, point: str) -> None:
+        if point == self.point:
+            self.reached.set()
+            self._never.wait()
+
+
+@pytest.mark.parametrize(
+    ("point", "outcome", "reason"),
+    [
+        ("downloading", "committed", None),
+        ("verifying", "committed", None),
+        ("staging", "committed", None),
+        ("switching", "rolled_back", "crashed_in_probation"),
+        ("activated", "rolled_back", "crashed_in_probation"),
+        ("probation", "rolled_back", "crashed_in_probation"),
+    ],
+)
+def test_restart_in_each_phase_resumes_or_rolls_back(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any, point: str, outcome: str, reason: str
+) -> None:
+    # First a committed 2.0.0, so "previous" is a real installed model, not the baseline.
+    rig = make_rig(tmp_path, key)
+    v2, ref2, _ = served()
+    rig.send(desired(1, {"front": ref2}))
+    rig.settle()
+    frozen = Frozen(point)
+    crashed = make_rig(tmp_path, key, fault=frozen)
+    v3, ref3, _ = served(version="3.0.0")
+    crashed.send(desired(2, {"front": ref3}))
+    assert frozen.reached.wait(30)
+    expected_phase = "switching" if point == "activated" else point
+    assert crashed.phase() == expected_phase
+    # "kill -9": the frozen process is abandoned; a new one starts on the same state folder.
+    restarted = make_rig(tmp_path, key)
+    restarted.settle()
+    front = restarted.last.streams["front"]
+    assert (front.phase, front.reason, front.target) == (outcome, reason, v3.name)
+    if outcome == "committed":
+        assert front.active == v3.name
+        assert front.previous == v2.name
+    else:
+        # Starts on the previous, verified model; the candidate is only "previous" now.
+        assert restarted.sim.active() == v2.name
+        assert front.active == v2.name
+        assert restarted.codes()[0] == "ota.rolled_back"
+        current = restarted.store.current("front")
+        assert current is not None and '"version": "2.0.0"' in current.read_text()
+    assert restarted.last.desired_rev == 2
+
+
+def test_restart_rolls_back_to_the_baseline_when_the_first_candidate_was_in_probation(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+) -> None:
+    frozen = Frozen("probation")
+    rig = make_rig(tmp_path, key, fault=frozen)
+    _, ref, _ = served()
+    rig.send(desired(1, {"front": ref}))
+    assert frozen.reached.wait(30)
+    assert rig.store.slots("front")[0] is not None  # the candidate was current in the store
+    restarted = make_rig(tmp_path, key)
+    front = restarted.last.streams["front"]
+    assert (front.phase, front.reason, front.active) == (
+        "rolled_back",
+        "crashed_in_probation",
+        BASELINE_REF,
+    )
+    assert restarted.store.slots("front")[0] is None
+
+
+def test_restart_refuses_an_installed_model_whose_files_changed(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+) -> None:
+    rig = make_rig(tmp_path, key)
+    bundle, ref, _ = served()
+    rig.send(desired(1, {"front": ref}))
+    rig.settle()
+    current = rig.store.current("front")
+    assert current is not None
+    model = current.parent / "blazeface-short-int8.tflite"
+    model.write_bytes(model.read_bytes()[:-10])
+    restarted = make_rig(tmp_path, key)
+    front = restarted.last.streams["front"]
+    assert restarted.sim.active() == BASELINE_REF
+    assert (front.phase, front.reason, front.target) == ("failed", "install_invalid", bundle.name)
+
+
+# --- the real pipeline ------------------------------------------------------------------------
+
+
+def test_hot_swap_in_a_real_pipeline_loses_no_frame(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+) -> None:
+    """A real FrameSource + StreamPipeline, real clock: the swap happens between two frames."""
+    from agent.config import StreamConfig
+    from agent.pipeline import StreamPipeline
+    from agent.sources import FrameSource
+    from protocol import Detections
+
+    bundle, ref, _ = served()
+    health = HealthRecorder()
+    payloads: list[bytes] = []
+    counter = iter(range(1 << 30))
+    source = FrameSource(name="front", uri=str(VIDEO), loop=True, realtime=False)
+    pipeline = StreamPipeline(
+        device_id="cam-01",
+        config=StreamConfig(name="front", source=str(VIDEO), model=str(BASELINE)),
+        source=source,
+        detector=load_detector(BASELINE),
+        publish=lambda _topic, payload: payloads.append(payload),
+        next_seq=lambda: next(counter),
+        observer=health,
+    )
+    services = Services(
+        ota_dir=tmp_path / "ota",
+        store=ModelStore(tmp_path / "models"),
+        download=lambda r, dest, stop: download(
+            r.url, dest, sha256=r.sha256, size=r.size, stop=stop
+        ),
+        verify=lambda path: open_bundle(
+            path,
+            trusted_keys=[key.public_key()],
+            agent_version=__version__,
+            runtimes={"litert"},
+            arch=platform.machine(),
+        ),
+        golden=lambda det, folder, manifest: check_golden(det, folder, manifest, latency_runs=3),
+        probation_s=1.0,
+    )
+    reports: list[Reported] = []
+    manager = OtaManager(
+        device_id="cam-01",
+        services=services,
+        streams=[
+            StreamIO(
+                name="front",
+                baseline_manifest=BASELINE,
+                baseline_ref=BASELINE_REF,
+                load=load_detector,
+                swap=pipeline.swap_detector,
+                active=lambda: pipeline.detector.ref,
+                health=health,
+            )
+        ],
+        publish_reported=lambda payload: reports.append(decode(payload, Reported)),
+        publish_event=lambda payload: None,
+    )
+    manager.recover()
+    pipeline.start()
+    source.start()
+    try:
+        while pipeline.stats.frames_processed < 200:
+            time.sleep(0.01)
+        manager.start()
+        manager.handle_desired(encode(desired(1, {"front": ref})))
+        time.sleep(0.05)
+        assert manager.wait_idle(30)
+        done = pipeline.stats.frames_processed
+        while pipeline.stats.frames_processed < done + 100:
+            time.sleep(0.01)
+    finally:
+        manager.stop()
+        source.stop()
+        pipeline.stop()
+    assert reports[-1].streams["front"].phase == "committed", reports[-1]
+    frames = [decode(p, Detections) for p in payloads]
+    indices = [f.frame_index for f in frames]
+    assert indices == list(range(indices[0], indices[0] + len(indices))), "a frame was lost"
+    models = [f.model for f in frames]
+    switch = models.index(bundle.name)
+    assert set(models[:switch]) == {BASELINE_REF} and set(models[switch:]) == {bundle.name}
+    assert source.stats().frames_dropped == 0
+    # Faces are still found after the swap (the same weights under a new version).
+    assert any(f.detections for f in frames[switch:])
+
+
+def test_disabled_ota_ignores_desired_and_the_store(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+) -> None:
+    rig = make_rig(tmp_path, key)
+    _, ref, _ = served()
+    rig.send(desired(1, {"front": ref}))
+    rig.settle()
+    assert rig.store.current("front") is not None
+    sim = SimStream(FakeClock())
+    sim.detector = load_detector(BASELINE)
+    reports: list[Reported] = []
+    manager = OtaManager(
+        device_id="cam-01",
+        services=_services(tmp_path, key, sim, trusted=None, fault=lambda p: None, probation_s=1),
+        streams=[
+            StreamIO(
+                name="front",
+                baseline_manifest=BASELINE,
+                baseline_ref=BASELINE_REF,
+                load=load_detector,
+                swap=sim.swap,
+                active=sim.active,
+                health=sim.health,
+            )
+        ],
+        publish_reported=lambda payload: reports.append(decode(payload, Reported)),
+        publish_event=lambda payload: pytest.fail("no events when disabled"),
+        enabled=False,
+    )
+    assert manager.recover() == {"front": None}  # runs the config's model
+    manager.start()
+    _, other, server = served(version="3.0.0")
+    manager.handle_desired(encode(desired(2, {"front": other})))
+    assert manager.wait_idle(5) and server.requests == 0
+    front = reports[-1].streams["front"]
+    assert (front.active, front.phase, reports[-1].desired_rev) == (BASELINE_REF, "idle", None)
+
+
+def test_fault_hook_env_is_strict() -> None:
+    from agent.errors import ConfigError
+    from agent.ota.manager import fault_hook_from_env
+
+    fault_hook_from_env(None)("staging")  # unset: a no-op
+    fault_hook_from_env("pause:probation")("staging")  # another point: no-op
+    with pytest.raises(ConfigError, match="use pause:POINT with POINT one of"):
+        fault_hook_from_env("pause:nowhere")
+    with pytest.raises(ConfigError, match="use pause:POINT"):
+        fault_hook_from_env("sleep:staging")
