@@ -6,13 +6,14 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help demo test install-dev install-runtime mosquitto promtool lint typecheck pytest schemas bench clean
+.PHONY: help deb demo test install-dev install-runtime mosquitto promtool lint typecheck pytest schemas bench clean
 
 help:
 	@echo "make demo    - set up .venv and run the demo (agent + controller on the shipped model and video)"
 	@echo "make test    - set up .venv with dev tools, install Mosquitto if missing, run ruff, mypy, pytest"
 	@echo "make schemas - regenerate docs/protocol/*.schema.json"
-	@echo "make bench   - run the benchmarks in bench/ (prints ratios)"
+	@echo "make deb     - build the edgefleet-agent Debian package into dist/"
+	@echo "make bench   - run the benchmarks in bench/ (ingest ratios, pipeline, a 1,000-device rollout)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +71,13 @@ schemas: $(VENV)/.runtime
 bench: $(VENV)/.runtime
 	$(PY) -m bench.pipeline
 	$(PY) -m bench.ingest
+	$(PY) -m bench.rollout
+	$(PY) -m bench.swap
+
+# The edgefleet-agent .deb (self-contained venv under /opt/edgefleet): docs/operations.md.
+# Build it on the devices' Debian release and architecture; DEB_ARGS passes options on.
+deb:
+	$(PYTHON) packaging/deb/build.py --out dist $(DEB_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-tflite build *.egg-info .mypy_cache .ruff_cache .pytest_cache

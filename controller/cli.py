@@ -1,7 +1,8 @@
 """``edgefleet``: the operator CLI and ``edgefleet controller serve``.
 
 Most commands talk to the HTTP API (URL and token from --url/--token, EDGEFLEET_URL/
-EDGEFLEET_TOKEN or the CLI config file ~/.config/edgefleet/cli.toml). ``tokens create``
+EDGEFLEET_TOKEN or the CLI config file ~/.config/edgefleet/cli.toml; for HTTPS the CA
+from --ca-file/EDGEFLEET_CA_FILE/ca_file). ``tokens create``
 and ``db upgrade`` work on the database directly, so the first admin token can be made
 without one. Errors are one line (``error: ...``); ``-v`` adds the traceback.
 """
@@ -21,6 +22,9 @@ from typing import Any
 import click
 import msgspec
 
+from controller.cli_quantize import model_quantize
+from controller.cli_rollout import rollout
+from controller.cli_security import certs, devices_enroll
 from controller.client import DEFAULT_URL, ControllerClient
 from controller.errors import ConfigError, ControllerError
 
@@ -33,10 +37,21 @@ CLI_CONFIG_ENV = "EDGEFLEET_CLI_CONFIG"
 
 
 class CliSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The CLI config file (TOML): where the API is and which token to use."""
+    """The CLI config file (TOML): where the API is, which token to use, which CA to trust.
+
+    Relative file paths are resolved against the config file's folder.
+    """
 
     url: str | None = None
     token: str | None = None
+    ca_file: str | None = None
+    """CA certificate (PEM) that signed the controller's HTTPS certificate."""
+    client_cert_file: str | None = None
+    """Client certificate (PEM) for a controller that requires one (api.tls_client_ca_file)."""
+    client_key_file: str | None = None
+
+
+CLI_KEYS = ", ".join(repr(k) for k in CliSettings.__struct_fields__)
 
 
 @dataclass
@@ -45,12 +60,21 @@ class CliState:
     url: str | None = None
     token: str | None = None
     cli_config: str | None = None
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
 
     def client(self) -> ControllerClient:
         settings = _cli_settings(self.cli_config)
         url = self.url or settings.url or DEFAULT_URL
         token = self.token or settings.token
-        return ControllerClient(url=url, token=token)
+        return ControllerClient(
+            url=url,
+            token=token,
+            ca_file=self.ca_file or settings.ca_file,
+            client_cert_file=self.client_cert or settings.client_cert_file,
+            client_key_file=self.client_key or settings.client_key_file,
+        )
 
 
 def _default_cli_config() -> Path:
@@ -65,11 +89,20 @@ def _cli_settings(explicit: str | None) -> CliSettings:
             raise ConfigError(f"CLI config file {path} not found")
         return CliSettings()
     try:
-        return msgspec.convert(tomllib.loads(path.read_text(encoding="utf-8")), CliSettings)
+        settings = msgspec.convert(tomllib.loads(path.read_text(encoding="utf-8")), CliSettings)
     except (tomllib.TOMLDecodeError, msgspec.ValidationError) as err:
-        raise ConfigError(
-            f"{path}: {err}; the CLI config knows only the keys 'url' and 'token'"
-        ) from err
+        raise ConfigError(f"{path}: {err}; the CLI config knows only the keys {CLI_KEYS}") from err
+    base = path.resolve().parent
+
+    def resolve(value: str | None) -> str | None:
+        return None if value is None else str(base / Path(value).expanduser())
+
+    return msgspec.structs.replace(
+        settings,
+        ca_file=resolve(settings.ca_file),
+        client_cert_file=resolve(settings.client_cert_file),
+        client_key_file=resolve(settings.client_key_file),
+    )
 
 
 class _Cli(click.Group):
@@ -97,16 +130,42 @@ def _state(ctx: click.Context) -> CliState:
 @click.option(
     "--cli-config",
     envvar=CLI_CONFIG_ENV,
-    help="CLI config file with url/token [default: ~/.config/edgefleet/cli.toml].",
+    help="CLI config file with url/token/ca_file [default: ~/.config/edgefleet/cli.toml].",
+)
+@click.option(
+    "--ca-file",
+    envvar="EDGEFLEET_CA_FILE",
+    type=click.Path(dir_okay=False),
+    help="Trust this CA certificate (PEM) for an https:// controller [default: system CAs].",
+)
+@click.option(
+    "--client-cert",
+    envvar="EDGEFLEET_CLIENT_CERT",
+    type=click.Path(dir_okay=False),
+    help="Client certificate (PEM) for a controller that requires one (mTLS).",
+)
+@click.option(
+    "--client-key",
+    envvar="EDGEFLEET_CLIENT_KEY",
+    type=click.Path(dir_okay=False),
+    help="The client certificate's private key (PEM).",
 )
 @click.version_option(package_name="edgefleet", prog_name="edgefleet")
 @click.pass_context
 def main(
-    ctx: click.Context, verbose: int, url: str | None, token: str | None, cli_config: str | None
+    ctx: click.Context,
+    verbose: int,
+    url: str | None,
+    token: str | None,
+    cli_config: str | None,
+    ca_file: str | None,
+    client_cert: str | None,
+    client_key: str | None,
 ) -> None:
     """edgefleet: fleet controller and operator CLI."""
     state = _state(ctx)
     state.verbose, state.url, state.token, state.cli_config = verbose, url, token, cli_config
+    state.ca_file, state.client_cert, state.client_key = ca_file, client_cert, client_key
     if verbose:
         logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO)
 
@@ -693,8 +752,8 @@ def model_push(ctx: click.Context, bundle: str, as_json: bool) -> None:
     """Upload BUNDLE to the controller (needs an operator token)."""
     import httpx
 
-    from controller.client import _detail
-    from controller.errors import ApiError, AuthError, ConnectionFailedError
+    from controller.client import _detail, transport_error
+    from controller.errors import ApiError, AuthError
 
     with _state(ctx).client() as client, Path(bundle).open("rb") as f:
         http: httpx.Client = client._http
@@ -705,13 +764,10 @@ def model_push(ctx: click.Context, bundle: str, as_json: bool) -> None:
                 headers={"Content-Type": "application/octet-stream"},
                 timeout=httpx.Timeout(10.0, read=300.0, write=300.0),
             )
-        except httpx.ConnectError as err:
-            raise ConnectionFailedError(
-                f"cannot reach the controller at {client.url} ({err}); pass --url / set "
-                "EDGEFLEET_URL"
-            ) from err
         except httpx.HTTPError as err:
-            raise ApiError(f"upload to {client.url} failed: {err}") from err
+            raise transport_error(
+                client.url, err, doing="upload", client_cert=client.client_cert
+            ) from err
     if resp.status_code in (401, 403):
         raise AuthError(f"{resp.status_code}: {_detail(resp)}", status=resp.status_code)
     if not resp.is_success:
@@ -801,6 +857,18 @@ def model_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     for g in man.get("golden", []):
         found_s = ", ".join(f"{e[0]} {e[1]:.3f}" for e in g["expected"]) or "nothing"
         console.print(f"golden {_e(g['image'])}: {_e(found_s)}")
+
+
+# --- TLS certificates and device enrollment (local files only, controller.cli_security) ---
+
+main.add_command(certs)
+devices.add_command(devices_enroll)
+
+model.add_command(model_quantize)  # local files only (controller.cli_quantize)
+
+# --- staged rollouts (over the API, controller.cli_rollout) --------------------------------
+
+main.add_command(rollout)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""CLI commands for the broker's security: ``edgefleet certs init|issue`` and ``devices enroll``.
+"""CLI commands for TLS and broker security: ``edgefleet certs init|issue``, ``devices enroll``.
 
 ``certs`` is a group of its own; ``devices_enroll`` is a command the main CLI adds to its
 ``devices`` group. All of them work on local files only (no API, no database).
@@ -15,7 +15,7 @@ from controller.enroll import DEFAULT_BROKER_URL, EnrollError
 
 @click.group()
 def certs() -> None:
-    """A small CA for the broker's TLS: CA, server and device certificates (ECDSA P-256)."""
+    """A small CA for TLS (broker, controller API): CA, server and device certificates."""
 
 
 @certs.command("init")

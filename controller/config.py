@@ -109,7 +109,18 @@ class ApiConfig(_Section, frozen=True, kw_only=True):
     port: int = 8080
     """0 = any free port (printed on start)."""
     public_url: str | None = None
-    """URL printed for operators; defaults to ``http://{bind}:{port}``."""
+    """URL printed for operators; defaults to ``http://{bind}:{port}`` (``https://`` with TLS)."""
+    tls_cert_file: str | None = None
+    """Serve HTTPS with this PEM certificate (chain); together with ``tls_key_file``."""
+    tls_key_file: str | None = None
+    """The certificate's private key (PEM, unencrypted); together with ``tls_cert_file``."""
+    tls_client_ca_file: str | None = None
+    """mTLS: require a client certificate signed by this CA (PEM); needs ``tls_cert_file``."""
+    auth_max_failures: int = 10
+    """Failed bearer-token attempts from one client address within ``auth_window_s`` before
+    that address gets 429 for ``auth_window_s`` (0 = no limit)."""
+    auth_window_s: float = 60.0
+    """The window for counting failed token attempts, and how long an address stays blocked."""
 
 
 class ModelsConfig(_Section, frozen=True, kw_only=True):
@@ -119,6 +130,14 @@ class ModelsConfig(_Section, frozen=True, kw_only=True):
     """Largest accepted upload (``POST /api/v1/models``); larger ones get 413."""
     trusted_keys: list[str] = msgspec.field(default_factory=list)
     """Ed25519 public keys (PEM files); when set, uploads must carry a signature one of them verifies."""
+
+
+class RolloutsConfig(_Section, frozen=True, kw_only=True):
+    enabled: bool = True
+    """Drive rollouts and publish desired states from this controller (PostgreSQL: only the
+    replica holding the rollout lock does, the others stand by)."""
+    tick_interval_s: float = 1.0
+    """How often the rollout engine looks at every live rollout."""
 
 
 class ControllerConfig(_Section, frozen=True, kw_only=True):
@@ -133,6 +152,7 @@ class ControllerConfig(_Section, frozen=True, kw_only=True):
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)
+    rollouts: RolloutsConfig = msgspec.field(default_factory=RolloutsConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +187,14 @@ class LoadedConfig:
     @property
     def client_id(self) -> str:
         return self.config.broker.client_id or f"edgefleet-controller-{socket.gethostname()}"[:64]
+
+
+_USERINFO_PASSWORD = re.compile(r"(://[^/?#@:]*):[^/?#]*@")
+
+
+def hide_password(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part replaced by ``***``."""
+    return _USERINFO_PASSWORD.sub(r"\1:***@", url)
 
 
 _UNKNOWN = re.compile(r"unknown field `([^`]+)`")
@@ -204,12 +232,18 @@ def convert_config(raw: dict[str, Any], *, source: str = "<config>") -> Controll
 
 def _check_mqtt_url(url: str, key: str, fail: Any) -> None:
     parts = urlsplit(url)
+    shown = hide_password(url)
+    if parts.username is not None or parts.password is not None:
+        fail(
+            f"{key} {shown!r}: put no credentials in the URL (it is logged): use "
+            "broker.username and broker.password (or EDGEFLEET_BROKER_PASSWORD)"
+        )
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        fail(f"{key} {url!r}: use mqtt://host:port or mqtts://host:port")
+        fail(f"{key} {shown!r}: use mqtt://host:port or mqtts://host:port")
     try:
         _ = parts.port
     except ValueError:
-        fail(f"{key} {url!r}: the port is not a number in 1-65535")
+        fail(f"{key} {shown!r}: the port is not a number in 1-65535")
 
 
 def check_config(config: ControllerConfig, *, source: str = "<config>") -> None:  # noqa: PLR0912
@@ -221,8 +255,8 @@ def check_config(config: ControllerConfig, *, source: str = "<config>") -> None:
     db_url = config.database.url
     if db_url is not None and not db_url.startswith(("sqlite", "postgresql")):
         fail(
-            f"database.url {db_url!r}: use sqlite:///PATH or postgresql+psycopg://user@host/db "
-            "(or leave it unset for SQLite under data_dir)"
+            f"database.url {hide_password(db_url)!r}: use sqlite:///PATH or "
+            "postgresql+psycopg://user@host/db (or leave it unset for SQLite under data_dir)"
         )
     if config.database.pool_size < 1:
         fail("database.pool_size must be >= 1")
@@ -239,8 +273,23 @@ def check_config(config: ControllerConfig, *, source: str = "<config>") -> None:
         fail(f"broker.shared_group {group!r}: use a plain name without '/', '+' or '#'")
     if not 0 <= config.embedded_broker.port < 65536:
         fail("embedded_broker.port must be in 0-65535 (0 = any free port)")
-    if not 0 <= config.api.port < 65536:
+    api = config.api
+    if not 0 <= api.port < 65536:
         fail("api.port must be in 0-65535 (0 = any free port)")
+    if (api.tls_cert_file is None) != (api.tls_key_file is None):
+        fail(
+            "api.tls_cert_file and api.tls_key_file go together: set both to serve HTTPS "
+            "(`edgefleet certs issue NAME --kind server` writes a pair) or neither for HTTP"
+        )
+    if api.tls_client_ca_file is not None and api.tls_cert_file is None:
+        fail(
+            "api.tls_client_ca_file (client certificates) needs HTTPS: set api.tls_cert_file "
+            "and api.tls_key_file too"
+        )
+    if api.auth_max_failures < 0:
+        fail("api.auth_max_failures must be >= 0 (0 = no limit on failed token attempts)")
+    if api.auth_window_s <= 0:
+        fail("api.auth_window_s must be > 0")
     ingest = config.ingest
     if ingest.queue_size < 1 or ingest.batch_size < 1:
         fail("ingest.queue_size and ingest.batch_size must be >= 1")
@@ -248,6 +297,8 @@ def check_config(config: ControllerConfig, *, source: str = "<config>") -> None:
         fail("ingest.flush_interval_s must be > 0")
     if ingest.enqueue_timeout_s < 0:
         fail("ingest.enqueue_timeout_s must be >= 0")
+    if not config.rollouts.tick_interval_s > 0:
+        fail("rollouts.tick_interval_s must be > 0")
     if config.models.max_bundle_bytes < 1:
         fail("models.max_bundle_bytes must be >= 1")
     r = config.retention

@@ -45,3 +45,16 @@ class NotFoundError(ApiError):
 
 class ConnectionFailedError(ApiError):
     """The controller's HTTP API cannot be reached."""
+
+
+class RolloutError(ControllerError):
+    """A rollout cannot be created or changed: unknown model or device, a selection that
+    overlaps an active rollout, an invalid spec, or a state that does not allow the action.
+
+    ``kind`` tells the API which status to answer: ``not_found`` (404), ``conflict`` (409)
+    or ``invalid`` (422).
+    """
+
+    def __init__(self, message: str, *, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind

@@ -1,13 +1,14 @@
 """Prometheus metrics of one controller: a per-app CollectorRegistry, no global state.
 
 Fleet gauges are read from the database at scrape time; ingest figures come from the
-ingestor's counters.
+ingestor's counters, API authentication figures from the app's ``AuthLimiter``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -110,12 +111,50 @@ class IngestCollector(Collector):
         )
 
 
+class AuthCounts(Protocol):
+    """What AuthCollector reads (``controller.api.auth.AuthLimiter`` provides it)."""
+
+    failures_total: int
+    refused_total: int
+
+    def blocked_addresses(self) -> int: ...
+
+
+class AuthCollector(Collector):
+    """Failed token attempts and the requests refused because their address is blocked."""
+
+    def __init__(self, auth: AuthCounts) -> None:
+        self.auth = auth
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "edgefleet_api_auth_failures",
+            "API requests with an unknown or revoked bearer token (answered 401)",
+            value=self.auth.failures_total,
+        )
+        yield CounterMetricFamily(
+            "edgefleet_api_auth_refused",
+            "API requests refused with 429 because their address had too many failed tokens",
+            value=self.auth.refused_total,
+        )
+        yield GaugeMetricFamily(
+            "edgefleet_api_auth_blocked_addresses",
+            "Client addresses blocked now after too many failed token attempts",
+            value=self.auth.blocked_addresses(),
+        )
+
+
 def build_registry(
-    *, db: Database, ingest_snapshot: Callable[[], IngestSnapshot] | None = None
+    *,
+    db: Database,
+    ingest_snapshot: Callable[[], IngestSnapshot] | None = None,
+    auth: AuthCounts | None = None,
 ) -> CollectorRegistry:
     """A fresh registry for one app (tests may build many side by side)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(db))
     if ingest_snapshot is not None:
         registry.register(IngestCollector(ingest_snapshot))
+    if auth is not None:
+        registry.register(AuthCollector(auth))
     return registry

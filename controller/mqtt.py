@@ -1,9 +1,12 @@
-"""The controller's MQTT v5 connection: subscribes to what the devices publish.
+"""The controller's MQTT v5 connection: subscribes to what the devices publish and
+publishes their retained desired states.
 
 paho-mqtt 2.x runs the network loop on its own thread; ``on_message`` only hands the
 topic and payload to the ingestor (decode + enqueue). The session is persistent
 (``clean_start`` false with a session expiry), so QoS 1 messages published while the
 controller restarts are queued by the broker and delivered when it comes back.
+``publish_confirmed`` publishes QoS 1 messages and reports which ones the broker
+acknowledged (PUBACK without an error reason code).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -61,7 +65,9 @@ class MqttSubscriber:
         kinds: tuple[Kind, ...],
         on_message: Callable[[str, bytes], object],
         on_connection_change: Callable[[bool], None] | None = None,
+        on_session: Callable[[bool], None] | None = None,
     ) -> None:
+        """``on_session(session_present)`` runs on every successful connect (network thread)."""
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
@@ -69,7 +75,10 @@ class MqttSubscriber:
         self.kinds = kinds
         self._handler = on_message
         self._on_change = on_connection_change
+        self._on_session = on_session
         self._connected = threading.Event()
+        self._refused_pubs: dict[int, str] = {}
+        self._pub_lock = threading.Lock()
         self._stopping = False
         self._refused: str | None = None
         self.filters = [
@@ -96,9 +105,11 @@ class MqttSubscriber:
                     "broker.cert_file and broker.key_file"
                 ) from err
         client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_inflight_messages_set(100)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         self._client = client
 
     @property
@@ -132,6 +143,53 @@ class MqttSubscriber:
                 f"({why}); check broker.url, the credentials and that the broker is running"
             )
 
+    def publish_confirmed(
+        self,
+        messages: Sequence[tuple[str, bytes]],
+        *,
+        qos: int = 1,
+        retain: bool = True,
+        timeout: float = 10.0,
+    ) -> list[bool]:
+        """Publish ``(topic, payload)`` pairs; True for each the broker acknowledged within
+        ``timeout`` (all False at once while disconnected: nothing is queued in paho then)."""
+        from paho.mqtt.enums import MQTTErrorCode
+
+        if not self.connected:
+            return [False] * len(messages)
+        infos: list[Any] = []
+        for topic, payload in messages:
+            try:
+                infos.append(self._client.publish(topic, payload, qos=qos, retain=retain))
+            except ValueError as err:  # a topic or payload paho refuses: a bug, not the network
+                log.error("cannot publish on %s: %s", topic, err)
+                infos.append(None)
+        deadline = time.monotonic() + timeout
+        acked = []
+        for (topic, _), info in zip(messages, infos, strict=True):
+            ok = False
+            if info is not None and info.rc in (
+                MQTTErrorCode.MQTT_ERR_SUCCESS,
+                MQTTErrorCode.MQTT_ERR_AGAIN,
+            ):
+                try:
+                    info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+                    ok = info.is_published()
+                except (RuntimeError, ValueError):
+                    ok = False
+                with self._pub_lock:
+                    refused = self._refused_pubs.pop(info.mid, None)
+                if refused is not None:
+                    log.error(
+                        "the MQTT broker refused the message on %s (%s); check its ACL: the "
+                        "controller must be allowed to publish edgefleet/v1/+/desired",
+                        topic,
+                        refused,
+                    )
+                    ok = False
+            acked.append(ok)
+        return acked
+
     def stop(self) -> None:
         self._stopping = True
         self._client.disconnect()
@@ -155,7 +213,13 @@ class MqttSubscriber:
             self._refused = f"refused: {reason}"
             log.error("MQTT broker %s refused the connection: %s", self.settings.url, reason)
             return
-        client.subscribe([(f, 1) for f in self.filters])
+        if self.filters:
+            client.subscribe([(f, 1) for f in self.filters])
+        if self._on_session is not None:
+            try:
+                self._on_session(bool(flags.session_present))
+            except Exception:
+                log.exception("the MQTT session hook failed")
         log.info(
             "connected to MQTT broker %s (session present: %s), subscribed to %s",
             self.settings.url,
@@ -172,6 +236,11 @@ class MqttSubscriber:
                 "disconnected from MQTT broker %s: %s; reconnecting", self.settings.url, reason
             )
         self._set_connected(False)
+
+    def _on_publish(self, _client: Any, _userdata: Any, mid: int, reason: Any, _props: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            with self._pub_lock:
+                self._refused_pubs[mid] = str(reason)
 
     def _on_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
         try:

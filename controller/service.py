@@ -10,26 +10,72 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from controller import store
 from controller.api import create_app
+from controller.api.auth import AuthLimiter
+from controller.blobstore import hosting_from_config
 from controller.broker import EmbeddedBroker
 from controller.config import ControllerConfig, LoadedConfig, convert_config
 from controller.db.session import Database
-from controller.errors import ControllerError
+from controller.errors import ConfigError, ControllerError
 from controller.ingest import INGESTED_KINDS, Ingestor
 from controller.mqtt import MqttSettings, MqttSubscriber
+from controller.rollouts.engine import RolloutEngine
+from controller.rollouts.publisher import DesiredPublisher
+from controller.rollouts.runner import RolloutRunner
 
 log = logging.getLogger(__name__)
 
 DEV_TOKEN_NAME = "dev"  # noqa: S105 - the name of the token, not a secret
 DEV_TOKEN_FILE = "dev-token"  # noqa: S105 - a file name
+
+
+@dataclass(frozen=True, slots=True)
+class ApiTls:
+    """The HTTP API's TLS files, resolved and checked (they load into an SSL context)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None
+
+
+def check_api_tls(loaded: LoadedConfig) -> ApiTls | None:
+    """The API's TLS settings, None for plain HTTP; ConfigError if the files do not load."""
+    api = loaded.config.api
+    if api.tls_cert_file is None or api.tls_key_file is None:
+        return None
+    tls = ApiTls(
+        cert_file=loaded.resolve(api.tls_cert_file),
+        key_file=loaded.resolve(api.tls_key_file),
+        client_ca_file=loaded.resolve(api.tls_client_ca_file) if api.tls_client_ca_file else None,
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(
+            f"api.tls_cert_file {tls.cert_file} / api.tls_key_file {tls.key_file} cannot be "
+            f"loaded ({getattr(err, 'strerror', None) or err}): use a PEM certificate and its "
+            "unencrypted key, e.g. from `edgefleet certs issue NAME --kind server --ca-dir DIR`"
+        ) from err
+    if tls.client_ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=tls.client_ca_file)
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError(
+                f"api.tls_client_ca_file {tls.client_ca_file} cannot be loaded "
+                f"({getattr(err, 'strerror', None) or err}): use the PEM CA certificate that "
+                "signs the client certificates (e.g. the ca.pem of `edgefleet certs init`)"
+            ) from err
+    return tls
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,13 +89,15 @@ class BrokerInfo:
 
 
 class Controller:
-    """Database + migrations, (embedded) broker, MQTT ingestion, retention job, HTTP API."""
+    """Database + migrations, (embedded) broker, MQTT ingestion, retention job, rollouts
+    (engine + desired-state publisher), HTTP API."""
 
     def __init__(self, loaded: LoadedConfig, *, clock: Callable[[], float] = time.time) -> None:
         self.loaded = loaded
         cfg = loaded.config
         self.config = cfg
         self.clock = clock
+        self.tls = check_api_tls(loaded)  # before anything is created: a bad file stops here
         self.db = Database.from_url(
             loaded.database_url, echo=cfg.database.echo, pool_size=cfg.database.pool_size
         )
@@ -72,7 +120,26 @@ class Controller:
                 password=eb.password,
                 mosquitto=eb.mosquitto,
             )
-        self.app = create_app(db=self.db, ingest_snapshot=self.ingestor.snapshot, clock=clock)
+        self.app = create_app(
+            db=self.db,
+            ingest_snapshot=self.ingestor.snapshot,
+            clock=clock,
+            auth_limiter=AuthLimiter(
+                max_failures=cfg.api.auth_max_failures, window_s=cfg.api.auth_window_s
+            ),
+        )
+        self.app.state.models = hosting_from_config(loaded)
+        self.rollout_engine = RolloutEngine(self.db, base_url=self._rollout_base_url, clock=clock)
+        self.rollouts: RolloutRunner | None = None
+        if cfg.rollouts.enabled:
+            self.rollouts = RolloutRunner(
+                db=self.db,
+                engine=self.rollout_engine,
+                publisher=DesiredPublisher(self.db, publish=self._publish, clock=clock),
+                interval_s=cfg.rollouts.tick_interval_s,
+                clock=clock,
+            )
+            self.app.state.rollouts_wake = self.rollouts.wake
         self.subscriber: MqttSubscriber | None = None
         self._server: Any = None
         self._server_thread: threading.Thread | None = None
@@ -92,12 +159,15 @@ class Controller:
 
     @property
     def api_url(self) -> str:
-        """The HTTP API's URL (the real port once the server listens, with api.port 0)."""
+        """The HTTP API's URL (the real port once the server listens, with api.port 0);
+        ``https://`` when api.tls_cert_file is set."""
         if self.config.api.public_url:
             return self.config.api.public_url.rstrip("/")
         host = self.config.api.bind
         host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
-        return f"http://{host}:{self._bound_port()}"
+        host = f"[{host}]" if ":" in host else host
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{host}:{self._bound_port()}"
 
     def _bound_port(self) -> int:
         servers = getattr(self._server, "servers", None) or []
@@ -113,12 +183,25 @@ class Controller:
             f"edgefleet controller: API {self.api_url} (OpenAPI: {self.api_url}/docs)",
             f"  database: {self.db.url}",
         ]
+        if self.tls is not None:
+            lines.append(
+                f"  HTTPS with {self.tls.cert_file}; clients trust the CA that signed it with "
+                "--ca-file or EDGEFLEET_CA_FILE"
+                + (" and need a client certificate (mTLS)" if self.tls.client_ca_file else "")
+            )
         if b.embedded:
+            # Never the password itself: this text goes to stdout and often to a journal.
+            broker_dir = self.loaded.data_dir / "broker"
+            where = (
+                f"in {broker_dir / 'password'}"
+                if self.config.embedded_broker.password is None
+                else "as configured (embedded_broker.password)"
+            )
             lines += [
                 f"  embedded MQTT broker (mosquitto): {b.url}",
                 f"  agents connect with: url = {b.url!r}, username = {b.username!r}, "
-                f"password = {b.password!r}",
-                f"  (agent config snippet: {self.loaded.data_dir / 'broker' / 'agent.toml'})",
+                f"password {where}",
+                f"  (agent config snippet with the password: {broker_dir / 'agent.toml'})",
             ]
         else:
             lines.append(f"  MQTT broker: {b.url}")
@@ -139,7 +222,7 @@ class Controller:
         return token
 
     def start_backend(self) -> None:
-        """Everything but the HTTP server: migrations, broker, ingestion, retention."""
+        """Everything but the HTTP server: migrations, broker, ingestion, retention, rollouts."""
         if self._started:
             return
         self.loaded.data_dir.mkdir(parents=True, exist_ok=True)
@@ -157,8 +240,11 @@ class Controller:
                 kinds=INGESTED_KINDS,
                 on_message=self.ingestor.handle,
                 on_connection_change=self._mqtt_changed,
+                on_session=self.rollouts.on_session if self.rollouts is not None else None,
             )
             self.subscriber.start(wait=True)
+            if self.rollouts is not None:
+                self.rollouts.start()
             self._retention_stop.clear()
             self._retention_thread = threading.Thread(
                 target=self._retention_loop, name="retention", daemon=True
@@ -222,6 +308,8 @@ class Controller:
             if self._server_thread is not None:
                 self._server_thread.join(10)
                 self._server_thread = None
+        if self.rollouts is not None:
+            self.rollouts.stop()
         if self.subscriber is not None:
             self.subscriber.stop()
             self.subscriber = None
@@ -254,12 +342,30 @@ class Controller:
             shared_group=b.shared_group,
         )
 
+    def _rollout_base_url(self) -> str | None:
+        """Where devices download bundles (``api_url``); None while api.port 0 is not bound."""
+        if not self.config.api.public_url and self._bound_port() == 0:
+            return None
+        return self.api_url
+
+    def _publish(self, messages: Sequence[tuple[str, bytes]]) -> list[bool]:
+        subscriber = self.subscriber
+        if subscriber is None:
+            return [False] * len(messages)
+        return subscriber.publish_confirmed(messages, qos=1, retain=True)
+
     def _mqtt_changed(self, connected: bool) -> None:
         self.ingestor.stats.mqtt_connected = connected
 
     def _make_server(self) -> Any:
         import uvicorn
 
+        tls: dict[str, Any] = {}
+        if self.tls is not None:
+            tls = {"ssl_certfile": str(self.tls.cert_file), "ssl_keyfile": str(self.tls.key_file)}
+            if self.tls.client_ca_file is not None:
+                tls["ssl_ca_certs"] = str(self.tls.client_ca_file)
+                tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
         config = uvicorn.Config(
             self.app,
             host=self.config.api.bind,
@@ -267,6 +373,7 @@ class Controller:
             log_config=None,
             access_log=False,
             lifespan="off",
+            **tls,
         )
         self._server = uvicorn.Server(config)
         return self._server

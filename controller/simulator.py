@@ -5,6 +5,15 @@ retained ``online`` status with an ``offline`` status as last will, a retained r
 state, telemetry every ``telemetry_interval_s``, events on demand. Killing the process
 (SIGKILL) makes the broker publish the will, like a device losing power.
 
+With ``ota=OtaBehaviour(...)`` a device also acts on its retained ``desired`` state as
+docs/ota.md describes: a ``rev`` above the last one it handled is taken up, and each
+stream whose model changes walks downloading → verifying → staging → switching →
+probation → committed (reported after each phase), or fails with a reason on demand
+(``fail``); a stream absent from ``models`` goes back to its baseline. With
+``download`` it really fetches the bundle and checks its size and sha256. Models in
+``slow`` make its telemetry clearly worse (the controller's health comparison).
+``SimulatedFleet`` runs many such devices over a few shared connections (benchmarks).
+
 ``publish_load`` pushes pre-encoded telemetry of many device ids through a few
 connections as fast as possible (or at a rate) for load tests and benchmarks.
 
@@ -16,6 +25,9 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import hashlib
+import heapq
+import itertools
 import logging
 import random
 import signal
@@ -23,20 +35,26 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from protocol import (
+    Desired,
     Event,
+    ModelRef,
+    ProtocolError,
     Reported,
     Status,
     StreamReport,
     StreamStatus,
     StreamTelemetry,
     Telemetry,
+    decode,
+    desired_topic,
     encode,
     events_topic,
+    parse_topic,
     reported_topic,
     status_topic,
     telemetry_topic,
@@ -173,6 +191,291 @@ def _host_port(url: str) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or 1883
 
 
+# --- OTA behaviour ------------------------------------------------------------------------
+
+DEPLOY_PHASES = ("downloading", "verifying", "staging", "switching", "probation", "committed")
+
+
+@dataclass(frozen=True)
+class OtaBehaviour:
+    """How simulated devices handle desired states."""
+
+    fail: dict[str, str] = field(default_factory=dict)
+    """Model (``name@version``) → failure reason, e.g. ``{"m@2": "golden_mismatch"}``."""
+    fail_phase: str = "staging"
+    """Where a failing model fails; ``probation`` reports ``rolled_back`` instead of ``failed``."""
+    fail_devices: frozenset[str] | None = None
+    """Only these devices fail (None: every device)."""
+    slow: frozenset[str] = frozenset()
+    """Models with clearly worse telemetry: 3x inference p95, half the fps."""
+    phase_delay_s: float = 0.05
+    download: bool = False
+    """Fetch the bundle over HTTP and check its size and sha256 (``download_failed``,
+    ``http_<status>``, ``size_mismatch``, ``sha256_mismatch`` otherwise); connection errors
+    and 5xx are retried with backoff for ``download_retry_s``."""
+    download_retry_s: float = 20.0
+
+    def failure(self, device_id: str, model: str) -> str | None:
+        if model not in self.fail:
+            return None
+        if self.fail_devices is not None and device_id not in self.fail_devices:
+            return None
+        return self.fail[model]
+
+
+def _ref(ref: ModelRef) -> str:
+    return f"{ref.name}@{ref.version}"
+
+
+class _Scheduler:
+    """One thread running callbacks at their due time (``time.monotonic``)."""
+
+    def __init__(self, name: str) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._seq), fn))
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._cond.wait(wait)
+                if self._stopped:
+                    return
+                _, _, fn = heapq.heappop(self._heap)
+            try:
+                fn()
+            except Exception:
+                log.exception("simulated device step failed")
+
+
+class DeviceOta:
+    """One device's OTA state: what it runs per stream, the desired revs it received and
+    handled; ``on_desired`` returns the phase steps to apply (``apply``), one per delay."""
+
+    def __init__(
+        self,
+        device_id: str,
+        *,
+        streams: Sequence[str],
+        baseline: str | None,
+        behaviour: OtaBehaviour,
+        seed: int = 0,
+    ) -> None:
+        self.device_id = device_id
+        self.baseline = baseline
+        self.behaviour = behaviour
+        self.handled_rev: int | None = None
+        self.received: list[Desired] = []
+        """Every desired message that arrived (retained redeliveries too)."""
+        self.deployments: list[tuple[int, str, str]] = []
+        """(rev, stream, model) of every deployment started."""
+        self.streams: dict[str, dict[str, Any]] = {
+            s: {
+                "active": baseline,
+                "previous": None,
+                "installed": [baseline] if baseline else [],
+                "phase": "idle",
+                "target": None,
+                "reason": None,
+            }
+            for s in streams
+        }
+        rng = random.Random(seed)
+        self._fps = {s: rng.uniform(24, 26) for s in streams}
+        self._infer = {s: rng.uniform(2.8, 3.2) for s in streams}
+        self._frames = dict.fromkeys(streams, 0)
+        self._rng = rng
+        self._refs: dict[tuple[int, str], ModelRef] = {}
+        self.lock = threading.Lock()
+
+    def on_desired(self, desired: Desired) -> list[tuple[int, str, str, str | None]]:
+        """Steps (rev, stream, phase, reason) for a new rev; none for an old or repeated one."""
+        with self.lock:
+            self.received.append(desired)
+            if self.handled_rev is not None and desired.rev <= self.handled_rev:
+                return []
+            self.handled_rev = desired.rev
+            steps: list[tuple[int, str, str, str | None]] = []
+            for stream, st in self.streams.items():
+                ref = desired.models.get(stream)
+                target = _ref(ref) if ref is not None else self.baseline
+                if target is None or (
+                    target == st["active"] and st["phase"] not in DEPLOY_PHASES[:-1]
+                ):
+                    st.update(phase="committed" if target else "idle", target=target, reason=None)
+                    continue
+                self.deployments.append((desired.rev, stream, target))
+                reason = self.behaviour.failure(self.device_id, target) if ref is not None else None
+                st.update(phase="downloading", target=target, reason=None)
+                if self.behaviour.download and ref is not None:
+                    self._refs[(desired.rev, stream)] = ref
+                    steps.append((desired.rev, stream, "download", None))
+                for phase in DEPLOY_PHASES[1:]:
+                    if reason is not None and phase == self.behaviour.fail_phase:
+                        failed = "rolled_back" if phase == "probation" else "failed"
+                        steps.append((desired.rev, stream, failed, reason))
+                        break
+                    steps.append((desired.rev, stream, phase, None))
+            return steps
+
+    def apply(self, step: tuple[int, str, str, str | None]) -> bool:
+        """Apply one step; False if a newer rev superseded it (nothing to report)."""
+        rev, stream, phase, reason = step
+        with self.lock:
+            st = self.streams[stream]
+            if rev != self.handled_rev or st["phase"] in ("failed", "rolled_back"):
+                return False
+        if phase == "download":
+            ref = self._refs.pop((rev, stream))
+            problem = _download(
+                ref.url, ref.sha256, ref.size, retry_s=self.behaviour.download_retry_s
+            )
+            with self.lock:
+                if problem is not None and rev == self.handled_rev:
+                    st.update(phase="failed", reason=problem)
+                return problem is not None
+        with self.lock:
+            if rev != self.handled_rev:
+                return False
+            if phase == "committed":
+                old = st["active"]
+                installed = [m for m in st["installed"] if m not in (st["target"], old)]
+                st.update(
+                    active=st["target"],
+                    previous=old,
+                    installed=[st["target"], *([old] if old else []), *installed][:3],
+                    phase="committed",
+                    reason=None,
+                )
+            else:
+                st.update(phase=phase, reason=reason)
+            return True
+
+    def reported(self, ts: float) -> Reported:
+        with self.lock:
+            return Reported(
+                schema=1,
+                device_id=self.device_id,
+                ts=ts,
+                desired_rev=self.handled_rev,
+                streams={
+                    s: StreamReport(
+                        active=st["active"],
+                        previous=st["previous"],
+                        installed=list(st["installed"]),
+                        phase=st["phase"],
+                        target=st["target"],
+                        reason=st["reason"],
+                    )
+                    for s, st in self.streams.items()
+                },
+            )
+
+    def telemetry(self, ts: float, interval_s: float) -> Telemetry:
+        with self.lock:
+            streams = []
+            for s, st in self.streams.items():
+                slow = st["active"] in self.behaviour.slow
+                fps = self._fps[s] * (0.5 if slow else 1.0) * self._rng.uniform(0.98, 1.02)
+                infer = self._infer[s] * (3.0 if slow else 1.0) * self._rng.uniform(0.97, 1.03)
+                self._frames[s] += round(fps * interval_s)
+                streams.append(
+                    StreamTelemetry(
+                        name=s,
+                        source_state="running",
+                        fps=round(fps, 2),
+                        frames_captured=self._frames[s],
+                        frames_processed=self._frames[s],
+                        frames_dropped=0,
+                        infer_ms_p50=round(infer * 0.6, 3),
+                        infer_ms_p95=round(infer, 3),
+                        latency_ms_p50=round(infer * 0.6 + 8, 3),
+                        latency_ms_p95=round(infer + 12, 3),
+                    )
+                )
+        return Telemetry(
+            schema=1,
+            device_id=self.device_id,
+            ts=ts,
+            interval_s=interval_s,
+            cpu_percent=30.0,
+            mem_percent=40.0,
+            mem_used_bytes=400 * 1024 * 1024,
+            temp_c=50.0,
+            disk_percent=30.0,
+            disk_free_bytes=10 * 1024**3,
+            spool_depth=0,
+            spool_dropped=0,
+            streams=streams,
+        )
+
+    def revs_with(self, model: str) -> set[int]:
+        """Distinct desired revs received that carry ``model`` on some stream."""
+        with self.lock:
+            return {
+                d.rev for d in self.received if any(_ref(r) == model for r in d.models.values())
+            }
+
+
+def _download(url: str, sha256: str, size: int, *, retry_s: float = 20.0) -> str | None:
+    """Fetch the bundle like an agent would (retrying connection errors and 5xx with backoff
+    for ``retry_s``); the failure reason, or None when size and sha256 match."""
+    import httpx
+
+    deadline = time.monotonic() + retry_s
+    delay = 0.2
+    while True:
+        h = hashlib.sha256()
+        got = 0
+        problem: str | None = None
+        try:
+            with httpx.stream("GET", url, timeout=30) as resp:
+                if resp.status_code != 200:
+                    problem = f"http_{resp.status_code}"
+                else:
+                    for chunk in resp.iter_bytes():
+                        h.update(chunk)
+                        got += len(chunk)
+        except httpx.HTTPError:
+            problem = "download_failed"
+        retryable = problem == "download_failed" or (problem or "").startswith("http_5")
+        if retryable and time.monotonic() + delay < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            continue
+        if problem is not None:
+            return problem
+        if got != size:
+            return "size_mismatch"
+        return None if h.hexdigest() == sha256 else "sha256_mismatch"
+
+
+def _decode_desired(device_id: str, payload: bytes) -> Desired | None:
+    if not payload:
+        return None
+    try:
+        return decode(payload, Desired)
+    except ProtocolError as err:
+        log.warning("%s: ignoring a malformed desired state: %s", device_id, err)
+        return None
+
+
 class SimulatedDevice:
     """One simulated device with its own MQTT connection and last will."""
 
@@ -189,7 +492,9 @@ class SimulatedDevice:
         keepalive_s: int = 10,
         clock: Callable[[], float] = time.time,
         seed: int | None = None,
+        ota: OtaBehaviour | None = None,
     ) -> None:
+        """``ota``: act on the desired state (see the module doc); None: ignore it."""
         self.device_id = device_id
         self.broker_url = broker_url
         self.streams = tuple(streams)
@@ -201,8 +506,15 @@ class SimulatedDevice:
         self.started_at = clock()
         self.sent = 0
         self._connected = threading.Event()
+        self.ota: DeviceOta | None = None
+        self._scheduler: _Scheduler | None = None
+        if ota is not None:
+            self.ota = DeviceOta(
+                device_id, streams=self.streams, baseline=model, behaviour=ota, seed=seed or 0
+            )
         self._client = _client(f"sim-{device_id}", username, password)
         self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
         will = status_message(
             device_id,
             state="offline",
@@ -213,9 +525,37 @@ class SimulatedDevice:
         )
         self._client.will_set(status_topic(device_id), encode(will), qos=1, retain=True)
 
-    def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+    def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if not reason.is_failure:
+            if self.ota is not None:
+                client.subscribe(desired_topic(self.device_id), qos=1)
             self._connected.set()
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        """A desired state (network thread): schedule its steps, never block here."""
+        desired = _decode_desired(self.device_id, msg.payload)
+        if desired is None or self.ota is None:
+            return
+        steps = self.ota.on_desired(desired)
+        if not steps:
+            return
+        if self._scheduler is None:
+            self._scheduler = _Scheduler(f"sim-{self.device_id}")
+        self._schedule(steps, 0.0)
+
+    def _schedule(self, steps: list[tuple[int, str, str, str | None]], delay: float) -> None:
+        assert self.ota is not None
+        assert self._scheduler is not None
+        ota = self.ota
+        self._scheduler.call_later(delay, lambda: self.publish_reported(wait=False))
+        phase_delay = ota.behaviour.phase_delay_s
+        for i, step in enumerate(steps, start=1):
+
+            def run(step: tuple[int, str, str, str | None] = step) -> None:
+                if ota.apply(step):
+                    self.publish_reported(wait=False)
+
+            self._scheduler.call_later(delay + i * phase_delay, run)
 
     def connect(self, timeout: float = 10.0) -> None:
         host, port = _host_port(self.broker_url)
@@ -244,7 +584,11 @@ class SimulatedDevice:
         )
         self._publish(status_topic(self.device_id), encode(msg), retain=True)
 
-    def publish_reported(self, *, desired_rev: int | None = None) -> None:
+    def publish_reported(self, *, desired_rev: int | None = None, wait: bool = True) -> None:
+        if self.ota is not None:
+            payload = encode(self.ota.reported(self.clock()))
+            self._publish(reported_topic(self.device_id), payload, retain=True, wait=wait)
+            return
         msg = reported_message(
             self.device_id,
             ts=self.clock(),
@@ -255,6 +599,10 @@ class SimulatedDevice:
         self._publish(reported_topic(self.device_id), encode(msg), retain=True)
 
     def publish_telemetry(self, *, wait: bool = True) -> None:
+        if self.ota is not None:
+            tele = self.ota.telemetry(self.clock(), self.telemetry_interval_s)
+            self._publish(telemetry_topic(self.device_id), encode(tele), wait=wait)
+            return
         msg = telemetry_message(
             self.device_id,
             ts=self.clock(),
@@ -278,10 +626,143 @@ class SimulatedDevice:
 
     def stop(self, *, graceful: bool = True) -> None:
         """Graceful: publish ``offline`` and disconnect (no will); else just drop the socket."""
+        if self._scheduler is not None:
+            self._scheduler.stop()
         if graceful and self._connected.is_set():
             self.publish_status("offline")
             self._client.disconnect()
         self._client.loop_stop()
+
+
+class SimulatedFleet:
+    """Many OTA-capable simulated devices over a few shared MQTT connections (no last wills:
+    for benchmarks of the controller, not of connection handling)."""
+
+    def __init__(
+        self,
+        *,
+        broker_url: str,
+        device_ids: Sequence[str],
+        behaviour: OtaBehaviour,
+        username: str | None = None,
+        password: str | None = None,
+        streams: Sequence[str] = ("cam0",),
+        model: str | None = DEFAULT_MODEL,
+        per_connection: int = 250,
+        telemetry_interval_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.broker_url = broker_url
+        self.streams = tuple(streams)
+        self.model = model
+        self.telemetry_interval_s = telemetry_interval_s
+        self.clock = clock
+        self.devices = {
+            d: DeviceOta(d, streams=streams, baseline=model, behaviour=behaviour, seed=i)
+            for i, d in enumerate(device_ids)
+        }
+        ids = list(device_ids)
+        self._groups = [ids[i : i + per_connection] for i in range(0, len(ids), per_connection)]
+        self._clients: list[Any] = []
+        self._owner: dict[str, Any] = {}
+        self._scheduler = _Scheduler("sim-fleet")
+        self._subscribed = threading.Semaphore(0)
+        for n, group in enumerate(self._groups):
+            client = _client(f"sim-fleet-{n}-{time.monotonic_ns() % 10**9}", username, password)
+            client.max_inflight_messages_set(1000)
+            client.on_message = self._on_message
+            client.on_connect = self._connector(group)
+            client.on_subscribe = lambda *_: self._subscribed.release()
+            self._clients.append(client)
+            for d in group:
+                self._owner[d] = client
+
+    def _connector(self, group: list[str]) -> Callable[..., None]:
+        def on_connect(client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+            if reason.is_failure:
+                return
+            topics = [(desired_topic(d), 1) for d in group]
+            for i in range(0, len(topics), 100):
+                client.subscribe(topics[i : i + 100])
+
+        return on_connect
+
+    def connect(self, timeout: float = 30.0) -> None:
+        host, port = _host_port(self.broker_url)
+        for client in self._clients:
+            client.connect(host, port, keepalive=30)
+            client.loop_start()
+        expected = sum((len(g) + 99) // 100 for g in self._groups)
+        deadline = time.monotonic() + timeout
+        for _ in range(expected):
+            if not self._subscribed.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"simulated fleet: not subscribed within {timeout}s")
+
+    def _publish(self, device_id: str, topic: str, payload: bytes, *, retain: bool) -> Any:
+        return self._owner[device_id].publish(topic, payload, qos=1, retain=retain)
+
+    def announce(self) -> None:
+        """Online status, reported state and a first telemetry for every device."""
+        now = self.clock()
+        last: Any = None
+        for d, ota in self.devices.items():
+            status = status_message(
+                d, state="online", ts=now, started_at=now, streams=self.streams, model=self.model
+            )
+            self._publish(d, status_topic(d), encode(status), retain=True)
+            self._publish(d, reported_topic(d), encode(ota.reported(now)), retain=True)
+            last = self._publish(
+                d,
+                telemetry_topic(d),
+                encode(ota.telemetry(now, self.telemetry_interval_s)),
+                retain=False,
+            )
+        if last is not None:
+            last.wait_for_publish(timeout=60)
+
+    def publish_telemetry(self) -> None:
+        now = self.clock()
+        for d, ota in self.devices.items():
+            self._publish(
+                d,
+                telemetry_topic(d),
+                encode(ota.telemetry(now, self.telemetry_interval_s)),
+                retain=False,
+            )
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        try:
+            device_id = parse_topic(msg.topic).device_id
+        except ProtocolError:
+            return
+        ota = self.devices.get(device_id)
+        desired = _decode_desired(device_id, msg.payload)
+        if ota is None or desired is None:
+            return
+        steps = ota.on_desired(desired)
+        if not steps:
+            return
+        self._scheduler.call_later(0.0, lambda: self._report(device_id))
+        delay = ota.behaviour.phase_delay_s
+        for i, step in enumerate(steps, start=1):
+
+            def run(step: tuple[int, str, str, str | None] = step) -> None:
+                if ota.apply(step):
+                    self._report(device_id)
+
+            self._scheduler.call_later(i * delay, run)
+
+    def _report(self, device_id: str) -> None:
+        ota = self.devices[device_id]
+        self._publish(
+            device_id, reported_topic(device_id), encode(ota.reported(self.clock())), retain=True
+        )
+
+    def stop(self) -> None:
+        self._scheduler.stop()
+        for client in self._clients:
+            client.disconnect()
+            client.loop_stop()
 
 
 # --- load generation --------------------------------------------------------------------
@@ -383,9 +864,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--count", type=int, default=0, help="telemetry messages per device, then exit (0 = run)"
     )
     parser.add_argument("--event", action="append", default=[], help="publish this event code")
+    parser.add_argument(
+        "--ota", action="store_true", help="act on desired states (docs/ota.md): deploy models"
+    )
+    parser.add_argument(
+        "--fail",
+        action="append",
+        default=[],
+        metavar="MODEL[:REASON]",
+        help="deploying MODEL fails (reason default golden_mismatch); implies --ota",
+    )
+    parser.add_argument(
+        "--fail-device", action="append", default=[], help="only this device fails (repeatable)"
+    )
+    parser.add_argument(
+        "--fail-phase", default="staging", choices=DEPLOY_PHASES[:-1], help="where it fails"
+    )
+    parser.add_argument(
+        "--slow", action="append", default=[], metavar="MODEL", help="MODEL has worse telemetry"
+    )
+    parser.add_argument("--phase-delay", type=float, default=0.05, help="seconds per OTA phase")
+    parser.add_argument(
+        "--download", action="store_true", help="really download bundles and check them"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
+    behaviour: OtaBehaviour | None = None
+    if args.ota or args.fail or args.slow or args.download:
+        fails: dict[str, str] = {}
+        for f in args.fail:
+            model, _, reason = f.partition(":")
+            fails[model] = reason or "golden_mismatch"
+        behaviour = OtaBehaviour(
+            fail=fails,
+            fail_phase=args.fail_phase,
+            fail_devices=frozenset(args.fail_device) if args.fail_device else None,
+            slow=frozenset(args.slow),
+            phase_delay_s=args.phase_delay,
+            download=args.download,
+        )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -399,6 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model=args.model,
             telemetry_interval_s=args.telemetry_interval,
             seed=i,
+            ota=behaviour,
         )
         for i in range(1, args.devices + 1)
     ]

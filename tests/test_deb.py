@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-BUILD = REPO / "packaging" / "deb" / "build.py"
 VENV = "opt/edgefleet"
 
 pytestmark = [
@@ -48,7 +47,17 @@ def _run(
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("deb")
-    result = _run(sys.executable, BUILD, "--out", out, "--version", "0.1.0~test1", timeout=240)
+    # Through `make deb`, the documented command (it runs packaging/deb/build.py).
+    result = _run(
+        "make",
+        "--no-print-directory",
+        "-C",
+        REPO,
+        "deb",
+        f"PYTHON={sys.executable}",
+        f"DEB_ARGS=--out {out} --version 0.1.0~test1",
+        timeout=240,
+    )
     path = Path(result.stdout.strip().splitlines()[-1])
     assert path.exists()
     return path

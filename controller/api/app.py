@@ -9,6 +9,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from controller.api.auth import AuthLimiter
+from controller.api.rollouts import router as rollouts_router
 from controller.api.routes import router
 from controller.api.schemas import Health
 from controller.db.session import Database
@@ -23,8 +25,13 @@ def create_app(
     db: Database,
     ingest_snapshot: Callable[[], IngestSnapshot] | None = None,
     clock: Callable[[], float] = time.time,
+    auth_limiter: AuthLimiter | None = None,
 ) -> FastAPI:
-    """Build the app for ``db``; ``ingest_snapshot`` feeds /metrics and /healthz (optional)."""
+    """Build the app for ``db``; ``ingest_snapshot`` feeds /metrics and /healthz (optional).
+
+    ``auth_limiter`` limits failed token attempts per client address (default: 10 per
+    60 s, see ``controller.api.auth``).
+    """
     app = FastAPI(
         title="edgefleet controller",
         version=API_VERSION,
@@ -36,8 +43,12 @@ def create_app(
     app.state.db = db
     app.state.clock = clock
     app.state.ingest_snapshot = ingest_snapshot
-    app.state.registry = build_registry(db=db, ingest_snapshot=ingest_snapshot)
+    app.state.auth_limiter = auth_limiter if auth_limiter is not None else AuthLimiter()
+    app.state.registry = build_registry(
+        db=db, ingest_snapshot=ingest_snapshot, auth=app.state.auth_limiter
+    )
     app.include_router(router)
+    app.include_router(rollouts_router)
 
     @app.get("/healthz", tags=["ops"], responses={503: {"model": Health}})
     def healthz(request: Request) -> Response:

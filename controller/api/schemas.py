@@ -154,3 +154,111 @@ class ModelOut(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelOut]
+
+
+# --- rollouts -------------------------------------------------------------------------------
+
+RolloutStateName = Literal["active", "paused", "completed", "aborted", "rolled_back"]
+
+
+class RolloutIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="name@version from the registry", examples=["blazeface@1.2.0"])
+    stream: str = Field(
+        default="*", description="a stream name, or * for every stream each device reports"
+    )
+    select: list[str] = Field(
+        min_length=1,
+        description="'all', 'tag=KEY:VALUE' or device ids; a device matching any is selected",
+        examples=[["tag=site:berlin"]],
+    )
+    stages: list[str] | str = Field(
+        default="1,10%,50%,100%",
+        description="cumulative stages: a bare number is a device count, N% a share of the selection",
+    )
+    bake_s: float = Field(default=600.0, ge=0, description="watch each finished stage this long")
+    max_failures: float = Field(
+        default=0.05, ge=0, le=1, description="largest tolerated failure share (0..1)"
+    )
+    min_executed: int = Field(
+        default=5, ge=0, description="finished executions before the overall share counts"
+    )
+    timeout_s: float = Field(
+        default=900.0, gt=0, description="a device not done this long after its assignment fails"
+    )
+
+
+class RolloutActionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=500, description="a note for the record")
+
+
+class StageOut(BaseModel):
+    index: int = Field(description="0-based")
+    devices: int = Field(description="cumulative device count at the end of this stage")
+    size: int = Field(description="(device, stream) executions in this stage")
+    state: Literal["pending", "running", "baking", "done", "stopped"]
+    counts: dict[str, int] = Field(description="executions by status")
+    started_at: float | None
+    done_at: float | None
+    bake_left_s: float | None
+
+
+class RolloutDeviceOut(_Out):
+    device_id: str
+    stream: str
+    stage: int
+    status: Literal[
+        "pending", "queued", "in_progress", "succeeded", "failed", "timed_out", "rolled_back"
+    ]
+    phase: str | None = Field(description="the device's last reported deployment phase")
+    reason: str | None
+    previous_model: str | None = Field(
+        description="desired model before the rollout; null = baseline"
+    )
+    rev: int | None = Field(description="desired rev that carried the rollout's model")
+    rollback_rev: int | None = Field(description="desired rev that gave the previous model back")
+    assigned_at: float | None
+    finished_at: float | None
+
+
+class RolloutOut(BaseModel):
+    id: int
+    model: str = Field(description="name@version")
+    stream: str
+    selector: list[str]
+    stage_spec: str
+    stages: list[int] = Field(description="cumulative device counts per stage")
+    device_count: int
+    bake_s: float
+    max_failures: float
+    min_executed: int
+    timeout_s: float
+    state: RolloutStateName
+    current_stage: int = Field(description="0-based index of the stage being executed")
+    reason: str | None = Field(
+        description="why it ended early: stage_failed, failure_threshold, health_regression, operator"
+    )
+    detail: str | None
+    created_by: str | None
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    rolled_back_at: float | None = Field(
+        description="when the pre-rollout desired states were written (aborted, rolled_back)"
+    )
+    counts: dict[str, int] = Field(description="executions by status")
+    executions: int
+    finished: int
+    failures: int
+
+
+class RolloutDetailOut(RolloutOut):
+    stage_progress: list[StageOut]
+    devices: list[RolloutDeviceOut]
+
+
+class RolloutList(BaseModel):
+    rollouts: list[RolloutOut]

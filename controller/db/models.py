@@ -199,6 +199,114 @@ class Model(Base):
     __table_args__ = (UniqueConstraint("name", "version", name="uq_models_name_version"),)
 
 
+class Rollout(Base):
+    """A staged deployment of one model version to one stream on a frozen device selection."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(BigInteger(), ForeignKey("models.id"))
+    model: Mapped[str] = mapped_column(String(MODEL_LEN))
+    """``name@version`` of the model being deployed."""
+    stream: Mapped[str] = mapped_column(String(ID_LEN))
+    """A stream name, or ``*`` (every stream each device reported at creation)."""
+    selector: Mapped[list[str]] = mapped_column(JSON(), default=list)
+    """The ``--select`` values as given (``all``, ``tag=T``, device ids); resolved at creation."""
+    stage_spec: Mapped[str] = mapped_column(String(CODE_LEN))
+    """The ``--stages`` value as given, e.g. ``1,10%,50%,100%``."""
+    stages: Mapped[list[int]] = mapped_column(JSON(), default=list)
+    """Cumulative device counts per stage, resolved against the selection at creation."""
+    device_count: Mapped[int] = mapped_column(Integer())
+    bake_s: Mapped[float] = mapped_column(Double())
+    max_failures: Mapped[float] = mapped_column(Double())
+    """Largest tolerated failure share, 0..1."""
+    min_executed: Mapped[int] = mapped_column(Integer())
+    timeout_s: Mapped[float] = mapped_column(Double())
+    state: Mapped[str] = mapped_column(String(SHORT_LEN))
+    """active, paused, completed, aborted or rolled_back."""
+    current_stage: Mapped[int] = mapped_column(Integer(), default=0)
+    stage_started_at: Mapped[float | None] = mapped_column(Double())
+    """When the current stage's devices were assigned; None: not assigned yet."""
+    stage_done_at: Mapped[float | None] = mapped_column(Double())
+    """When every device of the current stage finished (the bake starts then)."""
+    reason: Mapped[str | None] = mapped_column(String(CODE_LEN))
+    """Why it ended early: stage_failed, failure_threshold, health_regression, operator."""
+    detail: Mapped[str | None] = mapped_column(Text())
+    created_by: Mapped[str | None] = mapped_column(String(CODE_LEN))
+    created_at: Mapped[float] = mapped_column(Double())
+    updated_at: Mapped[float] = mapped_column(Double())
+    finished_at: Mapped[float | None] = mapped_column(Double())
+    rolled_back_at: Mapped[float | None] = mapped_column(Double())
+    """When the pre-rollout desired states were written back (aborted / rolled_back)."""
+
+    __table_args__ = (Index("ix_rollouts_state", "state"),)
+
+
+class RolloutDevice(Base):
+    """One (device, stream) of a rollout: its stage, pre-rollout model and execution status."""
+
+    __tablename__ = "rollout_devices"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[int] = mapped_column(
+        BigInteger(), ForeignKey("rollouts.id", ondelete="CASCADE")
+    )
+    device_id: Mapped[str] = mapped_column(
+        String(ID_LEN), ForeignKey("devices.id", ondelete="CASCADE")
+    )
+    stream: Mapped[str] = mapped_column(String(ID_LEN))
+    stage: Mapped[int] = mapped_column(Integer())
+    status: Mapped[str] = mapped_column(String(SHORT_LEN))
+    """pending (not assigned yet), queued, in_progress, succeeded, failed, timed_out, rolled_back."""
+    previous_model: Mapped[str | None] = mapped_column(String(MODEL_LEN))
+    """``name@version`` of the stream's desired model before the rollout; None = baseline."""
+    previous_ref: Mapped[dict[str, Any] | None] = mapped_column(JSON())
+    """The stream's ``ModelRef`` in the desired state before the rollout (None = baseline)."""
+    rev: Mapped[int | None] = mapped_column(BigInteger())
+    """The desired ``rev`` that carried the rollout's model to the device."""
+    rollback_rev: Mapped[int | None] = mapped_column(BigInteger())
+    """The desired ``rev`` that gave the device its pre-rollout model back."""
+    phase: Mapped[str | None] = mapped_column(String(SHORT_LEN))
+    """The device's last reported deployment phase for the stream."""
+    reason: Mapped[str | None] = mapped_column(Text())
+    stale_outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON())
+    """The stream's reported failure of this same model from before the assignment (phase,
+    target, reason), if any: seen again, it is no outcome of this rollout yet."""
+    assigned_at: Mapped[float | None] = mapped_column(Double())
+    finished_at: Mapped[float | None] = mapped_column(Double())
+    updated_at: Mapped[float] = mapped_column(Double())
+
+    __table_args__ = (
+        UniqueConstraint(
+            "rollout_id", "device_id", "stream", name="uq_rollout_devices_rollout_device_stream"
+        ),
+        Index("ix_rollout_devices_device_stream", "device_id", "stream"),
+        Index("ix_rollout_devices_rollout_stage", "rollout_id", "stage"),
+    )
+
+
+class DeviceDesired(Base):
+    """The desired state the controller wants a device to have, and whether it was published."""
+
+    __tablename__ = "device_desired"
+
+    device_id: Mapped[str] = mapped_column(
+        String(ID_LEN), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    rev: Mapped[int] = mapped_column(BigInteger())
+    models: Mapped[dict[str, Any]] = mapped_column(JSON(), default=dict)
+    """Stream name to ``protocol.ModelRef`` (as JSON); a stream absent runs its baseline."""
+    rollout_id: Mapped[int | None] = mapped_column(
+        BigInteger(), ForeignKey("rollouts.id", ondelete="SET NULL")
+    )
+    published: Mapped[bool] = mapped_column(Boolean(), default=False)
+    """True once the broker acknowledged the retained message of this ``rev``."""
+    updated_at: Mapped[float] = mapped_column(Double())
+    published_at: Mapped[float | None] = mapped_column(Double())
+
+    __table_args__ = (Index("ix_device_desired_published", "published"),)
+
+
 devices = cast(Table, Device.__table__)
 device_tags = cast(Table, DeviceTag.__table__)
 device_streams = cast(Table, DeviceStream.__table__)
@@ -206,3 +314,6 @@ telemetry = cast(Table, TelemetrySample.__table__)
 events = cast(Table, DeviceEvent.__table__)
 api_tokens = cast(Table, ApiToken.__table__)
 models = cast(Table, Model.__table__)
+rollouts = cast(Table, Rollout.__table__)
+rollout_devices = cast(Table, RolloutDevice.__table__)
+device_desired = cast(Table, DeviceDesired.__table__)

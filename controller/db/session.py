@@ -12,6 +12,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
+from controller.config import hide_password
 from controller.errors import DatabaseError
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,8 @@ def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparseable database URL>"
+    except (ArgumentError, ValueError):
+        return hide_password(url)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -41,9 +42,9 @@ def make_engine(url: str, *, echo: bool = False, pool_size: int = 5) -> Engine:
     """An engine for ``url``: SQLite gets WAL + synchronous=NORMAL, its folder is created."""
     try:
         parsed = make_url(url)
-    except ArgumentError as err:
+    except (ArgumentError, ValueError) as err:
         raise DatabaseError(
-            f"database URL {url!r} is not valid: use sqlite:///PATH or "
+            f"database URL {redact(url)!r} is not valid: use sqlite:///PATH or "
             "postgresql+psycopg://user@host:5432/db"
         ) from err
     kwargs: dict[str, Any] = {"echo": echo}

@@ -75,7 +75,8 @@ def test_cli_config_file_supplies_url_and_rejects_unknown_keys(tmp_path: Path) -
     assert result.exit_code == 1 and url in result.stderr
     conf.write_text('urll = "x"\n')
     bad = cli("devices", "list")
-    assert bad.exit_code == 1 and "only the keys 'url' and 'token'" in bad.stderr
+    assert bad.exit_code == 1 and "unknown field `urll`" in bad.stderr
+    assert "only the keys 'url', 'token', 'ca_file'" in bad.stderr
 
 
 def test_bad_controller_config_names_the_unknown_key(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from controller.config import load_config, parse_config
-from controller.errors import ConfigError
+from controller.errors import ConfigError, DatabaseError
 
 FULL = """
 config_version = 1
@@ -123,3 +123,23 @@ def test_the_documented_config_parses_and_names_every_key() -> None:
         if isinstance(section, msgspec.Struct):
             missing = set(section.__struct_fields__) - documented
             assert not missing, f"[{name}] keys missing from docs/controller.md: {missing}"
+
+
+def test_passwords_in_urls_never_reach_error_messages() -> None:
+    from controller.config import hide_password
+    from controller.db.session import make_engine, redact
+
+    assert (
+        hide_password("postgresql://u:p@ss@db:5432/x?a=b@c") == "postgresql://u:***@db:5432/x?a=b@c"
+    )
+    assert hide_password("sqlite:////var/lib/x.db") == "sqlite:////var/lib/x.db"
+    assert redact("postgresql+psycopg://u:s3cret@db:bad/x") == "postgresql+psycopg://u:***@db:bad/x"
+    with pytest.raises(ConfigError) as wrong_scheme:
+        parse_config('[database]\nurl = "mysql://u:s3cret@db/x"\n')
+    with pytest.raises(ConfigError) as in_url:
+        parse_config('[broker]\nurl = "mqtt://ctl:s3cret@broker:1883"\n')
+    assert "put no credentials in the URL" in str(in_url.value)
+    with pytest.raises(DatabaseError) as bad_port:
+        make_engine("postgresql+psycopg://u:s3cret@db:notaport/x")
+    for err in (wrong_scheme, in_url, bad_port):
+        assert "s3cret" not in str(err.value) and "***" in str(err.value)

@@ -1,0 +1,420 @@
+"""``edgefleet rollout ...``: staged OTA rollouts over the HTTP API (docs/ota.md, "Rollouts").
+
+``create`` validates durations, percentages, stages and selectors locally first (the same
+parser the API uses), so a typo fails before any request. ``watch`` shows live progress
+per stage until the rollout ends (exit code 0 when it completed, 1 when it was aborted or
+rolled back).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import click
+
+from controller.client import ControllerClient
+from controller.errors import RolloutError
+from controller.rollouts import spec
+
+ENDED = ("completed", "aborted", "rolled_back")
+_STATE_STYLE = {
+    "active": "cyan",
+    "paused": "yellow",
+    "completed": "green",
+    "aborted": "red",
+    "rolled_back": "magenta",
+}
+
+
+def _client(ctx: click.Context) -> ControllerClient:
+    state = ctx.find_root().obj
+    client: ControllerClient = state.client()
+    return client
+
+
+def _helpers() -> Any:
+    from controller import cli
+
+    return cli
+
+
+def _json_option(func: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(func)
+
+
+@click.group()
+def rollout() -> None:
+    """Staged model rollouts: create, watch, pause, resume, abort, roll back."""
+
+
+# --- create -------------------------------------------------------------------------------
+
+
+@rollout.command("create")
+@click.argument("ref", metavar="MODEL@VERSION")
+@click.option("--stream", default=spec.ALL_STREAMS, show_default=True, help="Stream name or *.")
+@click.option(
+    "--select",
+    "select",
+    multiple=True,
+    required=True,
+    help="all, tag=KEY:VALUE or a device id (repeatable; a device matching any is selected).",
+)
+@click.option(
+    "--stages",
+    default=spec.DEFAULT_STAGES,
+    show_default=True,
+    help="Cumulative stages: N devices or N% of the selection.",
+)
+@click.option(
+    "--bake",
+    default=spec.DEFAULT_BAKE,
+    show_default=True,
+    help="Watch each finished stage this long (30s, 10m, 1h).",
+)
+@click.option(
+    "--max-failures",
+    default=spec.DEFAULT_MAX_FAILURES,
+    show_default=True,
+    help="Abort above this failure share.",
+)
+@click.option(
+    "--min-executed",
+    default=spec.DEFAULT_MIN_EXECUTED,
+    show_default=True,
+    type=int,
+    help="Finished executions before the overall share counts.",
+)
+@click.option(
+    "--timeout", default=spec.DEFAULT_TIMEOUT, show_default=True, help="Per-device time limit."
+)
+@_json_option
+@click.pass_context
+def rollout_create(
+    ctx: click.Context,
+    ref: str,
+    stream: str,
+    select: tuple[str, ...],
+    stages: str,
+    bake: str,
+    max_failures: str,
+    min_executed: int,
+    timeout: str,
+    as_json: bool,
+) -> None:
+    """Start a staged rollout of MODEL@VERSION (from `edgefleet model list`)."""
+    spec.parse_model_ref(ref)
+    spec.parse_stream(stream)
+    spec.parse_selector(select)
+    spec.parse_stages(stages)
+    timeout_s = spec.parse_duration(timeout, what="--timeout")
+    if timeout_s <= 0:
+        raise RolloutError(f"--timeout {timeout!r} must be above 0")
+    if min_executed < 0:
+        raise RolloutError(f"--min-executed {min_executed} must be >= 0")
+    body = {
+        "model": ref,
+        "stream": stream,
+        "select": list(select),
+        "stages": stages,
+        "bake_s": spec.parse_duration(bake, what="--bake"),
+        "max_failures": spec.parse_share(max_failures, what="--max-failures"),
+        "min_executed": min_executed,
+        "timeout_s": timeout_s,
+    }
+    with _client(ctx) as client:
+        created = client.create_rollout(body)
+    if as_json:
+        _helpers()._print_json(created)
+        return
+    click.echo(
+        f"created rollout {created['id']}: {created['model']} on {created['device_count']} "
+        f"devices (stream {created['stream']}), stages {_stages(created)}, bake "
+        f"{spec.format_duration(created['bake_s'])}"
+    )
+    click.echo(f"follow it: edgefleet rollout watch {created['id']}")
+
+
+def _stages(r: dict[str, Any]) -> str:
+    return ",".join(str(n) for n in r["stages"])
+
+
+# --- list / status ------------------------------------------------------------------------
+
+
+def _state(r: dict[str, Any]) -> str:
+    style = _STATE_STYLE.get(r["state"], "white")
+    return f"[{style}]{r['state']}[/]"
+
+
+def _stage_label(r: dict[str, Any]) -> str:
+    if r["state"] == "completed":
+        return f"{len(r['stages'])}/{len(r['stages'])}"
+    return f"{r['current_stage'] + 1}/{len(r['stages'])}"
+
+
+@rollout.command("list")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(["active", "paused", "completed", "aborted", "rolled_back"]),
+    help="Only rollouts in this state (repeatable).",
+)
+@click.option("--limit", default=100, show_default=True, type=int)
+@_json_option
+@click.pass_context
+def rollout_list(ctx: click.Context, states: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """Rollouts, newest first."""
+    with _client(ctx) as client:
+        found = client.rollouts(states=list(states), limit=limit)
+    h = _helpers()
+    if as_json:
+        h._print_json(found)
+        return
+    from rich.table import Column, Table
+
+    now = time.time()
+    table = Table(
+        "ID",
+        Column("MODEL", no_wrap=True),
+        "STREAM",
+        Column("STATE", no_wrap=True),
+        "STAGE",
+        "SUCCEEDED",
+        "FAILED",
+        "CREATED",
+        "REASON",
+    )
+    for r in found:
+        table.add_row(
+            str(r["id"]),
+            h._e(r["model"]),
+            h._e(r["stream"]),
+            _state(r),
+            _stage_label(r),
+            f"{r['counts'].get('succeeded', 0)}/{r['executions']}",
+            str(r["failures"]),
+            h._ago(r["created_at"], now),
+            h._e(r["reason"] or ""),
+        )
+    console = h._console()
+    console.print(table)
+    console.print(f"{len(found)} rollouts")
+
+
+def _summary(r: dict[str, Any]) -> str:
+    c = r["counts"]
+    in_flight = c.get("queued", 0) + c.get("in_progress", 0)
+    parts = [
+        f"rollout {r['id']} {r['state']}",
+        f"stage {_stage_label(r)}",
+        f"{c.get('succeeded', 0)}/{r['executions']} succeeded",
+        f"{r['failures']} failed",
+    ]
+    if in_flight:
+        parts.append(f"{in_flight} in progress")
+    if c.get("rolled_back"):
+        parts.append(f"{c['rolled_back']} rolled back")
+    return ", ".join(parts)
+
+
+def _render(r: dict[str, Any], *, devices: bool) -> Any:
+    """A rich renderable of one rollout: header, stage table, problem devices."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    h = _helpers()
+    header = Text.from_markup(
+        f"[bold]rollout {r['id']}[/]  {h._e(r['model'])}  stream {h._e(r['stream'])}  "
+        f"{_state(r)}  select {h._e(' '.join(r['selector']))}"
+    )
+    settings = Text(
+        f"{r['device_count']} devices, stages {r['stage_spec']} → {_stages(r)}, bake "
+        f"{spec.format_duration(r['bake_s'])}, timeout {spec.format_duration(r['timeout_s'])}, "
+        f"max failures {r['max_failures'] * 100:g}% after {r['min_executed']} executed"
+    )
+    parts: list[Any] = [header, settings]
+    if r["reason"]:
+        parts.append(Text.from_markup(f"[red]{h._e(r['reason'])}[/]: {h._e(r['detail'] or '')}"))
+    elif r["detail"]:
+        parts.append(Text(r["detail"]))
+    table = Table("STAGE", "DEVICES", "STATE", "PROGRESS", "OK", "FAILED", "WORKING", "BAKE")
+    for s in r["stage_progress"]:
+        c = s["counts"]
+        finished = c.get("succeeded", 0) + c.get("failed", 0) + c.get("timed_out", 0)
+        working = c.get("queued", 0) + c.get("in_progress", 0)
+        bake = ""
+        if s["bake_left_s"] is not None:
+            bake = f"{spec.format_duration(round(s['bake_left_s']))} left"
+        table.add_row(
+            str(s["index"] + 1),
+            str(s["devices"]),
+            s["state"],
+            ProgressBar(
+                total=max(s["size"], 1), completed=finished + c.get("rolled_back", 0), width=20
+            ),
+            str(c.get("succeeded", 0)),
+            str(c.get("failed", 0) + c.get("timed_out", 0)),
+            str(working),
+            bake,
+        )
+    parts.append(table)
+    shown = [
+        d
+        for d in r.get("devices", [])
+        if devices
+        or d["status"] in ("failed", "timed_out")
+        or (d["reason"] and d["status"] == "rolled_back")
+    ]
+    if shown:
+        dt = Table("DEVICE", "STREAM", "STAGE", "STATUS", "PHASE", "REV", "PREVIOUS", "REASON")
+        for d in shown[: None if devices else 20]:
+            dt.add_row(
+                h._e(d["device_id"]),
+                h._e(d["stream"]),
+                str(d["stage"] + 1),
+                d["status"],
+                h._e(d["phase"] or "-"),
+                str(d["rev"] or "-") + (f"→{d['rollback_rev']}" if d["rollback_rev"] else ""),
+                h._e(d["previous_model"] or "baseline"),
+                h._e(d["reason"] or ""),
+            )
+        parts.append(dt)
+        if not devices and len(shown) > 20:
+            parts.append(Text(f"… {len(shown) - 20} more (--devices shows every device)"))
+    parts.append(Text(_summary(r)))
+    return Group(*parts)
+
+
+@rollout.command("status")
+@click.argument("rollout_id", type=int)
+@click.option("--devices", "all_devices", is_flag=True, help="List every (device, stream).")
+@_json_option
+@click.pass_context
+def rollout_status(ctx: click.Context, rollout_id: int, all_devices: bool, as_json: bool) -> None:
+    """One rollout: settings, per-stage progress, devices that failed."""
+    with _client(ctx) as client:
+        r = client.rollout(rollout_id)
+    h = _helpers()
+    if as_json:
+        h._print_json(r)
+        return
+    h._console().print(_render(r, devices=all_devices))
+
+
+# --- actions ------------------------------------------------------------------------------
+
+
+def _action(
+    ctx: click.Context, rollout_id: int, action: str, reason: str | None, as_json: bool
+) -> None:
+    with _client(ctx) as client:
+        r = client.rollout_action(rollout_id, action, reason=reason)
+    if as_json:
+        _helpers()._print_json(r)
+        return
+    done = {
+        "pause": "paused: no further stage starts (`edgefleet rollout resume {id}` continues)",
+        "resume": "resumed",
+        "abort": "aborted: every device it touched gets its previous model back",
+        "rollback": "rolled back: every device it touched gets its previous model back",
+    }[action]
+    click.echo(f"rollout {r['id']} {done.format(id=r['id'])}")
+
+
+def _reason_option(func: Any) -> Any:
+    return click.option("--reason", help="A note for the record.")(func)
+
+
+@rollout.command("pause")
+@click.argument("rollout_id", type=int)
+@_json_option
+@click.pass_context
+def rollout_pause(ctx: click.Context, rollout_id: int, as_json: bool) -> None:
+    """Stop starting new stages (devices at work finish; abort criteria still apply)."""
+    _action(ctx, rollout_id, "pause", None, as_json)
+
+
+@rollout.command("resume")
+@click.argument("rollout_id", type=int)
+@_json_option
+@click.pass_context
+def rollout_resume(ctx: click.Context, rollout_id: int, as_json: bool) -> None:
+    """Continue a paused rollout."""
+    _action(ctx, rollout_id, "resume", None, as_json)
+
+
+@rollout.command("abort")
+@click.argument("rollout_id", type=int)
+@_reason_option
+@_json_option
+@click.pass_context
+def rollout_abort(ctx: click.Context, rollout_id: int, reason: str | None, as_json: bool) -> None:
+    """End a live rollout and give every device it touched its previous model back."""
+    _action(ctx, rollout_id, "abort", reason, as_json)
+
+
+@rollout.command("rollback")
+@click.argument("rollout_id", type=int)
+@_reason_option
+@_json_option
+@click.pass_context
+def rollout_rollback(
+    ctx: click.Context, rollout_id: int, reason: str | None, as_json: bool
+) -> None:
+    """Undo a live or completed rollout: its devices get their previous models back."""
+    _action(ctx, rollout_id, "rollback", reason, as_json)
+
+
+# --- watch --------------------------------------------------------------------------------
+
+
+def _ended(r: dict[str, Any]) -> bool:
+    return r["state"] == "completed" or (r["state"] in ENDED and r["rolled_back_at"] is not None)
+
+
+@rollout.command("watch")
+@click.argument("rollout_id", type=int)
+@click.option(
+    "--interval", default=1.0, show_default=True, type=float, help="Seconds between updates."
+)
+@click.pass_context
+def rollout_watch(ctx: click.Context, rollout_id: int, interval: float) -> None:
+    """Live progress per stage until the rollout ends (exit 1 if it was aborted or rolled back)."""
+    h = _helpers()
+    console = h._console()
+    with _client(ctx) as client:
+        r = client.rollout(rollout_id)
+        if console.is_terminal:
+            from rich.live import Live
+
+            with Live(_render(r, devices=False), console=console, refresh_per_second=4) as live:
+                while not _ended(r):
+                    time.sleep(interval)
+                    r = client.rollout(rollout_id)
+                    live.update(_render(r, devices=False))
+        else:  # a pipe or a log: one line per change
+            last = ""
+            while True:
+                line = _summary(r)
+                if line != last:
+                    click.echo(line)
+                    sys.stdout.flush()
+                    last = line
+                if _ended(r):
+                    break
+                time.sleep(interval)
+                r = client.rollout(rollout_id)
+    if r["state"] != "completed":
+        raise RolloutError(
+            f"rollout {r['id']} {r['state'].replace('_', ' ')} ({r['reason']}): {r['detail']}; "
+            "the devices it touched got their previous models back"
+        )
+    click.echo(
+        f"rollout {r['id']} completed: {r['model']} on {r['executions']} executions, {r['failures']} failed"
+    )

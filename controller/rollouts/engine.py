@@ -1,0 +1,585 @@
+"""The rollout engine: one idempotent, restart-safe ``tick(now)`` over the database.
+
+Every piece of engine state lives in the database (``rollouts``, ``rollout_devices``,
+``device_desired``); a tick reads it, decides, and writes the result in one transaction
+per rollout, so a controller killed at any point continues where the last committed tick
+left it, and running ``tick`` twice at the same ``now`` changes nothing the second time.
+The decisions themselves are pure functions (``derive_status``, ``abort_reason``,
+``stream_health``, ``compare_health``) that the tests call directly.
+
+I/O at the edges: the clock is injected, the database is the store, and publishing the
+desired states it writes (``device_desired.published`` false) is the publisher's job
+(``controller.rollouts.publisher``). The contract is docs/ota.md, "Rollouts".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from controller import store as fleet
+from controller.db.models import models
+from controller.db.session import Database
+from controller.rollouts import store
+from controller.rollouts.store import FAILURES, FINISHED, Execution, RolloutInfo
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT = ("pending", "queued", "in_progress")
+_DEPLOYING = frozenset({"downloading", "verifying", "staging", "switching", "probation"})
+
+
+# --- pure decisions -----------------------------------------------------------------------
+
+
+def derive_status(e: Execution, model: str) -> tuple[str, str | None, str | None]:
+    """(status, phase, reason) of an execution from the device's reported state (docs/ota.md).
+
+    ``desired_rev`` below the execution's rev → queued; ``failed``/``rolled_back`` with the
+    rollout's model as ``target`` → failed, unless it is the very failure the stream reported
+    before the assignment (the agent reports the new ``desired_rev`` before the stream's phase
+    changes: no outcome yet); ``committed`` (or idle/no phase, for a device that already ran
+    the model) with the model active → succeeded; anything else → in progress.
+    """
+    if e.reported_rev is None or e.reported_rev < e.rev:
+        return "queued", None, None
+    if not e.has_report:
+        return "in_progress", None, None
+    phase = e.report_phase
+    if phase in ("failed", "rolled_back") and e.report_target == model:
+        if e.report_is_stale():
+            return "in_progress", phase, None
+        return "failed", phase, e.report_reason or phase
+    if (
+        e.report_active == model
+        and phase not in _DEPLOYING
+        and phase not in ("failed", "rolled_back")
+    ):
+        return "succeeded", phase, None
+    return "in_progress", phase, None
+
+
+def next_status(
+    e: Execution, model: str, *, now: float, timeout_s: float
+) -> tuple[str, str | None, str | None]:
+    """The execution's status after this tick: derived, then timeouts; only a failure can
+    follow a success (the device later reporting the model failed or rolled back)."""
+    status, phase, reason = derive_status(e, model)
+    if e.status == "succeeded" and status != "failed":
+        return "succeeded", phase if phase is not None else e.phase, None
+    if status in ("queued", "in_progress") and now - e.assigned_at >= timeout_s:
+        if status == "in_progress" and e.report_is_stale():
+            return (
+                "timed_out",
+                phase,
+                f"timeout: the device still reports its earlier {phase} of this model "
+                f"({e.report_reason}) and did not deploy it again within {timeout_s:.0f}s",
+            )
+        where = (
+            f"still {phase}"
+            if phase
+            else (
+                "never took up the desired state" if status == "queued" else "no progress reported"
+            )
+        )
+        return "timed_out", phase, f"timeout: {where} after {timeout_s:.0f}s"
+    return status, phase, reason
+
+
+def _share(n: int, of: int) -> str:
+    return f"{100 * n / of:.0f}%" if of else "0%"
+
+
+def abort_reason(r: RolloutInfo, counts: Mapping[int, Mapping[str, int]]) -> tuple[str, str] | None:
+    """The abort criteria on the executions' statuses: ``(reason, detail)`` or None.
+
+    - ``stage_failed``: a finished stage (every execution done) whose own failure share is
+      above ``max_failures`` (so a failed canary aborts even below ``min_executed``);
+    - ``failure_threshold``: failures / finished above ``max_failures`` once at least
+      ``min_executed`` executions finished.
+    """
+    limit = f"--max-failures {r.max_failures * 100:g}%"
+    finished = failed = 0
+    for stage in sorted(counts):
+        c = counts[stage]
+        size = sum(c.values())
+        stage_failed = sum(c.get(s, 0) for s in FAILURES)
+        finished += sum(c.get(s, 0) for s in FINISHED)
+        failed += stage_failed
+        unfinished = sum(c.get(s, 0) for s in IN_FLIGHT)
+        if (
+            stage <= r.current_stage
+            and size
+            and not unfinished
+            and stage_failed / size > r.max_failures
+        ):
+            return (
+                "stage_failed",
+                f"stage {stage + 1}: {stage_failed} of {size} executions failed "
+                f"({_share(stage_failed, size)}), above {limit}",
+            )
+    if finished and finished >= r.min_executed and failed / finished > r.max_failures:
+        return (
+            "failure_threshold",
+            f"{failed} of {finished} finished executions failed ({_share(failed, finished)}), "
+            f"above {limit} (after --min-executed {r.min_executed})",
+        )
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthPolicy:
+    """When updated devices count as "clearly worse" than not-yet-updated ones (telemetry)."""
+
+    window_s: float = 300.0
+    """Telemetry older than this is not compared."""
+    min_samples: int = 2
+    """Samples a device needs (after its update, for updated devices) to be compared."""
+    latency_ratio: float = 1.5
+    latency_margin_ms: float = 1.0
+    """Inference p95: worse when at least ``latency_ratio`` times and ``latency_margin_ms`` above."""
+    fps_ratio: float = 0.67
+    min_fps: float = 1.0
+    """fps: worse when at most ``fps_ratio`` of the others' (if they run at least ``min_fps``)."""
+    error_ratio: float = 2.0
+    error_margin: float = 0.02
+    """Errors per frame: worse when at least ``error_ratio`` times and ``error_margin`` above."""
+    max_devices: int = 200
+    """Devices compared per side (the first by id), to bound the cost."""
+    every_s: float = 5.0
+    """How often a rollout is checked (and always before a stage advances)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHealth:
+    latency_ms: float | None
+    fps: float | None
+    error_rate: float | None
+    samples: int
+
+
+def stream_health(
+    samples: Sequence[tuple[float, Sequence[Mapping[str, Any]]]],
+    stream: str,
+    *,
+    since: float,
+    min_samples: int,
+) -> StreamHealth | None:
+    """One device's health on one stream from its telemetry samples (ts, streams) since ``since``."""
+    entries = [
+        e for ts, streams in samples if ts >= since for e in streams if e.get("name") == stream
+    ]
+    if len(entries) < min_samples:
+        return None
+    latencies = [float(e["infer_ms_p95"]) for e in entries if e.get("infer_ms_p95") is not None]
+    fps = [float(e["fps"]) for e in entries if e.get("fps") is not None]
+    errors = frames = 0.0
+    for a, b in itertools.pairwise(entries):
+        de = float(b.get("errors", 0)) - float(a.get("errors", 0))
+        df = float(b.get("frames_processed", 0)) - float(a.get("frames_processed", 0))
+        if de < 0 or df < 0:  # the agent restarted: its counters started again from zero
+            de, df = float(b.get("errors", 0)), float(b.get("frames_processed", 0))
+        errors += de
+        frames += df
+    return StreamHealth(
+        latency_ms=statistics.median(latencies) if latencies else None,
+        fps=statistics.median(fps) if fps else None,
+        error_rate=errors / (frames + errors) if frames + errors > 0 else None,
+        samples=len(entries),
+    )
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def compare_health(
+    policy: HealthPolicy, updated: Sequence[StreamHealth], control: Sequence[StreamHealth]
+) -> tuple[str, str] | None:
+    """``("health_regression", detail)`` when the updated devices are clearly worse."""
+    if not updated or not control:
+        return None
+    worse = []
+    lat_u = _median([h.latency_ms for h in updated])
+    lat_c = _median([h.latency_ms for h in control])
+    if (
+        lat_u is not None
+        and lat_c is not None
+        and lat_u >= lat_c * policy.latency_ratio
+        and lat_u - lat_c >= policy.latency_margin_ms
+    ):
+        worse.append(f"inference p95 {lat_u:.1f} ms vs {lat_c:.1f} ms")
+    fps_u = _median([h.fps for h in updated])
+    fps_c = _median([h.fps for h in control])
+    if (
+        fps_u is not None
+        and fps_c is not None
+        and fps_c >= policy.min_fps
+        and fps_u <= fps_c * policy.fps_ratio
+    ):
+        worse.append(f"{fps_u:.1f} fps vs {fps_c:.1f} fps")
+    err_u = _median([h.error_rate for h in updated])
+    err_c = _median([h.error_rate for h in control]) or 0.0
+    if (
+        err_u is not None
+        and err_u >= err_c * policy.error_ratio
+        and err_u - err_c >= policy.error_margin
+    ):
+        worse.append(f"errors {err_u * 100:.1f}% of frames vs {err_c * 100:.1f}%")
+    if not worse:
+        return None
+    return (
+        "health_regression",
+        f"the {len(updated)} updated device(s) are clearly worse than the {len(control)} "
+        f"not yet updated: {'; '.join(worse)}",
+    )
+
+
+def bundle_url(base_url: str, m: fleet.ModelInfo) -> str:
+    """The device download URL of a model (same path as ``controller.api.routes.bundle_path``)."""
+    return f"{base_url.rstrip('/')}/api/v1/models/{m.name}/{m.version}/bundle?key={m.download_key}"
+
+
+def model_ref(m: fleet.ModelInfo, base_url: str) -> dict[str, Any]:
+    """The ``protocol.ModelRef`` (as a JSON object) of a registry model."""
+    return {
+        "name": m.name,
+        "version": m.version,
+        "url": bundle_url(base_url, m),
+        "sha256": m.sha256,
+        "size": m.size,
+        "signature": m.signature,
+    }
+
+
+def ref_name(ref: Mapping[str, Any] | None) -> str | None:
+    return None if not ref else f"{ref['name']}@{ref['version']}"
+
+
+# --- the engine ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TickReport:
+    """What one tick did (for logs, tests and the benchmark)."""
+
+    rollouts: int = 0
+    assigned: int = 0
+    """Executions given their desired state."""
+    rolled_back: int = 0
+    desired_written: int = 0
+    """Devices whose desired state changed (the publisher has work)."""
+    errors: int = 0
+    events: list[str] = field(default_factory=list)
+
+
+class RolloutEngine:
+    """Drives every rollout one step per ``tick``; see the module doc."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        base_url: Callable[[], str | None],
+        clock: Callable[[], float] = time.time,
+        health: HealthPolicy | None = None,
+    ) -> None:
+        """``base_url``: the API URL devices download from (None while not known yet: stages
+        wait to be assigned)."""
+        self.db = db
+        self.base_url = base_url
+        self.clock = clock
+        self.health = health or HealthPolicy()
+        self._health_at: dict[int, float] = {}
+
+    def tick(self, now: float | None = None) -> TickReport:
+        """One step of every live rollout (and pending rollbacks), one transaction each."""
+        at = self.clock() if now is None else now
+        report = TickReport()
+        with self.db.connect() as conn:
+            ids = store.rollouts_to_tick(conn)
+        for rollout_id in ids:
+            report.rollouts += 1
+            try:
+                with self.db.begin() as conn:
+                    self._tick_one(conn, rollout_id, at, report)
+            except Exception:
+                report.errors += 1
+                log.exception("rollout %d: tick failed; retrying on the next tick", rollout_id)
+        for rid in [r for r in self._health_at if r not in ids]:
+            del self._health_at[rid]
+        return report
+
+    # --- one rollout --------------------------------------------------------------------
+
+    def _tick_one(self, conn: Connection, rollout_id: int, now: float, report: TickReport) -> None:
+        if not store.lock_rollout(conn, rollout_id):
+            return
+        r = store.get_rollout(conn, rollout_id)
+        if r is None:
+            return
+        if r.live:
+            self._live(conn, r, now, report)
+        elif r.state in ("aborted", "rolled_back") and r.rolled_back_at is None:
+            self._roll_back(conn, r, now, report)
+
+    def _live(self, conn: Connection, r: RolloutInfo, now: float, report: TickReport) -> None:
+        self._refresh(conn, r, now)
+        counts = store.stage_counts(conn, r.id)
+        why = abort_reason(r, counts) or self._health_check(conn, r, now, force=False)
+        if why is not None:
+            self._abort(conn, r, now, *why, report=report)
+            return
+        stage = r.current_stage
+        if r.stage_started_at is None:
+            if r.state == "active":
+                self._assign(conn, r, stage, now, report)
+            return
+        c = counts.get(stage, {})
+        if any(c.get(s, 0) for s in IN_FLIGHT):
+            return
+        done_at = r.stage_done_at
+        if done_at is None:
+            done_at = now
+            store.update_rollout(conn, r.id, stage_done_at=now, updated_at=now)
+            report.events.append(f"rollout {r.id}: stage {stage + 1} done, baking {r.bake_s:g}s")
+            log.info(
+                "rollout %d: stage %d/%d done; baking for %gs",
+                r.id,
+                stage + 1,
+                len(r.stages),
+                r.bake_s,
+            )
+        if r.state != "active" or now < done_at + r.bake_s:
+            return
+        why = self._health_check(conn, r, now, force=True)
+        if why is not None:
+            self._abort(conn, r, now, *why, report=report)
+            return
+        if stage + 1 >= len(r.stages):
+            store.update_rollout(conn, r.id, state="completed", finished_at=now, updated_at=now)
+            report.events.append(f"rollout {r.id}: completed")
+            log.info("rollout %d: completed (%s on %d devices)", r.id, r.model, r.device_count)
+            return
+        store.update_rollout(
+            conn,
+            r.id,
+            current_stage=stage + 1,
+            stage_started_at=None,
+            stage_done_at=None,
+            updated_at=now,
+        )
+        self._assign(conn, dataclasses.replace(r, current_stage=stage + 1), stage + 1, now, report)
+
+    def _refresh(self, conn: Connection, r: RolloutInfo, now: float) -> None:
+        changes = []
+        for e in store.executions_to_watch(conn, r.id):
+            status, phase, reason = next_status(e, r.model, now=now, timeout_s=r.timeout_s)
+            if (status, phase, reason) == (e.status, e.phase, e.reason):
+                continue
+            finished = e.finished_at
+            if status in FINISHED and (status != e.status or finished is None):
+                finished = now
+            elif status not in FINISHED:
+                finished = None
+            changes.append(
+                {
+                    "device_id": e.device_id,
+                    "stream": e.stream,
+                    "status": status,
+                    "phase": phase,
+                    "reason": reason,
+                    "finished_at": finished,
+                    "now": now,
+                }
+            )
+            if status != e.status and status in FAILURES:
+                log.warning(
+                    "rollout %d: %s/%s %s (%s)", r.id, e.device_id, e.stream, status, reason
+                )
+        store.update_executions(conn, r.id, changes)
+
+    def _assign(
+        self, conn: Connection, r: RolloutInfo, stage: int, now: float, report: TickReport
+    ) -> None:
+        base = self.base_url()
+        if base is None:
+            log.debug("rollout %d: the API URL is not known yet; stage %d waits", r.id, stage + 1)
+            return
+        m = get_model_by_id(conn, r.model_id)
+        if m is None:  # the registry row is referenced by a foreign key: cannot happen
+            raise RuntimeError(f"rollout {r.id}: model id {r.model_id} vanished from the registry")
+        ref = model_ref(m, base)
+        pairs = store.pending_of_stage(conn, r.id, stage)
+        desired = store.get_desired(conn, (d for d, _ in pairs))
+        reports = store.stream_reports(conn, (d for d, _ in pairs))
+        changes: dict[str, dict[str, dict[str, Any] | None]] = defaultdict(dict)
+        rows: list[dict[str, Any]] = []
+        for device_id, stream in pairs:
+            current = desired.get(device_id)
+            previous = current.models.get(stream) if current is not None else None
+            changes[device_id][stream] = ref
+            before = reports.get((device_id, stream))
+            stale = (
+                before
+                if before is not None
+                and before["phase"] in ("failed", "rolled_back")
+                and before["target"] == r.model
+                else None
+            )
+            rows.append(
+                {
+                    "device_id": device_id,
+                    "stream": stream,
+                    "previous_model": ref_name(previous),
+                    "previous_ref": previous,
+                    "stale_outcome": stale,
+                    "now": now,
+                }
+            )
+        revs = store.write_desired(conn, changes, rollout_id=r.id, now=now)
+        for row in rows:
+            row["rev"] = revs[row["device_id"]]
+        store.mark_assigned(conn, r.id, rows)
+        store.update_rollout(conn, r.id, stage_started_at=now, updated_at=now)
+        report.assigned += len(rows)
+        report.desired_written += len(revs)
+        report.events.append(f"rollout {r.id}: stage {stage + 1} assigned to {len(revs)} devices")
+        log.info(
+            "rollout %d: stage %d/%d: %s desired on %d devices (%d executions)",
+            r.id,
+            stage + 1,
+            len(r.stages),
+            r.model,
+            len(revs),
+            len(rows),
+        )
+
+    def _abort(
+        self,
+        conn: Connection,
+        r: RolloutInfo,
+        now: float,
+        reason: str,
+        detail: str,
+        *,
+        report: TickReport,
+    ) -> None:
+        failed = store.list_rollout_devices(conn, r.id, statuses=tuple(FAILURES))
+        if failed and reason != "health_regression":
+            shown = ", ".join(
+                f"{f.device_id}/{f.stream}: {f.reason or f.status}" for f in failed[:5]
+            )
+            detail += f" ({shown}{', …' if len(failed) > 5 else ''})"
+        store.update_rollout(
+            conn,
+            r.id,
+            state="aborted",
+            reason=reason,
+            detail=detail,
+            finished_at=now,
+            updated_at=now,
+        )
+        report.events.append(f"rollout {r.id}: aborted ({reason})")
+        log.warning("rollout %d aborted (%s): %s; rolling back", r.id, reason, detail)
+        self._roll_back(conn, dataclasses.replace(r, state="aborted"), now, report)
+
+    def _roll_back(self, conn: Connection, r: RolloutInfo, now: float, report: TickReport) -> None:
+        """Give every execution the rollout touched its pre-rollout model back (absent = baseline)."""
+        todo = store.to_roll_back(conn, r.id)
+        devices = [d for d, _, _ in todo]
+        desired = store.get_desired(conn, devices)
+        others = store.live_pairs(conn, devices, exclude=r.id)
+        changes: dict[str, dict[str, dict[str, Any] | None]] = defaultdict(dict)
+        skipped = []
+        for device_id, stream, previous in todo:
+            row = desired.get(device_id)
+            current = ref_name(row.models.get(stream)) if row is not None else None
+            if current != r.model or (device_id, stream) in others:
+                holder = others.get((device_id, stream))
+                why = (
+                    f"rollout {holder} holds it now"
+                    if holder
+                    else f"its desired model is now {current or 'the baseline'}"
+                )
+                skipped.append(
+                    {
+                        "device_id": device_id,
+                        "stream": stream,
+                        "reason": f"not rolled back: {why}",
+                        "now": now,
+                    }
+                )
+                continue
+            changes[device_id][stream] = previous
+        revs = store.write_desired(conn, changes, rollout_id=r.id, now=now)
+        marks = [
+            {
+                "device_id": d,
+                "stream": s,
+                "status": "rolled_back",
+                "rev": revs[d],
+                "reason": None,
+                "now": now,
+            }
+            for d, streams in changes.items()
+            for s in streams
+        ]
+        store.mark_rolled_back(conn, r.id, marks)
+        store.note_executions(conn, r.id, skipped)
+        store.update_rollout(conn, r.id, rolled_back_at=now, updated_at=now)
+        report.rolled_back += len(marks)
+        report.desired_written += len(revs)
+        report.events.append(f"rollout {r.id}: rolled back {len(marks)} executions")
+        log.info(
+            "rollout %d: pre-rollout models written back to %d devices (%d executions, %d skipped)",
+            r.id,
+            len(revs),
+            len(marks),
+            len(skipped),
+        )
+
+    def _health_check(
+        self, conn: Connection, r: RolloutInfo, now: float, *, force: bool
+    ) -> tuple[str, str] | None:
+        policy = self.health
+        last = self._health_at.get(r.id)
+        if not force and last is not None and now - last < policy.every_s:
+            return None
+        self._health_at[r.id] = now
+        updated, pending = store.succeeded_and_pending(conn, r.id, policy.max_devices)
+        updated = updated[: policy.max_devices]
+        if not updated or not pending:
+            return None
+        since = now - policy.window_s
+        samples = store.recent_telemetry(
+            conn, [d for d, _, _ in updated] + [d for d, _ in pending], since=since
+        )
+        new = [
+            stream_health(
+                samples.get(d, []), s, since=max(since, done), min_samples=policy.min_samples
+            )
+            for d, s, done in updated
+        ]
+        old = [
+            stream_health(samples.get(d, []), s, since=since, min_samples=policy.min_samples)
+            for d, s in pending
+        ]
+        return compare_health(
+            policy, [h for h in new if h is not None], [h for h in old if h is not None]
+        )
+
+
+def get_model_by_id(conn: Connection, model_id: int) -> fleet.ModelInfo | None:
+    row = conn.execute(select(models).where(models.c.id == model_id)).first()
+    return None if row is None else fleet._model_info(row)
