@@ -482,6 +482,27 @@ def test_a_failed_bundle_is_not_retried_by_a_later_rev_but_a_download_failure_is
     assert (front.phase, front.active) == ("committed", "blazeface-short-int8@3.0.0")
 
 
+def test_a_retried_bundle_is_reported_as_taken_up_not_with_its_old_failure(
+    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+) -> None:
+    rig = make_rig(tmp_path, key)
+    _, good, server = served(version="3.0.0")
+    server.status = 503
+    rig.send(desired(1, {"front": good}))
+    rig.settle()
+    assert rig.last.streams["front"].reason == "download_failed"
+    server.status = None
+    seen = len(rig.reports)
+    rig.send(desired(2, {"front": good}))
+    rig.settle()
+    at_rev_2 = [r.streams["front"] for r in rig.reports[seen:] if r.desired_rev == 2]
+    # The controller reads the first report of rev 2 as this rev's progress, not as a failure.
+    assert (at_rev_2[0].phase, at_rev_2[0].reason) == ("idle", None)
+    assert at_rev_2[0].target == "blazeface-short-int8@3.0.0"
+    assert all(r.phase != "failed" for r in at_rev_2)
+    assert (at_rev_2[-1].phase, at_rev_2[-1].active) == ("committed", "blazeface-short-int8@3.0.0")
+
+
 # --- probation -----------------------------------------------------------------------------
 
 

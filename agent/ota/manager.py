@@ -362,13 +362,22 @@ class OtaManager:
             if current is not None and previous is None:
                 previous = baseline
             installed = [r for r in dict.fromkeys([baseline, current, previous]) if r]
+            phase, target, reason = state.phase, state.target_ref, state.reason
+            queued = updater.queued
+            if queued is not None and not queued.resume:
+                # Taken up for the reported desired_rev but not started: never the outcome of
+                # an earlier deployment, which the controller would count for this rev.
+                phase, reason = "idle", None
+                target = (
+                    f"{queued.target.name}@{queued.target.version}" if queued.target else baseline
+                )
             streams[name] = StreamReport(
                 active=updater.io.active(),
                 previous=previous,
                 installed=installed,
-                phase=state.phase,
-                target=state.target_ref,
-                reason=state.reason,
+                phase=phase,
+                target=target,
+                reason=reason,
             )
         return Reported(
             schema=SCHEMA_VERSION,

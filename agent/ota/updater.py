@@ -92,6 +92,12 @@ class StreamUpdater:
             return self._state
 
     @property
+    def queued(self) -> Job | None:
+        """The job taken up but not started yet (reported as phase ``idle`` with its target)."""
+        with self._cond:
+            return self._pending
+
+    @property
     def busy(self) -> bool:
         with self._cond:
             return self._pending is not None or self._running is not None
