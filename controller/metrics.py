@@ -1,13 +1,13 @@
 """Prometheus metrics of one controller: a per-app CollectorRegistry, no global state.
 
-Fleet gauges are read from the database at scrape time; ingest figures come from the
-ingestor's counters, API authentication figures from the app's ``AuthLimiter``.
+Fleet and rollout gauges are read from the database at scrape time; ingest figures come
+from the ingestor's counters, API authentication figures from the app's ``AuthLimiter``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry
@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from controller import store
 from controller.db.session import Database
 from controller.ingest import IngestSnapshot
+from controller.rollouts import store as rollout_store
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,66 @@ class FleetCollector(Collector):
         yield devices
         yield models
         yield up
+
+
+def _with_zeros(known: Sequence[str], counts: Mapping[str, int]) -> list[tuple[str, int]]:
+    """Every known key with its count (0 if absent), then any other key of ``counts``, sorted."""
+    return [(k, counts.get(k, 0)) for k in (*known, *sorted(counts.keys() - set(known)))]
+
+
+class RolloutCollector(Collector):
+    """Rollouts by state, and the progress of the live (active or paused) ones, from the database.
+
+    Every state is exported, 0 when no rollout is in it, so alert expressions always have a
+    series. A live rollout's series carry its id, model (``name@version``) and stream
+    (``*``: every stream); they go away when it ends (its state count then moves). When the
+    database is down nothing is exported here: ``edgefleet_database_up`` (FleetCollector)
+    says why.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            with self.db.connect() as conn:
+                by_state = rollout_store.state_counts(conn)
+                live = rollout_store.list_rollouts(
+                    conn, states=rollout_store.LIVE_STATES, limit=None
+                )
+                counts = rollout_store.status_counts(conn, [r.id for r in live])
+        except Exception as err:  # noqa: BLE001 - a scrape must answer even when the DB is down
+            log.warning("metrics: cannot read the rollouts from the database: %s", err)
+            return
+        rollouts = GaugeMetricFamily(
+            "edgefleet_rollouts", "Rollouts known to the controller, by state", labels=["state"]
+        )
+        for state, n in _with_zeros(
+            rollout_store.LIVE_STATES + rollout_store.ENDED_STATES, by_state
+        ):
+            rollouts.add_metric([state], n)
+        yield rollouts
+        labels = ["rollout", "model", "stream"]
+        executions = GaugeMetricFamily(
+            "edgefleet_rollout_executions",
+            "(device, stream) executions of a live rollout, by status",
+            labels=[*labels, "status"],
+        )
+        stage = GaugeMetricFamily(
+            "edgefleet_rollout_stage", "Current stage of a live rollout, 1-based", labels=labels
+        )
+        stages = GaugeMetricFamily(
+            "edgefleet_rollout_stages", "Number of stages of a live rollout", labels=labels
+        )
+        for r in sorted(live, key=lambda r: r.id):
+            key = [str(r.id), r.model, r.stream]
+            for status, n in _with_zeros(rollout_store.DEVICE_STATUSES, counts.get(r.id, {})):
+                executions.add_metric([*key, status], n)
+            stage.add_metric(key, r.current_stage + 1)
+            stages.add_metric(key, len(r.stages))
+        yield executions
+        yield stage
+        yield stages
 
 
 class IngestCollector(Collector):
@@ -153,6 +214,7 @@ def build_registry(
     """A fresh registry for one app (tests may build many side by side)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(db))
+    registry.register(RolloutCollector(db))
     if ingest_snapshot is not None:
         registry.register(IngestCollector(ingest_snapshot))
     if auth is not None:

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from controller import store
 from controller.db.session import Database
 from controller.ingest import IngestSnapshot
 from controller.metrics import build_registry
+from controller.rollouts import commands
 from protocol import SCHEMA_VERSION, Status, StreamStatus, status_topic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,6 +45,9 @@ _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _NAME = re.compile(r"\bedgefleet_[a-zA-Z0-9_:]*")
 _SELECTOR = re.compile(r"\b(edgefleet_[a-zA-Z0-9_:]*)\{([^}]*)\}")
 _MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+_LEGEND = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")
+_LABEL_REF = re.compile(r"\$labels\.([a-zA-Z_][a-zA-Z0-9_]*)")
 
 
 def _names_in(expr: str) -> set[str]:
@@ -54,6 +59,16 @@ def _labels_in(expr: str) -> dict[str, set[str]]:
     for name, matchers in _SELECTOR.findall(expr):
         found.setdefault(name, set()).update(_MATCHER.findall(matchers))
     return found
+
+
+def _grouping_in(expr: str) -> set[str]:
+    """Labels named by by/without/on/ignoring/group_left/group_right clauses."""
+    return {
+        label.strip()
+        for labels in _GROUPING.findall(_STRING.sub('""', expr))
+        for label in labels.split(",")
+        if label.strip()
+    }
 
 
 def _exposition(registry: CollectorRegistry) -> dict[str, set[str]]:
@@ -109,6 +124,24 @@ def _controller_metrics(tmp: Path) -> dict[str, set[str]]:
             store.write_messages(
                 conn, [store.Received(status_topic("cam-01"), "cam-01", status, 1000.0)]
             )
+            # a live rollout, so the per-rollout series (and their labels) are exported
+            store.add_model(
+                conn,
+                name="blazeface",
+                version="2",
+                sha256="0" * 64,
+                size=1,
+                runtime="litert",
+                manifest={},
+                signature=None,
+                key_id=None,
+                now=1000.0,
+            )
+            commands.create_rollout(
+                conn,
+                commands.RolloutRequest(model="blazeface@2", select=["all"], stream="front"),
+                now=1000.0,
+            )
         snapshot = IngestSnapshot(
             received=10,
             queued=10,
@@ -154,14 +187,20 @@ def _dashboard() -> dict[str, Any]:
     return data
 
 
+def _dashboard_targets() -> list[dict[str, Any]]:
+    return [t for p in _dashboard()["panels"] for t in p.get("targets", [])]
+
+
 def _dashboard_queries() -> list[str]:
     dash = _dashboard()
-    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs = [t["expr"] for t in _dashboard_targets()]
     exprs += [v["query"]["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
     return exprs
 
 
-def _check_expr(expr: str, where: str) -> None:
+def _check_expr(expr: str, where: str, *, shown: Iterable[str] = ()) -> None:
+    """Metrics exported; matcher labels on their metric; grouping labels and the labels a
+    legend or an annotation shows (``shown``) on one of the expression's metrics."""
     known = _known()
     names = _names_in(expr)
     assert names, f"{where}: {expr!r} uses no edgefleet metric"
@@ -170,6 +209,13 @@ def _check_expr(expr: str, where: str) -> None:
     for name, labels in _labels_in(expr).items():
         missing = sorted(labels - known[name] - TARGET_LABELS)
         assert not missing, f"{where}: {name} has no label(s) {missing}"
+    anywhere = set(TARGET_LABELS).union(*(known[n] for n in names))
+    for kind, labels in (
+        ("grouping", _grouping_in(expr)),
+        ("shown", set(shown)),
+    ):
+        missing = sorted(labels - anywhere)
+        assert not missing, f"{where}: {kind} label(s) {missing} on none of {sorted(names)}"
 
 
 def test_collectors_export_the_names_the_checks_rely_on() -> None:
@@ -180,6 +226,11 @@ def test_collectors_export_the_names_the_checks_rely_on() -> None:
     assert exported["edgefleet_devices"] == {"state"}
     assert exported["edgefleet_model_devices"] == {"model"}
     assert exported["edgefleet_ingest_lag_seconds"] == {"quantile"}
+    assert exported["edgefleet_rollouts"] == {"state"}
+    live = {"rollout", "model", "stream"}
+    assert exported["edgefleet_rollout_executions"] == live | {"status"}
+    assert exported["edgefleet_rollout_stage"] == live
+    assert exported["edgefleet_rollout_stages"] == live
 
 
 def test_pending_metrics_are_not_exported_yet() -> None:
@@ -189,7 +240,8 @@ def test_pending_metrics_are_not_exported_yet() -> None:
 
 def test_alert_expressions_use_only_exported_metrics_and_labels() -> None:
     for rule in _rules():
-        _check_expr(rule["expr"], f"alert {rule['alert']}")
+        shown = _LABEL_REF.findall(" ".join(rule["annotations"].values()))
+        _check_expr(rule["expr"], f"alert {rule['alert']}", shown=shown)
 
 
 def test_dashboard_queries_use_only_exported_metrics_and_labels() -> None:
@@ -197,6 +249,9 @@ def test_dashboard_queries_use_only_exported_metrics_and_labels() -> None:
     assert len(queries) > 15
     for expr in queries:
         _check_expr(expr, "dashboard")
+    for target in _dashboard_targets():
+        legend = _LEGEND.findall(target.get("legendFormat", ""))
+        _check_expr(target["expr"], "dashboard", shown=legend)
 
 
 def test_the_name_check_catches_a_misspelled_metric() -> None:
@@ -204,6 +259,15 @@ def test_the_name_check_catches_a_misspelled_metric() -> None:
         _check_expr("rate(edgefleet_stream_frames_procesed_total[5m])", "test")
     with pytest.raises(AssertionError, match="no label"):
         _check_expr('edgefleet_devices{status="offline"}', "test")
+    with pytest.raises(AssertionError, match="grouping label"):
+        _check_expr("sum by (rolout) (edgefleet_rollout_stage)", "test")
+    with pytest.raises(AssertionError, match="shown label"):
+        _check_expr("edgefleet_rollout_stage", "test", shown=_LEGEND.findall("{{modle}}"))
+    _check_expr(
+        'sum by (rollout, job) (edgefleet_rollout_executions{status="failed"})',
+        "test",
+        shown=["rollout", "instance"],
+    )
 
 
 def test_alert_rules_cover_the_fleet_failure_modes() -> None:
@@ -216,6 +280,7 @@ def test_alert_rules_cover_the_fleet_failure_modes() -> None:
         "DetectionRateDrift",
         "StreamDown",
         "IngestLagHigh",
+        "RolloutAborted",
     } <= names
     for rule in rules:
         assert rule["labels"]["severity"] in {"info", "warning", "critical"}
@@ -257,6 +322,9 @@ def test_dashboard_panels_are_well_formed_and_do_not_overlap() -> None:
         "dropped",
         "spool",
         "psi",
+        "rollout",
+        "progress",
+        "stage",
     ):
         assert topic in titles, f"dashboard has no panel about {topic}"
 
@@ -272,6 +340,17 @@ def test_promtool_accepts_the_rules() -> None:
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_promtool_unit_tests_fire_the_alerts_on_synthetic_series(tmp_path: Path) -> None:
+    ctl = 'instance="ctl",job="edgefleet-controller"'
+    ctl_2 = 'instance="ctl-2",job="edgefleet-controller"'
+    ctl_3 = 'instance="ctl-3",job="edgefleet-controller"'
+    rule = {r["alert"]: r for r in _rules()}
+    aborted = {
+        "exp_labels": {"severity": "warning", "job": "edgefleet-controller"},
+        "exp_annotations": {
+            "summary": "1 edgefleet rollout(s) aborted in the last 10 minutes",
+            "description": rule["RolloutAborted"]["annotations"]["description"],
+        },
+    }
     tests = {
         "rule_files": [str(ALERTS)],
         "evaluation_interval": "1m",
@@ -283,6 +362,15 @@ def test_promtool_unit_tests_fire_the_alerts_on_synthetic_series(tmp_path: Path)
                     {"series": 'edgefleet_stream_score_psi{instance="cam",stream="front"}', "values": "0.05x10 0.4x30"},
                     {"series": 'edgefleet_agent_spool_messages{instance="cam"}', "values": "0+50x40"},
                     {"series": 'edgefleet_ingest_lag_seconds{quantile="0.95",instance="ctl"}', "values": "0.1x5 9x30"},
+                    # 2 rollouts aborted long ago, a third at 11m. Replicas read the same
+                    # database: ctl-2 (up from 5m) sees the abort too but adds no second
+                    # alert; ctl-3, started at 15m, finds 3 aborted and raises nothing
+                    {"series": f'edgefleet_rollouts{{state="aborted",{ctl}}}', "values": "2x10 3x30"},
+                    {"series": f'edgefleet_rollouts{{state="aborted",{ctl_2}}}', "values": "_x5 2x5 3x30"},
+                    {"series": f'edgefleet_rollouts{{state="aborted",{ctl_3}}}', "values": "_x15 3x25"},
+                    {"series": f'edgefleet_rollouts{{state="active",{ctl}}}', "values": "1x10 0x30"},
+                    # within the 50 ms budget, over it but under twice it from 11m, far over from 21m
+                    {"series": 'edgefleet_stream_inference_p95_seconds{instance="cam",stream="front"}', "values": "0.03x10 0.09x10 0.25x30"},
                 ],
                 "alert_rule_test": [
                     {"eval_time": "3m", "alertname": "DeviceOffline", "exp_alerts": []},
@@ -327,6 +415,25 @@ def test_promtool_unit_tests_fire_the_alerts_on_synthetic_series(tmp_path: Path)
                             }
                         ],
                     },
+                    {"eval_time": "10m", "alertname": "RolloutAborted", "exp_alerts": []},
+                    {"eval_time": "12m", "alertname": "RolloutAborted", "exp_alerts": [aborted]},
+                    {"eval_time": "18m", "alertname": "RolloutAborted", "exp_alerts": [aborted]},
+                    {"eval_time": "22m", "alertname": "RolloutAborted", "exp_alerts": []},
+                    {"eval_time": "20m", "alertname": "AgentInferenceLatencyHigh", "exp_alerts": []},
+                    {"eval_time": "28m", "alertname": "AgentInferenceLatencyHigh", "exp_alerts": []},
+                    {
+                        "eval_time": "35m",
+                        "alertname": "AgentInferenceLatencyHigh",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning", "instance": "cam", "stream": "front"},
+                                "exp_annotations": {
+                                    "summary": "Inference p95 250ms on cam/front",
+                                    "description": "The model's 95th percentile invoke time is over twice the 50 ms budget: the device is throttling (temperature), overloaded, or the model is too big for it.",
+                                },
+                            }
+                        ],
+                    },
                     {"eval_time": "10m", "alertname": "SpoolGrowing", "exp_alerts": []},
                     {
                         "eval_time": "20m",
@@ -346,6 +453,101 @@ def test_promtool_unit_tests_fire_the_alerts_on_synthetic_series(tmp_path: Path)
         ],
     }  # fmt: skip
     path = tmp_path / "alerts_test.yml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False), encoding="utf-8")
+    result = subprocess.run(
+        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _promql(expr: str) -> str:
+    """A dashboard query with Grafana's interval variables replaced (``$instance`` and
+    ``$stream`` only occur inside regex matchers, where they stay literal)."""
+    for var, value in (("$__rate_interval", "5m"), ("$__interval", "1m"), ("$__range", "1h")):
+        expr = expr.replace(var, value)
+    return expr
+
+
+def _panel_exprs(title: str) -> dict[str, str]:
+    panel = next(p for p in _dashboard()["panels"] if p["title"] == title)
+    return {t["refId"]: _promql(t["expr"]) for t in panel["targets"]}
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
+    exprs = [_promql(t["expr"]) for t in _dashboard_targets()]
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{i}", "expr": e} for i, e in enumerate(exprs)
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump(rules, sort_keys=False), encoding="utf-8")
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(exprs)} rules found" in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_rollout_panels_count_each_rollout_once_with_two_controller_replicas(
+    tmp_path: Path,
+) -> None:
+    """Both replicas export the same database figures: the panels must not add them up."""
+    live = 'rollout="7",model="m@2",stream="cam0"'
+    series = []
+    for instance in ("ctl", "ctl-2"):
+        target = f'instance="{instance}",job="edgefleet-controller"'
+        for status, n in (("pending", 2), ("queued", 4), ("succeeded", 3), ("failed", 1)):
+            series.append(
+                {
+                    "series": f'edgefleet_rollout_executions{{{live},status="{status}",{target}}}',
+                    "values": f"{n}x60",
+                }
+            )
+        series += [
+            {"series": f"edgefleet_rollout_stage{{{live},{target}}}", "values": "2x60"},
+            {"series": f"edgefleet_rollout_stages{{{live},{target}}}", "values": "3x60"},
+            {"series": f'edgefleet_rollouts{{state="aborted",{target}}}', "values": "1x30 2x30"},
+            {"series": f'edgefleet_rollouts{{state="active",{target}}}', "values": "1x60"},
+        ]
+    table = _panel_exprs("Live rollouts: stage and executions")
+    key = '{model="m@2",rollout="7",stream="cam0"}'
+    cases: list[tuple[str, str, float]] = [  # expression, labels and value of its one sample
+        (_panel_exprs("Rollout progress (finished executions)")["A"], key, 0.4),
+        (table["A"], key, 2),
+        (table["B"], key, 3),
+        (table["C"], key, 4),
+        (table["D"], key, 1),
+        (table["E"], key, 10),
+        (_panel_exprs("Rollouts active")["A"], "{}", 1),
+        (_panel_exprs("Rollouts aborted in the time range")["A"], "{}", 1),
+    ]
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": "60m",
+                        "exp_samples": [{"labels": labels, "value": value}],
+                    }
+                    for expr, labels, value in cases
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "dashboard_test.yml"
     path.write_text(yaml.safe_dump(tests, sort_keys=False), encoding="utf-8")
     result = subprocess.run(
         ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60

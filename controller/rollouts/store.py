@@ -222,13 +222,21 @@ def update_rollout(conn: Connection, rollout_id: int, **values: Any) -> None:
 
 
 def list_rollouts(
-    conn: Connection, *, states: Sequence[str] = (), limit: int = 100
+    conn: Connection, *, states: Sequence[str] = (), limit: int | None = 100
 ) -> list[RolloutInfo]:
-    """Newest first."""
-    query = select(rollouts).order_by(rollouts.c.id.desc()).limit(limit)
+    """Newest first; ``limit=None``: all of them."""
+    query = select(rollouts).order_by(rollouts.c.id.desc())
+    if limit is not None:
+        query = query.limit(limit)
     if states:
         query = query.where(rollouts.c.state.in_(list(states)))
     return [_rollout(r) for r in conn.execute(query)]
+
+
+def state_counts(conn: Connection) -> dict[str, int]:
+    """Rollout state → rollouts in it (states no rollout is in are absent)."""
+    query = select(rollouts.c.state, func.count()).group_by(rollouts.c.state)
+    return {str(state): int(n) for state, n in conn.execute(query)}
 
 
 def rollouts_to_tick(conn: Connection) -> list[int]:
