@@ -22,8 +22,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.app import tune_process
 from agent.config import ASSETS_DIR, BrokerConfig, StreamConfig
 from agent.detector import Detector, load_detector
-from agent.pipeline import StreamPipeline
+from agent.drift import StreamDrift
+from agent.ota.health import HealthRecorder
+from agent.pipeline import ObserverGroup, StreamPipeline
 from agent.publisher import Publisher
+from agent.sdnotify import ReadinessGate
 from agent.sources import FrameSource
 from agent.spool import Spool
 from tests.broker import Mosquitto
@@ -97,6 +100,12 @@ def agent_pipeline(
     source = FrameSource(name="bench", uri=str(VIDEO), loop=True, realtime=False)
     config = StreamConfig(name="bench", source=str(VIDEO), model=str(manifest))
     counter = iter(range(1 << 62))
+    # The frame observers the daemon attaches (OTA health, drift KPI, systemd readiness).
+    observer = ObserverGroup(
+        HealthRecorder(),
+        StreamDrift(baseline_path=workdir / "drift.json", window=500, baseline_size=1000),
+        ReadinessGate(["bench"], on_ready=lambda: None).observer("bench"),
+    )
     pipeline = StreamPipeline(
         device_id="bench",
         config=config,
@@ -104,6 +113,7 @@ def agent_pipeline(
         detector=detector,
         publish=publisher.publish_detections,
         next_seq=lambda: next(counter),
+        observer=observer,
     )
     pipeline.start()
     source.start()
