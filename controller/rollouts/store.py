@@ -336,147 +336,74 @@ def live_pairs(
     return out
 
 
-_ROW_UPDATE = (
-    update(rollout_devices)
-    .where(
-        rollout_devices.c.rollout_id == bindparam("b_rollout"),
-        rollout_devices.c.device_id == bindparam("b_device"),
-        rollout_devices.c.stream == bindparam("b_stream"),
+def _pair_update(**columns: str) -> Any:
+    """UPDATE one (rollout, device, stream) row: column name → key of the row dicts given."""
+    return (
+        update(rollout_devices)
+        .where(
+            rollout_devices.c.rollout_id == bindparam("b_rollout"),
+            rollout_devices.c.device_id == bindparam("b_device"),
+            rollout_devices.c.stream == bindparam("b_stream"),
+        )
+        .values({column: bindparam(f"b_{key}") for column, key in columns.items()})
     )
-    .values(
-        status=bindparam("b_status"),
-        phase=bindparam("b_phase"),
-        reason=bindparam("b_reason"),
-        finished_at=bindparam("b_finished"),
-        updated_at=bindparam("b_now"),
-    )
+
+
+def _update_pairs(
+    conn: Connection, statement: Any, rollout_id: int, rows: Sequence[Mapping[str, Any]]
+) -> None:
+    """Run a ``_pair_update`` statement for ``rows`` (dicts with device_id, stream and its keys)."""
+    if rows:
+        conn.execute(
+            statement,
+            [
+                {
+                    "b_rollout": rollout_id,
+                    "b_device": r["device_id"],
+                    "b_stream": r["stream"],
+                    **{f"b_{k}": v for k, v in r.items() if k not in ("device_id", "stream")},
+                }
+                for r in rows
+            ],
+        )
+
+
+_ROW_UPDATE = _pair_update(
+    status="status", phase="phase", reason="reason", finished_at="finished_at", updated_at="now"
 )
+_ASSIGN = _pair_update(
+    status="queued_status",
+    rev="rev",
+    previous_model="previous_model",
+    previous_ref="previous_ref",
+    stale_outcome="stale_outcome",
+    assigned_at="now",
+    updated_at="now",
+)
+_ROLLBACK = _pair_update(status="status", rollback_rev="rev", updated_at="now")
+_NOTE = _pair_update(reason="reason", updated_at="now")
 
 
 def update_executions(
     conn: Connection, rollout_id: int, changes: Sequence[Mapping[str, Any]]
 ) -> None:
     """Write derived statuses: dicts with device_id, stream, status, phase, reason, finished_at, now."""
-    if changes:
-        conn.execute(
-            _ROW_UPDATE,
-            [
-                {
-                    "b_rollout": rollout_id,
-                    "b_device": c["device_id"],
-                    "b_stream": c["stream"],
-                    "b_status": c["status"],
-                    "b_phase": c["phase"],
-                    "b_reason": c["reason"],
-                    "b_finished": c["finished_at"],
-                    "b_now": c["now"],
-                }
-                for c in changes
-            ],
-        )
-
-
-_ASSIGN = (
-    update(rollout_devices)
-    .where(
-        rollout_devices.c.rollout_id == bindparam("b_rollout"),
-        rollout_devices.c.device_id == bindparam("b_device"),
-        rollout_devices.c.stream == bindparam("b_stream"),
-    )
-    .values(
-        status="queued",
-        rev=bindparam("b_rev"),
-        previous_model=bindparam("b_prev_model"),
-        previous_ref=bindparam("b_prev_ref"),
-        stale_outcome=bindparam("b_stale"),
-        assigned_at=bindparam("b_now"),
-        updated_at=bindparam("b_now"),
-    )
-)
+    _update_pairs(conn, _ROW_UPDATE, rollout_id, changes)
 
 
 def mark_assigned(conn: Connection, rollout_id: int, rows: Sequence[Mapping[str, Any]]) -> None:
     """dicts with device_id, stream, rev, previous_model, previous_ref, stale_outcome, now."""
-    if rows:
-        conn.execute(
-            _ASSIGN,
-            [
-                {
-                    "b_rollout": rollout_id,
-                    "b_device": r["device_id"],
-                    "b_stream": r["stream"],
-                    "b_rev": r["rev"],
-                    "b_prev_model": r["previous_model"],
-                    "b_prev_ref": r["previous_ref"],
-                    "b_stale": r["stale_outcome"],
-                    "b_now": r["now"],
-                }
-                for r in rows
-            ],
-        )
-
-
-_ROLLBACK = (
-    update(rollout_devices)
-    .where(
-        rollout_devices.c.rollout_id == bindparam("b_rollout"),
-        rollout_devices.c.device_id == bindparam("b_device"),
-        rollout_devices.c.stream == bindparam("b_stream"),
-    )
-    .values(
-        status=bindparam("b_status"),
-        rollback_rev=bindparam("b_rev"),
-        updated_at=bindparam("b_now"),
-    )
-)
+    _update_pairs(conn, _ASSIGN, rollout_id, [{**r, "queued_status": "queued"} for r in rows])
 
 
 def mark_rolled_back(conn: Connection, rollout_id: int, rows: Sequence[Mapping[str, Any]]) -> None:
     """dicts with device_id, stream, status, rev (the rollback rev), now; the reason stays."""
-    if rows:
-        conn.execute(
-            _ROLLBACK,
-            [
-                {
-                    "b_rollout": rollout_id,
-                    "b_device": r["device_id"],
-                    "b_stream": r["stream"],
-                    "b_status": r["status"],
-                    "b_rev": r["rev"],
-                    "b_now": r["now"],
-                }
-                for r in rows
-            ],
-        )
-
-
-_NOTE = (
-    update(rollout_devices)
-    .where(
-        rollout_devices.c.rollout_id == bindparam("b_rollout"),
-        rollout_devices.c.device_id == bindparam("b_device"),
-        rollout_devices.c.stream == bindparam("b_stream"),
-    )
-    .values(reason=bindparam("b_reason"), updated_at=bindparam("b_now"))
-)
+    _update_pairs(conn, _ROLLBACK, rollout_id, rows)
 
 
 def note_executions(conn: Connection, rollout_id: int, rows: Sequence[Mapping[str, Any]]) -> None:
     """Set the reason of executions (dicts with device_id, stream, reason, now)."""
-    if rows:
-        conn.execute(
-            _NOTE,
-            [
-                {
-                    "b_rollout": rollout_id,
-                    "b_device": r["device_id"],
-                    "b_stream": r["stream"],
-                    "b_reason": r["reason"],
-                    "b_now": r["now"],
-                }
-                for r in rows
-            ],
-        )
+    _update_pairs(conn, _NOTE, rollout_id, rows)
 
 
 @dataclass(frozen=True, slots=True)
