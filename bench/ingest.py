@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import signal
 import sys
 import tempfile
@@ -36,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 
+from bench.postgres import fresh_schema
 from controller.broker import EmbeddedBroker
 from controller.config import IngestConfig
 from controller.db.session import Database
@@ -50,10 +50,6 @@ from controller.store import Received, count_telemetry, write_messages
 TELEMETRY_QOS = 0
 """Agents publish telemetry at QoS 0 (docs/protocol.md); the embedded broker queues QoS 0
 for the controller's persistent session (queue_qos0_messages), so the backlog runs work."""
-
-PG_URL = os.environ.get(
-    "EDGEFLEET_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 
 
 @dataclass
@@ -285,20 +281,6 @@ def run_storage(
     )
 
 
-def _fresh_pg() -> tuple[str, Callable[[], None]]:
-    schema = f"ef_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
-
-    return f"{PG_URL}?options=-csearch_path%3D{schema}", drop
-
-
 def bench_database(
     name: str,
     make_url: Callable[[], tuple[str, Callable[[], None]]],
@@ -376,7 +358,7 @@ def main() -> int:
 
             results = bench_database("sqlite", sqlite_url, broker, args)
             if not args.no_pg:
-                results += bench_database("postgresql", _fresh_pg, broker, args)
+                results += bench_database("postgresql", fresh_schema, broker, args)
         finally:
             broker.stop()
 

@@ -29,14 +29,13 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import create_engine, text
 
+from bench.postgres import fresh_schema
 from controller import store
 from controller.broker import EmbeddedBroker
 from controller.db.session import Database
@@ -50,9 +49,6 @@ from tests.broker import free_port
 from tests.bundle_factory import blazeface_files, blazeface_manifest, build_bundle
 
 REPO = Path(__file__).resolve().parent.parent
-PG_URL = os.environ.get(
-    "EDGEFLEET_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 TARGET = "face@2.0.0"
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -67,20 +63,6 @@ def _mem_kib(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0
-
-
-def _fresh_pg() -> tuple[str, Callable[[], None]]:
-    schema = f"ef_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
-
-    return f"{PG_URL}?options=-csearch_path%3D{schema}", drop
 
 
 def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -320,7 +302,7 @@ def main() -> int:
 
         def url(name: str) -> str:
             if args.pg:
-                u, drop = _fresh_pg()
+                u, drop = fresh_schema()
                 cleanups.append(drop)
                 return u
             return f"sqlite:///{tmp / name}"
