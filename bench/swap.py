@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import platform
 import statistics
 import tempfile
 import threading
@@ -31,21 +30,24 @@ import cv2
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import __version__
 from agent.app import tune_process
-from agent.config import ASSETS_DIR, StreamConfig
+from agent.config import ASSETS_DIR, OtaConfig, StreamConfig
 from agent.detector import load_detector
-from agent.ota.bundle import open_bundle
-from agent.ota.download import download
-from agent.ota.golden import check_golden
 from agent.ota.health import HealthRecorder
-from agent.ota.manager import OtaManager
-from agent.ota.services import Services, StreamIO
+from agent.ota.manager import OtaManager, build_services
+from agent.ota.services import StreamIO
 from agent.ota.store import ModelStore
 from agent.pipeline import StreamPipeline
 from agent.sources import FrameSource
 from protocol import SCHEMA_VERSION, Desired, Detections, ModelRef, decode, encode
-from tests.bundle_factory import blazeface_files, blazeface_manifest, build_bundle, sign, with_files
+from tests.bundle_factory import (
+    blazeface_files,
+    blazeface_manifest,
+    build_bundle,
+    sign,
+    with_files,
+    write_public_key,
+)
 from tests.range_server import RangeServerState, range_server
 
 VIDEO = ASSETS_DIR / "face-walk-640x480.mp4"
@@ -126,21 +128,14 @@ def running(
         next_seq=lambda: next(counter),
         observer=health,
     )
-    services = Services(
+    # The daemon's own assembly of download, bundle check and golden check.
+    services = build_services(
+        OtaConfig(probation_s=1.0, golden_latency_runs=10),
         ota_dir=tmp / "ota",
         store=ModelStore(tmp / "models"),
-        download=lambda r, dest, stop: download(
-            r.url, dest, sha256=r.sha256, size=r.size, stop=stop
-        ),
-        verify=lambda path: open_bundle(
-            path,
-            trusted_keys=[key.public_key()],
-            agent_version=__version__,
-            runtimes={"litert"},
-            arch=platform.machine(),
-        ),
-        golden=lambda det, folder, manifest: check_golden(det, folder, manifest, latency_runs=10),
-        probation_s=1.0,
+        key_paths=[write_public_key(key, tmp / "signing.pub")],
+        runtimes={"litert"},
+        fault=lambda point: None,
     )
     manager = OtaManager(
         device_id="bench",

@@ -25,17 +25,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import __version__
 from agent.backoff import Backoff
+from agent.config import OtaConfig
 from agent.detector import Detector, load_detector
 from agent.ota.bundle import VerifiedBundle, open_bundle
 from agent.ota.download import download
 from agent.ota.golden import check_golden
 from agent.ota.health import HealthRecorder
-from agent.ota.manager import NO_KEYS, OtaManager
+from agent.ota.manager import NO_KEYS, OtaManager, build_services
 from agent.ota.services import Services, StreamIO
 from agent.ota.state import load_stream_state
 from agent.ota.store import ModelStore
 from protocol import Desired, Event, ModelRef, Reported, decode, encode
-from tests.bundle_factory import ASSETS
+from tests.bundle_factory import ASSETS, write_public_key
 from tests.ota_support import (
     BASELINE_REF,
     VIDEO,
@@ -186,6 +187,19 @@ def _services(
     )
 
 
+def _stream_io(sim: SimStream) -> StreamIO:
+    """The stream "front" of the simulated pipeline, on the baseline model."""
+    return StreamIO(
+        name="front",
+        baseline_manifest=BASELINE,
+        baseline_ref=BASELINE_REF,
+        load=load_detector,
+        swap=sim.swap,
+        active=sim.active,
+        health=sim.health,
+    )
+
+
 def make_rig(
     root: Path,
     key: Ed25519PrivateKey,
@@ -204,17 +218,7 @@ def make_rig(
     manager = OtaManager(
         device_id="cam-01",
         services=services,
-        streams=[
-            StreamIO(
-                name="front",
-                baseline_manifest=BASELINE,
-                baseline_ref=BASELINE_REF,
-                load=load_detector,
-                swap=sim.swap,
-                active=sim.active,
-                health=sim.health,
-            )
-        ],
+        streams=[_stream_io(sim)],
         publish_reported=lambda payload: reports.append(decode(payload, Reported)),
         publish_event=lambda payload: events.append(decode(payload, Event)),
     )
@@ -711,21 +715,14 @@ def test_hot_swap_in_a_real_pipeline_loses_no_frame(
         next_seq=lambda: next(counter),
         observer=health,
     )
-    services = Services(
+    # The daemon's own assembly of download, bundle check and golden check.
+    services = build_services(
+        OtaConfig(probation_s=1.0, golden_latency_runs=3),
         ota_dir=tmp_path / "ota",
         store=ModelStore(tmp_path / "models"),
-        download=lambda r, dest, stop: download(
-            r.url, dest, sha256=r.sha256, size=r.size, stop=stop
-        ),
-        verify=lambda path: open_bundle(
-            path,
-            trusted_keys=[key.public_key()],
-            agent_version=__version__,
-            runtimes={"litert"},
-            arch=platform.machine(),
-        ),
-        golden=lambda det, folder, manifest: check_golden(det, folder, manifest, latency_runs=3),
-        probation_s=1.0,
+        key_paths=[write_public_key(key, tmp_path / "signing.pub")],
+        runtimes={"litert"},
+        fault=lambda point: None,
     )
     reports: list[Reported] = []
     manager = OtaManager(
@@ -788,17 +785,7 @@ def test_disabled_ota_ignores_desired_and_the_store(
     manager = OtaManager(
         device_id="cam-01",
         services=_services(tmp_path, key, sim, trusted=None, fault=lambda p: None, probation_s=1),
-        streams=[
-            StreamIO(
-                name="front",
-                baseline_manifest=BASELINE,
-                baseline_ref=BASELINE_REF,
-                load=load_detector,
-                swap=sim.swap,
-                active=sim.active,
-                health=sim.health,
-            )
-        ],
+        streams=[_stream_io(sim)],
         publish_reported=lambda payload: reports.append(decode(payload, Reported)),
         publish_event=lambda payload: pytest.fail("no events when disabled"),
         enabled=False,
