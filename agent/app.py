@@ -52,6 +52,10 @@ from protocol.messages import DeviceState, SourceState
 
 log = logging.getLogger(__name__)
 
+NOT_SERVING: frozenset[str] = frozenset({"failed", "ended", "reconnecting"})
+"""Source states that count as "reported failed" for systemd readiness: a camera that is not
+there does not hold up the other streams."""
+
 SHUTDOWN_BUDGET_S = 4.0
 """SIGTERM to exit: publish `stopping`, stop streams, flush; systemd allows 5 s by default here."""
 
@@ -248,8 +252,7 @@ class AgentApp:
             previous = handle.state
             handle.state = state  # type: ignore[assignment]
             handle.error = error
-            if state in ("failed", "ended", "reconnecting"):
-                # systemd readiness: a camera that is not there does not hold up the others.
+            if state in NOT_SERVING:
                 self._ready.stream_failed(handle.name)
             if state in ("failed", "reconnecting") and previous != state:
                 log.warning("stream %s: source %s: %s", handle.name, state, error)
@@ -454,7 +457,7 @@ class AgentApp:
         return [t for h in self.streams if (t := h.last_progress()) is not None]
 
     def _on_ready(self) -> None:
-        failed = [h.name for h in self.streams if h.state in ("failed", "ended", "reconnecting")]
+        failed = [h.name for h in self.streams if h.state in NOT_SERVING]
         running = len(self.streams) - len(failed)
         text = f"{running} of {len(self.streams)} streams running"
         if failed:
