@@ -29,6 +29,7 @@ from agent.ota import OtaError
 from agent.ota.health import HealthRecorder
 from agent.ota.manager import FAULT_ENV, OtaManager, build_services, fault_hook_from_env
 from agent.ota.services import StreamIO
+from agent.ota.shadow import ShadowRunner
 from agent.ota.store import ModelStore
 from agent.pipeline import ObserverGroup, StreamPipeline
 from agent.publisher import Publisher
@@ -311,7 +312,15 @@ class AgentApp:
             swap=lambda detector: self._swap(handle, detector),
             active=lambda: handle.model,
             health=handle.health,
+            shadow=lambda runner: self._set_shadow(handle, runner),
         )
+
+    def _set_shadow(self, handle: StreamHandle, runner: ShadowRunner | None) -> None:
+        if handle.pipeline is None:
+            if runner is None:
+                return
+            raise OtaError("stream_not_running", f"stream {handle.name} is not running")
+        handle.pipeline.set_shadow(runner)
 
     def _build_ota(self) -> OtaManager:
         assert self._publisher is not None

@@ -75,7 +75,7 @@ def run(ctx: click.Context, config_path: Path) -> None:
 @click.pass_context
 def check_config(ctx: click.Context, config_path: Path) -> None:
     """Validate a config file and the models it names; exit 2 on the first problem."""
-    from agent.config import load_config, resolve_model
+    from agent.config import deprecations, load_config, resolve_model
     from agent.detector import load_detector
     from agent.ota.bundle import key_id, load_trusted_keys
 
@@ -96,6 +96,8 @@ def check_config(ctx: click.Context, config_path: Path) -> None:
             click.echo(f"ota: trusted keys {', '.join(key_id(k) for k in keys)}")
         else:
             click.secho("ota: no trusted_keys: every model update will be refused", fg="yellow")
+        for warning in deprecations(loaded.config):
+            click.secho(f"warning: {warning}", fg="yellow")
     except AgentError as err:
         _fail(err, ctx.obj["verbose"])
     click.secho(f"{config_path}: OK", fg="green")

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -119,22 +119,39 @@ class OtaConfig(_Section, frozen=True, kw_only=True):
     are resolved against the config file. Empty: every desired model is refused
     (reason ``no_trusted_keys``)."""
     probation_s: float = 60.0
-    """How long a new model is watched after the swap before it is committed."""
-    latency_factor: float = 2.0
-    """Probation fails (``probation_latency``) when the new model's inference p95 exceeds this
-    many times the old model's (baselines under 1 ms count as 1 ms)."""
+    """How long a new model is watched after the swap before it is committed (errors, frame
+    rate, and the old model in the shadow on sampled frames)."""
+    min_agreement: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.8
+    """The health gate fails (``shadow_agreement``) when the candidate's box agreement (F1)
+    with the current model, on the same frames, is below this with the stated confidence."""
+    max_latency_ratio: Annotated[float, msgspec.Meta(gt=0.0)] = 2.0
+    """The health gate fails (``shadow_latency``) when the candidate's paired median inference
+    time is above this many times the current model's, with the stated confidence."""
+    max_errors: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Candidate inference errors (exceptions, NaN or infinite outputs) allowed in the shadow
+    phase and in probation; one more fails it at once."""
+    confidence: Annotated[float, msgspec.Meta(ge=0.5, le=0.999)] = 0.95
+    """Confidence level of the gate's intervals."""
+    undecided: Literal["rollback", "commit"] = "rollback"
+    """What happens when the shadow phase reaches ``shadow_max_s`` without enough evidence
+    (e.g. the camera showed nothing): ``rollback`` refuses the model
+    (``shadow_inconclusive``), ``commit`` swaps it in and keeps watching in probation."""
+    shadow_max_s: Annotated[float, msgspec.Meta(ge=0.0)] = 120.0
+    """Longest shadow phase; 0 skips it (the probation still pairs frames)."""
+    shadow_interval_s: Annotated[float, msgspec.Meta(ge=0.0)] = 0.2
+    """Least time between two paired frames (consecutive frames are near copies)."""
+    shadow_cpu_share: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.25
+    """Most of the inference thread's time the shadow model may take."""
     fps_factor: float = 0.5
     """Probation fails (``probation_fps``) when frames/s fall below this share of the old
     model's."""
-    detection_rate_factor: float = 0.5
-    """Probation fails (``probation_detection_rate``) when the share of frames with a detection
-    falls below this share of the old model's (checked when the old model detected something)."""
-    psi_limit: float = 0.5
-    """Probation fails (``probation_score_drift``) when the PSI of the detection scores against
-    the old model's exceeds this (0.25 is a significant shift; a new model may move its scores
-    somewhat, hence the default). Checked once both have at least 50 detections."""
-    max_errors: int = 0
-    """Probation fails (``probation_errors``) as soon as the new model has more inference errors."""
+    latency_factor: float | None = None
+    """Removed: the gate compares paired latencies (``max_latency_ratio``); ignored."""
+    detection_rate_factor: float | None = None
+    """Removed: the gate compares boxes on the same frames (``min_agreement``); ignored."""
+    psi_limit: float | None = None
+    """Removed: a PSI between two models measures calibration, not health; the drift KPI
+    (``[drift]``) still reports each model against its own baseline. Ignored."""
     download_retries: int = 5
     """Consecutive download attempts without progress before ``download_failed``."""
     golden_latency_runs: int = 10
@@ -330,19 +347,28 @@ def _check(config: AgentConfig, source: str) -> None:  # noqa: PLR0912 - one fla
 def _check_ota(ota: OtaConfig, fail: Callable[[str], None]) -> None:
     if ota.probation_s < 0:
         fail("ota.probation_s must be >= 0 (0 = commit right after the swap)")
-    if ota.latency_factor < 1:
-        fail("ota.latency_factor must be >= 1 (2 = the new model may be twice as slow)")
-    for name in ("fps_factor", "detection_rate_factor"):
-        if not 0 <= getattr(ota, name) <= 1:
-            fail(f"ota.{name} must be in 0..1 (0 disables the check)")
-    if ota.psi_limit <= 0:
-        fail("ota.psi_limit must be > 0 (0.25 is a significant shift)")
-    if ota.max_errors < 0:
-        fail("ota.max_errors must be >= 0")
+    if not 0 <= ota.fps_factor <= 1:
+        fail("ota.fps_factor must be in 0..1 (0 disables the check)")
     if ota.download_retries < 0:
         fail("ota.download_retries must be >= 0")
     if ota.golden_latency_runs < 1:
         fail("ota.golden_latency_runs must be >= 1")
+
+
+REMOVED_OTA_KEYS = {
+    "latency_factor": "use max_latency_ratio (a paired ratio on the same frames)",
+    "detection_rate_factor": "use min_agreement (boxes compared on the same frames)",
+    "psi_limit": "PSI between two models is no rollback reason any more; [drift] keeps the KPI",
+}
+
+
+def deprecations(config: AgentConfig) -> list[str]:
+    """Sentences about keys that are accepted but no longer do anything."""
+    return [
+        f"ota.{key} is no longer used and is ignored: {why}; remove it from the config"
+        for key, why in REMOVED_OTA_KEYS.items()
+        if getattr(config.ota, key) is not None
+    ]
 
 
 def load_config(path: str | os.PathLike[str]) -> LoadedConfig:

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 
 from agent.backends import Backend, create_backend, model_family
@@ -95,6 +96,14 @@ class Detector:
 
     def detect(self, frame_bgr: npt.NDArray[Any]) -> InferenceResult:
         return self.infer(self.preprocess(frame_bgr))
+
+    def outputs_finite(self) -> bool:
+        """The last ``infer``'s float outputs hold no NaN or infinity (quantized ones always
+        do); a few microseconds for a detector head."""
+        for index, info in enumerate(self.backend.outputs):
+            if info.dtype.kind == "f" and not bool(np.isfinite(self.backend.output(index)).all()):
+                return False
+        return True
 
     def close(self) -> None:
         self.backend.close()

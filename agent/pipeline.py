@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from agent.config import StreamConfig
 from agent.detector import Detector, Prepared
 from agent.errors import AgentError
+from agent.ota.shadow import ShadowRunner
 from agent.sources import Frame, FrameSource
 from agent.stats import StreamStats
 from protocol import SCHEMA_VERSION, Detection, Detections, detections_topic, encode
@@ -96,6 +97,8 @@ class StreamPipeline:
         self._stop = threading.Event()
         self._pending: Detector | None = None
         self._swapped = threading.Condition()
+        self._shadow: ShadowRunner | None = None
+        self._shadow_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"infer-{self.name}", daemon=True)
         self.frames_skipped = 0
         """Frames skipped by the fps cap."""
@@ -134,6 +137,12 @@ class StreamPipeline:
                     "detector seems stuck; the swap was cancelled"
                 )
         return old
+
+    def set_shadow(self, runner: ShadowRunner | None) -> None:
+        """Pair sampled frames with ``runner``'s model (None: stop). Returns once the inference
+        thread no longer uses the previous runner, so its model can be closed."""
+        with self._shadow_lock:
+            self._shadow = runner
 
     def _take_pending(self) -> None:
         with self._swapped:
@@ -188,6 +197,11 @@ class StreamPipeline:
         )
         if self._observer is not None:
             self._observer.frame(detector.ref, result.infer_ms, [d.score for d in detections])
+        if self._shadow is not None:
+            with self._shadow_lock:
+                shadow = self._shadow
+                if shadow is not None and shadow.due():
+                    shadow.pair(frame.image, detector, prepared, result)
 
     def _encode(
         self, frame: Frame, detector: Detector, infer_ms: float, detections: list[Detection]

@@ -11,7 +11,7 @@ to the original frame (0..1).
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -132,6 +132,32 @@ class Detections(_Message, frozen=True, kw_only=True):
 # --- desired / reported (device shadow) ------------------------------------------------
 
 
+GateAction = Literal["rollback", "commit"]
+"""What the health gate does when its time is up and the evidence still decides nothing."""
+
+
+class Gate(_Part, frozen=True, kw_only=True):
+    """Per-rollout overrides of a device's health gate (its ``[ota]`` defaults otherwise).
+
+    The gate compares the candidate with the model serving now on the same live frames
+    (shadow evaluation before the swap, the old model in the shadow during probation); see
+    docs/ota.md, "The health gate". A field left out keeps the device's default.
+    """
+
+    compare: bool = True
+    """False: replace, do not compare (a model whose labels or purpose differ on purpose);
+    golden samples, errors and the frame rate are still checked."""
+    min_agreement: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    """Least box agreement (F1) with the current model; fails when the whole confidence
+    interval lies below it."""
+    max_latency_ratio: Annotated[float, msgspec.Meta(gt=0.0, le=1000.0)] | None = None
+    """Largest paired median inference-time ratio candidate / current."""
+    max_errors: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] | None = None
+    """Inference errors (exceptions, NaN/inf outputs) the candidate may raise."""
+    undecided: GateAction | None = None
+    """When the evidence is still inconclusive at the end of the shadow phase."""
+
+
 class ModelRef(_Part, frozen=True, kw_only=True):
     """Where to get a model bundle and how to check it."""
 
@@ -142,6 +168,8 @@ class ModelRef(_Part, frozen=True, kw_only=True):
     size: int
     signature: str | None = None
     """Base64 ed25519 signature over the bundle manifest."""
+    gate: Gate | None = None
+    """Health-gate overrides for this deployment (None: the device's defaults)."""
 
 
 class Desired(_Message, frozen=True, kw_only=True):
@@ -158,12 +186,61 @@ DeploymentPhase = Literal[
     "downloading",
     "verifying",
     "staging",
+    "shadow",
     "switching",
     "probation",
     "committed",
     "rolled_back",
     "failed",
 ]
+
+
+DEPLOYING_PHASES: frozenset[str] = frozenset(
+    {"downloading", "verifying", "staging", "shadow", "switching", "probation"}
+)
+"""Phases of a deployment in progress (docs/ota.md)."""
+OUTCOME_PHASES: frozenset[str] = frozenset({"committed", "failed", "rolled_back"})
+"""Phases that end a deployment."""
+
+GateVerdict = Literal["pass", "fail", "undecided"]
+
+
+class GateEvidence(_Part, frozen=True, kw_only=True):
+    """What the health gate measured: the candidate against the current model on the same
+    frames. ``summary`` says it in words; the numbers are for tools."""
+
+    stage: Literal["shadow", "probation"]
+    """``shadow``: before the swap; ``probation``: after it (old model in the shadow)."""
+    pairs: int
+    """Frames both models inferred, back to back."""
+    informative_pairs: int
+    """Paired frames where at least one model detected something (the only ones that can
+    prove agreement; an empty scene agrees trivially)."""
+    agreement: float | None
+    """Box agreement of the candidate with the current model (F1 of IoU-matched boxes)."""
+    agreement_low: float | None
+    agreement_high: float | None
+    precision: float | None
+    """Share of the candidate's boxes the current model also found."""
+    recall: float | None
+    """Share of the current model's boxes the candidate also found."""
+    latency_ratio: float | None
+    """Paired median inference time, candidate / current."""
+    latency_ratio_low: float | None
+    latency_ratio_high: float | None
+    score_shift: float | None
+    """Median score difference (candidate - current) of matched boxes (informational)."""
+    errors: int
+    """Candidate inference errors (exceptions, NaN or infinite outputs)."""
+    confidence: float
+    """Confidence level of the intervals (e.g. 0.95)."""
+    verdict: GateVerdict
+    reason: str | None = None
+    """Machine-readable reason of a ``fail`` (or of an ``undecided`` that was decided by the
+    configured default)."""
+    summary: str
+    """The evidence in words, e.g. "agrees with the current model on 97.8% of boxes (95% CI
+    96.1-98.9%) over 412 paired frames; median latency 1.05x"."""
 
 
 class StreamReport(_Part, frozen=True, kw_only=True):
@@ -174,6 +251,9 @@ class StreamReport(_Part, frozen=True, kw_only=True):
     phase: DeploymentPhase = "idle"
     target: str | None = None
     reason: str | None = None
+    gate: GateEvidence | None = None
+    """The health gate's evidence for ``target`` (shadow, then probation); kept with the
+    outcome until the next deployment."""
 
 
 class Reported(_Message, frozen=True, kw_only=True):

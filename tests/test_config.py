@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import OtaConfig, load_config, parse_config
+from agent.config import OtaConfig, deprecations, load_config, parse_config
 from agent.errors import ConfigError
 
 GOOD = """\
@@ -117,18 +117,32 @@ def test_shipped_example_config_is_valid() -> None:
 def test_ota_section_defaults_and_validation() -> None:
     ota = parse_config(GOOD).ota
     assert ota.enabled is True and ota.trusted_keys == [] and ota.probation_s == 60.0
-    assert (ota.latency_factor, ota.fps_factor, ota.detection_rate_factor) == (2.0, 0.5, 0.5)
-    assert (ota.psi_limit, ota.max_errors, ota.download_retries) == (0.5, 0, 5)
+    assert (ota.min_agreement, ota.max_latency_ratio, ota.confidence) == (0.8, 2.0, 0.95)
+    assert (ota.undecided, ota.shadow_max_s, ota.shadow_interval_s) == ("rollback", 120.0, 0.2)
+    assert (ota.shadow_cpu_share, ota.fps_factor, ota.max_errors) == (0.25, 0.5, 0)
+    assert ota.download_retries == 5
     with pytest.raises(ConfigError, match=r"agent.toml:13: unknown key 'probation' in ota"):
         parse_config(GOOD + "\n[ota]\nprobation = 5\n", source="agent.toml")
     for bad, fragment in [
-        ("latency_factor = 0.5", "ota.latency_factor must be >= 1"),
+        ("min_agreement = 1.2", r"Expected `float` <= 1.0 - at `\$.ota.min_agreement`"),
+        ("max_latency_ratio = 0", r"Expected `float` > 0.0 - at `\$.ota.max_latency_ratio`"),
+        ("shadow_cpu_share = 0", r"Expected `float` > 0.0 - at `\$.ota.shadow_cpu_share`"),
+        ("max_errors = -1", r"Expected `int` >= 0 - at `\$.ota.max_errors`"),
+        ('undecided = "maybe"', r"Invalid enum value 'maybe' - at `\$.ota.undecided`"),
         ("fps_factor = 1.5", r"ota.fps_factor must be in 0..1"),
         ("probation_s = -1", "ota.probation_s must be >= 0"),
-        ("psi_limit = 0", "ota.psi_limit must be > 0"),
     ]:
         with pytest.raises(ConfigError, match=fragment):
             parse_config(GOOD + f"\n[ota]\n{bad}\n")
+
+
+def test_removed_gate_keys_are_accepted_with_a_warning_that_says_what_replaces_them() -> None:
+    old = parse_config(GOOD + "\n[ota]\npsi_limit = 0.5\nlatency_factor = 2.0\n")
+    warnings = deprecations(old)
+    assert len(warnings) == 2
+    assert "ota.latency_factor is no longer used" in warnings[0] and "max_latency_ratio" in warnings[0]
+    assert "ota.psi_limit" in warnings[1] and "[drift]" in warnings[1]
+    assert deprecations(parse_config(GOOD)) == []
 
 
 def test_trusted_keys_resolve_against_the_config_and_must_exist(tmp_path: Path) -> None:

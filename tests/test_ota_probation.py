@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from agent.drift import psi
 from agent.ota.health import HealthRecorder
 from agent.ota.probation import (
     FrameSample,
@@ -52,18 +51,13 @@ def test_identical_health_passes_with_numbers_for_both_sides() -> None:
     d = verdict.details
     assert d["baseline_fps"] == d["live_fps"] == 30.0
     assert d["baseline_infer_ms_p95"] == d["live_infer_ms_p95"] == 5.0
-    assert d["baseline_detection_rate"] == d["live_detection_rate"] == 0.5
-    assert d["psi"] == 0.0
 
 
 @pytest.mark.parametrize(
     ("live", "reason"),
     [
         (health(errors=1), "probation_errors"),
-        (health(p95=10.01), "probation_latency"),
         (health(frames=149, with_detection=75), "probation_fps"),
-        (health(with_detection=74), "probation_detection_rate"),
-        (health(counts=(60, 40, 20, 10, 0, 0, 0, 0, 0, 20)), "probation_score_drift"),
     ],
 )
 def test_each_check_fails_just_past_its_threshold(live: Health, reason: str) -> None:
@@ -75,13 +69,20 @@ def test_each_check_fails_just_past_its_threshold(live: Health, reason: str) -> 
 @pytest.mark.parametrize(
     "live",
     [
-        health(p95=10.0),  # exactly 2x
-        health(frames=150, with_detection=75),  # exactly half the fps
-        health(with_detection=75),  # exactly half the detection rate
+        health(p95=10.01),  # twice as slow over another stretch of time: load, not the model
+        health(p95=100.0),
+        health(with_detection=0),  # the room emptied after the swap
+        health(counts=(60, 40, 20, 10, 0, 0, 0, 0, 0, 20)),  # another model's calibration
     ],
 )
-def test_exactly_at_the_threshold_passes(live: Health) -> None:
-    assert judge(health(), live, T).ok
+def test_unpaired_latency_detection_rate_and_score_drift_never_roll_back(live: Health) -> None:
+    """Found from outside: good models were rolled back by PSI between two models and by a
+    p95 measured while the host was busy; only paired evidence may judge those now."""
+    assert judge(health(counts=SCORES), live, T).ok
+
+
+def test_exactly_at_the_threshold_passes() -> None:
+    assert judge(health(), health(frames=150, with_detection=75), T).ok  # exactly half the fps
 
 
 def test_checks_are_ordered_errors_first() -> None:
@@ -90,16 +91,6 @@ def test_checks_are_ordered_errors_first() -> None:
     assert check_errors(health(), live, T) is not None
     assert check_errors(health(), health(errors=0), T) is None
     assert check_errors(health(), health(errors=2), Thresholds(max_errors=2)) is None
-
-
-def test_sub_millisecond_baseline_latency_uses_the_floor() -> None:
-    base = health(p95=0.2)
-    assert judge(base, health(p95=1.9), T).ok  # 2 x 1 ms floor, not 2 x 0.2 ms
-    assert judge(base, health(p95=2.1), T).reason == "probation_latency"
-
-
-def test_a_baseline_without_detections_skips_the_detection_rate_check() -> None:
-    assert judge(health(with_detection=0), health(with_detection=0), T).ok
 
 
 def test_too_few_frames_skip_the_frame_based_checks() -> None:
@@ -118,16 +109,8 @@ def test_fps_is_not_judged_before_the_baseline_rate_would_give_enough_frames() -
     assert judge(health(), short, T).ok
 
 
-def test_psi_needs_enough_scores_on_both_sides() -> None:
-    tiny = (0, 0, 0, 0, 0, 0, 0, 0, 1, 0)
-    assert judge(health(counts=SCORES), health(counts=tiny), T).details["psi"] is None
-    shifted = (60, 40, 20, 10, 0, 0, 0, 0, 0, 20)
-    value = judge(health(counts=SCORES), health(counts=shifted), T).details["psi"]
-    assert value == pytest.approx(psi(SCORES, shifted), abs=1e-3)
-
-
-def test_zero_factors_disable_their_checks() -> None:
-    off = Thresholds(fps_factor=0.0, detection_rate_factor=0.0)
+def test_a_zero_fps_factor_disables_the_check() -> None:
+    off = Thresholds(fps_factor=0.0)
     assert judge(health(), health(frames=30, with_detection=0), off).ok
 
 
@@ -186,13 +169,6 @@ def test_recorder_baseline_starts_when_the_model_last_became_active() -> None:
     base = rec.baseline("a@1", 60.0)
     assert base.frames == 10  # not the a@1 frames from before b@2 ran
     assert base.seconds == pytest.approx(1.0, abs=0.11)
-
-
-def test_latency_needs_enough_frames_on_both_sides() -> None:
-    slow = health(p95=50.0, frames=99, with_detection=50, seconds=3.3)
-    assert judge(health(), slow, T).ok  # 99 frames: too few for a p95 verdict
-    slow = health(p95=50.0, frames=100, with_detection=50, seconds=3.3)
-    assert judge(health(), slow, T).reason == "probation_latency"
 
 
 def test_warmup_frames_do_not_count_towards_the_p95() -> None:

@@ -33,6 +33,7 @@ from agent.ota.golden import check_golden
 from agent.ota.health import HealthRecorder
 from agent.ota.manager import NO_KEYS, OtaManager, build_services
 from agent.ota.services import Services, StreamIO
+from agent.ota.shadow import ShadowRunner
 from agent.ota.state import load_stream_state
 from agent.ota.store import ModelStore
 from protocol import Desired, Event, ModelRef, Reported, decode, encode
@@ -79,7 +80,13 @@ class SimStream:
         self.failing: set[str] = set()
         """Models whose every inference raises (an injected fault)."""
         self.swaps: list[str] = []
+        self.shadow: ShadowRunner | None = None
+        self.scene: Callable[[int], npt.NDArray[Any]] = lambda n: FRAMES[n % len(FRAMES)]
+        """Frame ``n`` of the live scene (tests change it)."""
         self._n = 0
+
+    def set_shadow(self, runner: ShadowRunner | None) -> None:
+        self.shadow = runner
 
     def swap(self, new: Detector) -> Detector:
         assert self.detector is not None
@@ -98,9 +105,13 @@ class SimStream:
             if detector.ref in self.failing:
                 self.health.error(detector.ref)
                 continue
-            result = detector.detect(FRAMES[self._n % len(FRAMES)])
+            image = self.scene(self._n)
+            prepared = detector.preprocess(image)
+            result = detector.infer(prepared)
             self._n += 1
             self.health.frame(detector.ref, result.infer_ms, [d.score for d in result.detections])
+            if self.shadow is not None and self.shadow.due():
+                self.shadow.pair(image, detector, prepared, result)
 
     def wait(self, seconds: float, stop: threading.Event) -> bool:
         if not stop.is_set():
@@ -197,6 +208,7 @@ def _stream_io(sim: SimStream) -> StreamIO:
         swap=sim.swap,
         active=sim.active,
         health=sim.health,
+        shadow=sim.set_shadow,
     )
 
 
@@ -278,15 +290,18 @@ def test_signed_bundle_goes_through_every_phase_and_is_committed(
         "ota.downloading",
         "ota.verifying",
         "ota.staging",
+        "ota.shadow",
         "ota.switching",
         "ota.probation",
         "ota.committed",
     ]
     phases = [p for p, _, _ in _fronts(rig)]
-    assert phases[-6:] == [
+    changes = [p for i, p in enumerate(phases) if i == 0 or p != phases[i - 1]]
+    assert changes[-7:] == [
         "downloading",
         "verifying",
         "staging",
+        "shadow",
         "switching",
         "probation",
         "committed",
@@ -310,8 +325,15 @@ def test_signed_bundle_goes_through_every_phase_and_is_committed(
     assert committed.details["rollout_id"] == "r1"
     live_frames = committed.details["live_frames"]
     assert isinstance(live_frames, int) and live_frames >= 55  # ~2 s at 30 fps
-    assert committed.details["baseline_detection_rate"] == pytest.approx(0.6, abs=0.1)
-    assert committed.details["live_detection_rate"] == pytest.approx(0.6, abs=0.1)
+    # The gate's evidence: the same weights agree on every box, paired on the same frames.
+    gate = front.gate
+    assert gate is not None and (gate.stage, gate.verdict) == ("probation", "pass")
+    assert gate.agreement == 1.0 and gate.agreement_low is not None and gate.agreement_low >= 0.8
+    assert gate.latency_ratio is not None and gate.errors == 0
+    assert gate.informative_pairs >= 20 and gate.pairs > gate.informative_pairs
+    assert "agrees with the current model on 100.0% of boxes" in gate.summary
+    assert committed.details["gate_verdict"] == "pass"
+    assert committed.details["gate_summary"] == gate.summary
     # Store: the new model is current, the baseline previous; the download is gone.
     current = rig.store.current("front")
     assert current is not None and '"version": "2.0.0"' in current.read_text()
@@ -510,27 +532,28 @@ def test_a_retried_bundle_is_reported_as_taken_up_not_with_its_old_failure(
 # --- probation -----------------------------------------------------------------------------
 
 
-def test_model_blind_on_live_video_is_rolled_back_in_probation(
+def test_model_blind_on_live_video_is_refused_in_the_shadow_before_it_goes_live(
     tmp_path: Path, key: Ed25519PrivateKey, served: Any
 ) -> None:
     rig = make_rig(tmp_path, key)
     bundle, ref, _ = served(kind="live_blind")
     old = rig.sim.detector
+    start = rig.sim.clock.t
     rig.send(desired(1, {"front": ref}))
     rig.settle()
     front = rig.last.streams["front"]
-    assert (front.phase, front.reason, front.target) == (
-        "rolled_back",
-        "probation_detection_rate",
-        bundle.name,
-    )
-    assert front.active == BASELINE_REF and rig.sim.detector is old  # the same, still-loaded one
-    assert rig.sim.swaps == [bundle.name, BASELINE_REF]
+    assert (front.phase, front.reason, front.target) == ("failed", "shadow_agreement", bundle.name)
+    assert front.active == BASELINE_REF and rig.sim.detector is old
+    assert rig.sim.swaps == []  # never published a single detection
+    assert rig.sim.clock.t - start < 30.0  # decided within 30 s of (simulated) video
+    gate = front.gate
+    assert gate is not None and (gate.verdict, gate.reason) == ("fail", "shadow_agreement")
+    assert gate.agreement == 0.0 and gate.agreement_high is not None and gate.agreement_high < 0.8
     event = rig.events[-1]
-    assert (event.code, event.level) == ("ota.rolled_back", "warning")
-    assert event.details["live_detection_rate"] == 0.0
-    assert float(event.details["baseline_detection_rate"] or 0) > 0.4
-    assert rig.store.slots("front")[0] is None  # store rolled back to the baseline
+    assert (event.code, event.level) == ("ota.failed", "error")
+    assert event.details["gate_agreement"] == 0.0
+    assert "refused by the health gate" in event.message and "0.0% of boxes" in event.message
+    assert rig.store.slots("front")[0] is None  # nothing was activated
     assert old is not None and old.detect(FRAMES[0]).detections  # the old one still works
 
 
@@ -544,8 +567,9 @@ def test_inference_errors_roll_back_at_once(
     rig.send(desired(1, {"front": ref}))
     rig.settle()
     assert rig.last.streams["front"].reason == "probation_errors"
-    assert rig.sim.clock.t - start < 5.0  # did not wait for the 30 s of probation
-    assert rig.sim.active() == BASELINE_REF
+    probation = next(e for e in rig.events if e.code == "ota.probation")
+    assert rig.sim.clock.t - start < 45.0  # shadow, then far less than the 30 s of probation
+    assert probation.ts > 0 and rig.sim.active() == BASELINE_REF
 
 
 def test_new_desired_during_probation_supersedes_the_candidate(
@@ -737,6 +761,7 @@ def test_hot_swap_in_a_real_pipeline_loses_no_frame(
                 swap=pipeline.swap_detector,
                 active=lambda: pipeline.detector.ref,
                 health=health,
+                shadow=pipeline.set_shadow,
             )
         ],
         publish_reported=lambda payload: reports.append(decode(payload, Reported)),
@@ -751,7 +776,7 @@ def test_hot_swap_in_a_real_pipeline_loses_no_frame(
         manager.start()
         manager.handle_desired(encode(desired(1, {"front": ref})))
         time.sleep(0.05)
-        assert manager.wait_idle(30)
+        assert manager.wait_idle(90)
         done = pipeline.stats.frames_processed
         while pipeline.stats.frames_processed < done + 100:
             time.sleep(0.01)

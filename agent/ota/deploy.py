@@ -1,4 +1,5 @@
-"""The steps of one deployment (docs/ota.md): download, verify, stage, switch, probation.
+"""The steps of one deployment (docs/ota.md): download, verify, stage, shadow, switch,
+probation.
 
 :class:`Deployment` runs a :class:`~agent.ota.services.Job` for one stream and records every
 transition through its journal (the :class:`~agent.ota.updater.StreamUpdater`, which persists
@@ -20,8 +21,11 @@ from agent.detector import Detector
 from agent.errors import AgentError
 from agent.ota import OtaError
 from agent.ota.bundle import extract
+from agent.ota.gate import GateResult, GateRules, evaluate
+from agent.ota.gate_policy import GateFailed, evidence_details, gate_message, rules_for
 from agent.ota.probation import WARMUP_FRAMES, Health, Verdict, check_errors, judge
 from agent.ota.services import Cancelled, Details, Job, Services, StreamIO
+from agent.ota.shadow import PairLog, ShadowRunner
 from protocol import Manifest, ModelRef
 
 if TYPE_CHECKING:
@@ -33,6 +37,10 @@ log = logging.getLogger(__name__)
 
 PROBATION_TICK_S = 0.25
 """How often probation looks at the live numbers (inference errors end it early)."""
+GATE_TICK_S = 0.5
+"""How often the shadow phase evaluates its pairs."""
+EVIDENCE_EVERY_S = 5.0
+"""How often the growing evidence is persisted and reported (retained ``reported``)."""
 
 
 class Deployment:
@@ -67,9 +75,15 @@ class Deployment:
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
             candidate = self._stage(staged, manifest)
-            self._switch(job, staged, candidate)
+            rules, undecided = rules_for(ref, self._svc.gate, self._svc.undecided)
+            pairs = PairLog()
+            if rules.compare and self._svc.shadow_max_s > 0:
+                self._shadow(job, staged, candidate, rules, undecided, pairs)
+            self._switch(job, staged, candidate, rules, pairs)
         except OtaError as err:
-            self._j.finish(job, "failed", err.reason, str(err))
+            gate = self._j.state.gate if isinstance(err, GateFailed) else None
+            details = evidence_details(gate) if gate is not None else None
+            self._j.finish(job, "failed", err.reason, str(err), details)
 
     def _download(self, job: Job, ref: ModelRef, resume_at: str) -> Path:
         efb = self._svc.download_path(ref)
@@ -146,7 +160,81 @@ class Deployment:
             )
         return candidate
 
-    def _switch(self, job: Job, staged: Path, candidate: Detector) -> None:
+    def _attach(self, runner: ShadowRunner | None) -> None:
+        try:
+            self.io.shadow(runner)
+        except AgentError as err:
+            raise OtaError(
+                "stream_not_running",
+                f"the stream cannot run a shadow model ({err}); fix the stream and deploy again",
+            ) from err
+
+    def _shadow(
+        self,
+        job: Job,
+        staged: Path,
+        candidate: Detector,
+        rules: GateRules,
+        undecided: str,
+        pairs: PairLog,
+    ) -> None:
+        """Run the candidate beside the current model until the gate decides; OtaError (the
+        candidate closed, the staged install discarded) when it must not go live."""
+        svc = self._svc
+        try:
+            self._j.enter(
+                job,
+                "shadow",
+                f"comparing {candidate.ref} with {self.io.active()} on the same live frames "
+                f"(at most {svc.shadow_max_s:g} s)",
+            )
+            self._attach(
+                ShadowRunner(
+                    candidate,
+                    pairs,
+                    shadow_is_candidate=True,
+                    interval_s=svc.shadow_interval_s,
+                    cpu_share=svc.shadow_cpu_share,
+                    clock=svc.monotonic,
+                )
+            )
+            try:
+                result = self._watch(pairs, rules, "shadow", svc.shadow_max_s)
+            finally:
+                self.io.shadow(None)
+        except BaseException:
+            candidate.close()
+            svc.store.discard(self.io.name, staged)
+            raise
+        if result.verdict == "pass" or (result.verdict == "undecided" and undecided == "commit"):
+            return
+        candidate.close()
+        svc.store.discard(self.io.name, staged)
+        reason = f"shadow_{result.reason or 'inconclusive'}"
+        evidence = result.evidence("shadow", rules, reason=reason)
+        self._j.show_evidence(evidence)
+        raise GateFailed(reason, gate_message(candidate.ref, result, rules, svc.shadow_max_s))
+
+    def _watch(self, pairs: PairLog, rules: GateRules, stage: str, max_s: float) -> GateResult:
+        """Evaluate the pairs until a verdict or ``max_s``; report the evidence as it grows."""
+        svc = self._svc
+        deadline = svc.monotonic() + max_s
+        shown = 0.0
+        while True:
+            result = evaluate(pairs.snapshot(), rules)
+            now = svc.monotonic()
+            if result.verdict != "undecided" or now >= deadline:
+                self._j.show_evidence(result.evidence(stage, rules, reason=None))
+                return result
+            if now - shown >= EVIDENCE_EVERY_S:
+                self._j.show_evidence(result.evidence(stage, rules, reason=None))
+                shown = now
+            if svc.wait(min(GATE_TICK_S, max(0.0, deadline - now)), self._j.cancel_event):
+                raise Cancelled
+
+    def _switch(
+        self, job: Job, staged: Path, candidate: Detector, rules: GateRules, pairs: PairLog
+    ) -> None:
         store = self._svc.store
         from_slot = store.slots(self.io.name)[0]
         try:
@@ -177,7 +265,7 @@ class Deployment:
                 f"{candidate.ref} is live; watching it for {self._svc.probation_s:g} s",
                 details={f"baseline_{k}": v for k, v in _numbers(baseline).items()},
             )
-            verdict = self._probation(candidate.ref, baseline, started)
+            verdict = self._probation(candidate.ref, baseline, started, old, rules, pairs)
         except Cancelled:
             if self._j.cancel_reason == "stopping":
                 old.close()  # the candidate stays live; the next start rolls it back
@@ -198,19 +286,65 @@ class Deployment:
         store.revert(self.io.name)
         self._j.finish(job, "rolled_back", verdict.reason, verdict.message, verdict.details)
 
-    def _probation(self, model: str, baseline: Health, started: float) -> Verdict:
+    def _probation(
+        self,
+        model: str,
+        baseline: Health,
+        started: float,
+        old: Detector,
+        rules: GateRules,
+        pairs: PairLog,
+    ) -> Verdict:
+        """Errors and fps of the live candidate; the old model in the shadow continues the
+        paired test (only a ``fail`` of it rolls back)."""
         svc = self._svc
         deadline = started + svc.probation_s
-        while True:
-            now = svc.monotonic()
-            live = self.io.health.since(model, started, now, warmup=WARMUP_FRAMES)
-            early = check_errors(baseline, live, svc.thresholds)
-            if early is not None:
-                return early
-            if now >= deadline:
-                return judge(baseline, live, svc.thresholds)
-            if svc.wait(min(PROBATION_TICK_S, deadline - now), self._j.cancel_event):
-                raise Cancelled
+        paired = rules.compare
+        if paired:
+            try:
+                self._attach(
+                    ShadowRunner(
+                        old,
+                        pairs,
+                        shadow_is_candidate=False,
+                        interval_s=svc.shadow_interval_s,
+                        cpu_share=svc.shadow_cpu_share,
+                        clock=svc.monotonic,
+                    )
+                )
+            except OtaError as err:
+                log.warning("stream %s: no pairing in probation: %s", self.io.name, err)
+                paired = False
+        shown = 0.0
+        try:
+            while True:
+                now = svc.monotonic()
+                live = self.io.health.since(model, started, now, warmup=WARMUP_FRAMES)
+                early = check_errors(baseline, live, svc.thresholds)
+                if early is not None:
+                    return early
+                result = evaluate(pairs.snapshot(), rules) if paired else None
+                if result is not None and result.verdict == "fail":
+                    reason = f"probation_{result.reason}"
+                    evidence = result.evidence("probation", rules, reason=reason)
+                    self._j.show_evidence(evidence)
+                    message = gate_message(model, result, rules, None)
+                    return Verdict(reason, message, evidence_details(evidence))
+                if result is not None and (now - shown >= EVIDENCE_EVERY_S or now >= deadline):
+                    self._j.show_evidence(result.evidence("probation", rules, reason=None))
+                    shown = now
+                if now >= deadline:
+                    verdict = judge(baseline, live, svc.thresholds)
+                    state = self._j.state.gate
+                    if verdict.ok and state is not None:
+                        details = {**verdict.details, **evidence_details(state)}
+                        return Verdict(None, f"{verdict.message}; {state.summary}", details)
+                    return verdict
+                if svc.wait(min(PROBATION_TICK_S, deadline - now), self._j.cancel_event):
+                    raise Cancelled
+        finally:
+            if paired:
+                self.io.shadow(None)
 
     def _swap_back(self, old: Detector) -> None:
         for attempt in range(3):

@@ -27,6 +27,7 @@ from agent.errors import AgentError, ConfigError
 from agent.ota import OtaError
 from agent.ota.bundle import VerifiedBundle, load_trusted_keys, open_bundle
 from agent.ota.download import download
+from agent.ota.gate import GateRules
 from agent.ota.golden import check_golden
 from agent.ota.probation import Thresholds
 from agent.ota.services import FaultHook, Job, OtaEvent, Services, StreamIO
@@ -151,14 +152,18 @@ def build_services(
         golden=lambda det, folder, manifest: check_golden(
             det, folder, manifest, latency_runs=config.golden_latency_runs
         ),
-        thresholds=Thresholds(
-            latency_factor=config.latency_factor,
-            fps_factor=config.fps_factor,
-            detection_rate_factor=config.detection_rate_factor,
-            psi_limit=config.psi_limit,
-            max_errors=config.max_errors,
-        ),
+        thresholds=Thresholds(fps_factor=config.fps_factor, max_errors=config.max_errors),
         probation_s=config.probation_s,
+        gate=GateRules(
+            min_agreement=config.min_agreement,
+            max_latency_ratio=config.max_latency_ratio,
+            max_errors=config.max_errors,
+            confidence=config.confidence,
+        ),
+        undecided=config.undecided,
+        shadow_max_s=config.shadow_max_s,
+        shadow_interval_s=config.shadow_interval_s,
+        shadow_cpu_share=config.shadow_cpu_share,
         keys_problem=keys_problem,
         fault=fault,
     )
@@ -363,11 +368,12 @@ class OtaManager:
                 previous = baseline
             installed = [r for r in dict.fromkeys([baseline, current, previous]) if r]
             phase, target, reason = state.phase, state.target_ref, state.reason
+            gate = state.gate
             queued = updater.queued
             if queued is not None and not queued.resume:
                 # Taken up for the reported desired_rev but not started: never the outcome of
                 # an earlier deployment, which the controller would count for this rev.
-                phase, reason = "idle", None
+                phase, reason, gate = "idle", None, None
                 target = (
                     f"{queued.target.name}@{queued.target.version}" if queued.target else baseline
                 )
@@ -378,6 +384,7 @@ class OtaManager:
                 phase=phase,
                 target=target,
                 reason=reason,
+                gate=gate,
             )
         return Reported(
             schema=SCHEMA_VERSION,

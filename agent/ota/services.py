@@ -16,9 +16,11 @@ from typing import Literal
 
 from agent.detector import Detector
 from agent.ota.bundle import VerifiedBundle
+from agent.ota.gate import GateRules
 from agent.ota.golden import GoldenReport
 from agent.ota.health import HealthRecorder
 from agent.ota.probation import Thresholds
+from agent.ota.shadow import ShadowRunner
 from agent.ota.store import ModelStore
 from protocol import Manifest, ModelRef
 from protocol.messages import DeploymentPhase
@@ -96,6 +98,12 @@ class Services:
     golden: GoldenFn
     thresholds: Thresholds = field(default_factory=Thresholds)
     probation_s: float = 60.0
+    gate: GateRules = field(default_factory=GateRules)
+    """The health gate's defaults (``[ota]``); a desired ``ModelRef.gate`` overrides them."""
+    undecided: Literal["rollback", "commit"] = "rollback"
+    shadow_max_s: float = 120.0
+    shadow_interval_s: float = 0.2
+    shadow_cpu_share: float = 0.25
     keys_problem: tuple[str, str] | None = None
     """(reason, message) when no update can be verified (no or unreadable trusted keys)."""
     clock: Callable[[], float] = time.time
@@ -130,6 +138,9 @@ class StreamIO:
     active: Callable[[], str | None]
     """``name@version`` serving now."""
     health: HealthRecorder
+    shadow: Callable[[ShadowRunner | None], None]
+    """Attach a shadow model to the stream's inference loop (None detaches it; returns once
+    the loop no longer uses the old runner). AgentError when the stream does not run."""
 
 
 class Cancelled(Exception):

@@ -15,8 +15,8 @@ from typing import Any, get_args
 import msgspec
 
 from agent.atomic import StateFileError, atomic_write_json, read_json_state
-from protocol import Desired, ModelRef, ProtocolError, decode, encode
-from protocol.messages import DeploymentPhase
+from protocol import Desired, GateEvidence, ModelRef, ProtocolError, decode, encode
+from protocol.messages import DEPLOYING_PHASES, OUTCOME_PHASES, DeploymentPhase
 
 __all__ = [
     "IN_PROGRESS",
@@ -31,10 +31,8 @@ __all__ = [
 
 STATE_SCHEMA = 1
 DESIRED_FILE = "_desired.json"
-IN_PROGRESS: frozenset[str] = frozenset(
-    {"downloading", "verifying", "staging", "switching", "probation"}
-)
-OUTCOMES: frozenset[str] = frozenset({"committed", "failed", "rolled_back"})
+IN_PROGRESS: frozenset[str] = DEPLOYING_PHASES
+OUTCOMES: frozenset[str] = OUTCOME_PHASES
 _PHASES = frozenset(get_args(DeploymentPhase))
 
 
@@ -57,6 +55,8 @@ class StreamState:
     """Store slot that was current before ``switching`` (None = the baseline): what a restart
     in switching/probation goes back to."""
     updated_at: float = 0.0
+    gate: GateEvidence | None = None
+    """The health gate's evidence for the target (kept with the outcome)."""
 
     def evolve(self, **changes: Any) -> StreamState:
         return replace(self, **changes)
@@ -101,6 +101,7 @@ def load_stream_state(ota_dir: Path, stream: str) -> StreamState:
             message=_opt_str(raw.get("message")),
             from_slot=_opt_str(raw.get("from_slot")),
             updated_at=float(raw.get("updated_at", 0.0)),
+            gate=msgspec.convert(raw["gate"], GateEvidence) if raw.get("gate") else None,
         )
     except (KeyError, TypeError, ValueError, msgspec.ValidationError) as err:
         raise StateFileError(f"OTA stream state {path} is corrupt ({err}); {_fix(path)}") from err
@@ -122,6 +123,7 @@ def save_stream_state(ota_dir: Path, stream: str, state: StreamState) -> None:
             "message": state.message,
             "from_slot": state.from_slot,
             "updated_at": state.updated_at,
+            "gate": msgspec.to_builtins(state.gate) if state.gate is not None else None,
         },
     )
 

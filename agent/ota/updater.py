@@ -37,6 +37,7 @@ from agent.ota.services import (
     WaitFn,
 )
 from agent.ota.state import StreamState, save_stream_state
+from protocol import GateEvidence
 from protocol.messages import DeploymentPhase
 
 __all__ = [
@@ -153,6 +154,8 @@ class StreamUpdater:
             if job is None:
                 continue
             try:
+                with self._cond:
+                    self._state = self._state.evolve(gate=None)  # a new deployment's evidence
                 self._deployment.run(job)
             except Cancelled:
                 log.info("stream %s: deployment stopped (%s)", self.name, self.cancel_reason)
@@ -187,6 +190,10 @@ class StreamUpdater:
         self._set(state)
         self._event(state, phase, _LEVELS[phase], message, None)
         log.warning("stream %s: %s %s: %s", self.name, phase, state.target_ref, message)
+
+    def show_evidence(self, evidence: GateEvidence) -> None:
+        """Persist and report the health gate's evidence so far (no event)."""
+        self._set(self.state.evolve(gate=evidence))
 
     # -- state and events ----------------------------------------------------------------
 

@@ -1,0 +1,141 @@
+"""Shadow evaluation: a second model on a sample of the live frames, back to back.
+
+A :class:`ShadowRunner` is attached to a stream's pipeline (``StreamPipeline.set_shadow``).
+After the active model inferred a frame, the runner decides whether this frame is paired: at
+least ``interval_s`` after the last pair (consecutive frames are near copies, so spacing them
+out makes each pair more independent evidence) and within its CPU share (after a shadow
+inference of t ms the next waits ``t * (1 - share) / share``). A paired frame goes through
+the other model right away, on the same preprocessed tensor when both models take the same
+input (else its own preprocessing of the same image), so host load and the scene hit both
+alike. The active model's result is published as usual; the shadow's is only compared.
+
+Before the swap the candidate is the shadow; during probation the old model is, and the
+same :class:`PairLog` keeps collecting, always oriented candidate against current.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy.typing as npt
+
+from agent.backends.base import TensorInfo
+from agent.detector import Detector, InferenceResult, Prepared
+from agent.ota.gate import Pair, match_boxes
+
+__all__ = ["PairLog", "ShadowRunner"]
+
+log = logging.getLogger(__name__)
+
+MAX_PAIRS = 20_000
+"""Pairs kept (over an hour at the default spacing)."""
+
+
+class PairLog:
+    """Thread-safe list of :class:`Pair`, appended by the inference thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pairs: list[Pair] = []
+        self.shadow_ms = 0.0
+        """Time spent in shadow inference (for the cost report)."""
+
+    def add(self, pair: Pair, shadow_ms: float) -> None:
+        with self._lock:
+            if len(self._pairs) < MAX_PAIRS:
+                self._pairs.append(pair)
+            self.shadow_ms += shadow_ms
+
+    def snapshot(self) -> list[Pair]:
+        with self._lock:
+            return list(self._pairs)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pairs)
+
+
+class ShadowRunner:
+    """Runs ``shadow`` on sampled frames after the active model (inference thread only)."""
+
+    def __init__(
+        self,
+        shadow: Detector,
+        log_: PairLog,
+        *,
+        shadow_is_candidate: bool,
+        interval_s: float,
+        cpu_share: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.shadow = shadow
+        self.pairs = log_
+        self._candidate = shadow_is_candidate
+        self._interval_s = interval_s
+        self._share = min(max(cpu_share, 0.01), 1.0)
+        self._clock = clock
+        self._next_at = 0.0
+
+    def due(self) -> bool:
+        return self._clock() >= self._next_at
+
+    def pair(
+        self, image: npt.NDArray[Any], active: Detector, prepared: Prepared, result: InferenceResult
+    ) -> None:
+        """Infer the frame with the shadow model and record the pair (call when ``due``)."""
+        start = time.perf_counter()
+        shadow_ms: float | None
+        try:
+            same = _same_input(active, self.shadow)
+            tensor = prepared if same else self.shadow.preprocess(image)
+            other = self.shadow.infer(tensor)
+            shadow_ms = other.infer_ms if self.shadow.outputs_finite() else None
+        except Exception as err:  # noqa: BLE001 - the shadow's failure is evidence, never the stream's
+            log.warning("shadow model %s failed on a frame: %s", self.shadow.ref, err)
+            other, shadow_ms = InferenceResult(detections=[], infer_ms=0.0), None
+        spent = time.perf_counter() - start
+        now = self._clock()
+        self._next_at = now + max(self._interval_s, spent * (1.0 - self._share) / self._share)
+        if self._candidate:
+            current, candidate = result, other
+            current_ms, candidate_ms = result.infer_ms, shadow_ms
+        else:
+            if shadow_ms is None:
+                return  # the old model failed: no evidence about the candidate
+            current, candidate = other, result
+            current_ms, candidate_ms = shadow_ms, result.infer_ms
+        if candidate_ms is None:
+            self.pairs.add(Pair(now, len(current.detections), 0, 0, current_ms, None), spent * 1e3)
+            return
+        matches = match_boxes(current.detections, candidate.detections)
+        self.pairs.add(
+            Pair(
+                t=now,
+                current_boxes=len(current.detections),
+                candidate_boxes=len(candidate.detections),
+                matched=len(matches),
+                current_ms=current_ms,
+                candidate_ms=candidate_ms,
+                score_shift=tuple(round(b.score - a.score, 4) for a, b in matches),
+            ),
+            spent * 1e3,
+        )
+
+
+def _same_input(a: Detector, b: Detector) -> bool:
+    """Both models take the very same tensor for a frame."""
+    pa, pb = a.preprocessor, b.preprocessor
+    return (
+        pa.spec == pb.spec
+        and tuple(pa.info.shape) == tuple(pb.info.shape)
+        and str(pa.info.dtype) == str(pb.info.dtype)
+        and _quant(pa.info) == _quant(pb.info)
+    )
+
+
+def _quant(info: TensorInfo) -> tuple[float, float]:
+    return (float(info.scale or 0.0), float(info.zero_point or 0))
