@@ -13,7 +13,7 @@ help:
 	@echo "make test    - set up .venv with dev tools, install Mosquitto if missing, run ruff, mypy, pytest"
 	@echo "make schemas - regenerate docs/protocol/*.schema.json"
 	@echo "make deb     - build the edgefleet-agent Debian package into dist/"
-	@echo "make bench   - run the benchmarks in bench/ (ingest ratios, pipeline, a 1,000-device rollout)"
+	@echo "make bench   - run the benchmarks in bench/ (ingest, pipeline, a 1,000-device rollout, hot swap, health gate)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,7 @@ bench: $(VENV)/.runtime
 	$(PY) -m bench.ingest
 	$(PY) -m bench.rollout
 	$(PY) -m bench.swap
+	$(PY) -m bench.gate
 
 # The edgefleet-agent .deb (self-contained venv under /opt/edgefleet): docs/operations.md.
 # Build it on the devices' Debian release and architecture; DEB_ARGS passes options on.

@@ -12,8 +12,9 @@ that act on their desired states: downloading → … → committed, each phase 
 * a check that every device runs the target and got exactly one rev carrying it.
 
 ``--scale N,N,...`` adds the engine alone: the time of one ``tick`` of a rollout whose N
-executions are all in progress (every one re-derived from the reported state), on the
-chosen database: what bounds how far one controller scales.
+executions are all in progress (every one re-derived from the reported state, which
+carries the shadow phase's health-gate evidence), on the chosen database: what bounds how
+far one controller scales.
 
 Usage: ``.venv/bin/python -m bench.rollout [--devices 1000] [--bake 2s] [--pg]``.
 Not a test: nothing asserts on the numbers.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -44,6 +46,7 @@ from controller.rollouts import store as rstore
 from controller.rollouts.engine import RolloutEngine
 from controller.rollouts.spec import format_duration, parse_duration
 from controller.simulator import OtaBehaviour, SimulatedFleet
+from controller.simulator_gate import evidence
 from protocol import Reported, Status, StreamReport, StreamStatus
 from tests.broker import free_port
 from tests.bundle_factory import blazeface_files, blazeface_manifest, build_bundle
@@ -173,6 +176,8 @@ def run_rollout(args: argparse.Namespace, tmp: Path, db_url: str) -> dict[str, A
         stop_telemetry.set()
         ok_active = sum(1 for d in fleet.devices.values() if d.streams["cam0"]["active"] == TARGET)
         one_rev = sum(1 for d in fleet.devices.values() if len(d.revs_with(TARGET)) == 1)
+        shown = http.get(f"/api/v1/rollouts/{rid}").json()["devices"]
+        passed = sum(1 for d in shown if (d["evidence"] or {}).get("verdict") == "pass")
         return {
             "state": r["state"],
             "wall_s": wall,
@@ -184,6 +189,7 @@ def run_rollout(args: argparse.Namespace, tmp: Path, db_url: str) -> dict[str, A
             "rss_hwm_kib": _mem_kib(proc.pid, "VmHWM"),
             "devices_on_target": ok_active,
             "devices_one_rev": one_rev,
+            "gate_passed": passed,
             "counts": r["counts"],
         }
     finally:
@@ -237,6 +243,7 @@ def tick_scale(db_url: str, executions: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     engine.tick()
     assign = time.perf_counter() - t0
+    rng = random.Random(0)
     reports = [
         store.Received(
             topic="t",
@@ -247,7 +254,11 @@ def tick_scale(db_url: str, executions: int) -> tuple[float, float]:
                 device_id=d,
                 ts=now,
                 desired_rev=1,
-                streams={"cam0": StreamReport(active="base@1", phase="downloading", target="m@2")},
+                streams={
+                    "cam0": StreamReport(
+                        active="base@1", phase="shadow", target="m@2", gate=evidence("shadow", rng)
+                    )
+                },
             ),
         )
         for d in ids
@@ -321,13 +332,14 @@ def main() -> int:
     beyond = res["wall_s"] - res["bake_total_s"]
     print(
         f"\nrollout of {TARGET} to {args.devices} simulated devices ({db_name}, stages {args.stages}, "
-        f"bake {format_duration(args.bake_s)}, tick {args.tick}s, phase delay {args.phase_delay}s x 6 phases"
+        f"bake {format_duration(args.bake_s)}, tick {args.tick}s, phase delay {args.phase_delay}s x 7 phases"
         f"{', real downloads' if args.download else ''})"
     )
     print(f"  result: {res['state']}, {res['counts']}")
     print(
         f"  devices on the target: {res['devices_on_target']}/{args.devices}; "
-        f"exactly one rev carrying it: {res['devices_one_rev']}/{args.devices}"
+        f"exactly one rev carrying it: {res['devices_one_rev']}/{args.devices}; "
+        f"health gate evidence kept (pass): {res['gate_passed']}/{args.devices}"
     )
     print(
         f"  wall time {res['wall_s']:.1f}s = bake {res['bake_total_s']:.1f}s + {beyond:.1f}s beyond the bake times"

@@ -2,9 +2,12 @@
 
 One process runs the agent's real pieces: a FrameSource on the shipped video, the stream
 pipeline with the INT8 BlazeFace, and the OTA manager deploying signed bundles (served over
-HTTP on loopback) with a 1 s probation. Each round measures a steady window, then a full
-update (download, verify, staging next to the live model, swap, probation) and the frames
-right around the swap; it prints the numbers and the ratios against steady state.
+HTTP on loopback) with a 1 s probation and the default health gate. Each round measures a
+steady window, then a full update (download, verify, staging next to the live model, the
+shadow phase where the candidate runs beside it on sampled frames, swap, probation) and the
+frames right around the swap; it prints the numbers and the ratios against steady state,
+and the shadow phase's own cost: frames dropped, the active stream's p99 against steady
+state, and the process CPU (cores) during the shadow against steady state.
 
 Two modes: ``camera`` (the file paced at its 15 fps, newest frame wins: a slow frame drops
 the next one) and ``max-rate`` (as fast as possible through a lossless queue: a lost frame
@@ -39,7 +42,7 @@ from agent.ota.services import StreamIO
 from agent.ota.store import ModelStore
 from agent.pipeline import StreamPipeline
 from agent.sources import FrameSource
-from protocol import SCHEMA_VERSION, Desired, Detections, ModelRef, decode, encode
+from protocol import SCHEMA_VERSION, Desired, Detections, Event, ModelRef, decode, encode
 from tests.bundle_factory import (
     blazeface_files,
     blazeface_manifest,
@@ -69,6 +72,8 @@ class Window:
     p50: float
     p99: float
     seconds: float
+    cpu: float = 0.0
+    """Process CPU seconds used in the window."""
 
 
 def golden_frame() -> tuple[bytes, list[object]]:
@@ -104,12 +109,19 @@ def make_ref(
     return ref, data
 
 
+Marks = list[tuple[str, float, float]]
+"""(event code, wall time, process CPU time) of each OTA event."""
+
+
 @contextmanager
 def running(
-    realtime: bool, tmp: Path, key: Ed25519PrivateKey
+    realtime: bool, tmp: Path, key: Ed25519PrivateKey, marks: Marks
 ) -> Iterator[tuple[StreamPipeline, FrameSource, OtaManager, list[Published]]]:
     published: list[Published] = []
     lock = threading.Lock()
+
+    def event(payload: bytes) -> None:
+        marks.append((decode(payload, Event).code, time.time(), time.process_time()))
 
     def publish(_topic: str, payload: bytes) -> None:
         now = time.time()
@@ -149,10 +161,11 @@ def running(
                 swap=pipeline.swap_detector,
                 active=lambda: pipeline.detector.ref,
                 health=health,
+                shadow=pipeline.set_shadow,
             )
         ],
         publish_reported=lambda payload: None,
-        publish_event=lambda payload: None,
+        publish_event=event,
     )
     manager.recover()
     pipeline.start()
@@ -166,35 +179,55 @@ def running(
         pipeline.stop()
 
 
-def measure(published: list[Published], start: float, end: float, dropped: int) -> Window:
+def _drops_at_events(marks: Marks, source: FrameSource, out: dict[str, int]) -> None:
+    """Record the source's dropped-frame count when the shadow phase starts and ends."""
+    deadline = time.time() + 120
+    while time.time() < deadline and len(out) < 2:
+        codes = {m[0] for m in marks}
+        for code in ("ota.shadow", "ota.switching"):
+            if code in codes and code not in out:
+                out[code] = source.stats().frames_dropped
+        time.sleep(0.005)
+
+
+def measure(
+    published: list[Published], start: float, end: float, dropped: int, *, cpu: float = 0.0
+) -> Window:
     picked = [p for p in published if start <= p.at <= end]
     latencies = [(p.at - p.frame.frame_ts) * 1000.0 for p in picked]
     indices = [p.frame.frame_index for p in picked]
     lost = sum(b - a - 1 for a, b in itertools.pairwise(indices) if b > a + 1)
     p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float("nan"),) * 2
-    return Window(len(picked), dropped, lost, float(p50), float(p99), end - start)
+    return Window(len(picked), dropped, lost, float(p50), float(p99), end - start, cpu)
 
 
 def rounds(mode: str, n: int, steady_s: float) -> dict[str, list[Window]]:
     realtime = mode == "camera"
     key = Ed25519PrivateKey.generate()
-    out: dict[str, list[Window]] = {"steady": [], "update": [], "swap": []}
+    out: dict[str, list[Window]] = {"steady": [], "update": [], "swap": [], "shadow": []}
+    marks: Marks = []
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         png, golden = golden_frame()
         state = RangeServerState(body=b"")
         with (
             range_server(state) as url,
-            running(realtime, tmp, key) as (_, source, manager, published),
+            running(realtime, tmp, key, marks) as (_, source, manager, published),
         ):
             time.sleep(1.0)  # warm up
             for i in range(n):
                 ref, body = make_ref(tmp, key, f"2.0.{i}", url, png, golden)
                 state.body = body
-                t0, d0 = time.time(), source.stats().frames_dropped
+                t0, d0, c0 = time.time(), source.stats().frames_dropped, time.process_time()
                 time.sleep(steady_s)
-                t1, d1 = time.time(), source.stats().frames_dropped
-                out["steady"].append(measure(published, t0, t1, d1 - d0))
+                t1, d1, c1 = time.time(), source.stats().frames_dropped, time.process_time()
+                out["steady"].append(measure(published, t0, t1, d1 - d0, cpu=c1 - c0))
+                del marks[:]
+                dropped_at: dict[str, int] = {}
+                watch = threading.Thread(
+                    target=_drops_at_events, args=(marks, source, dropped_at), daemon=True
+                )
+                watch.start()
                 manager.handle_desired(
                     encode(Desired(schema=SCHEMA_VERSION, rev=i + 1, models={"bench": ref}))
                 )
@@ -204,6 +237,13 @@ def rounds(mode: str, n: int, steady_s: float) -> dict[str, list[Window]]:
                 phase = manager.updaters["bench"].state.phase
                 assert phase == "committed", phase
                 out["update"].append(measure(published, t1, t2, d2 - d1))
+                watch.join()
+                (_, s0, sc0), (_, s1, sc1) = (
+                    next(m for m in marks if m[0] == code)
+                    for code in ("ota.shadow", "ota.switching")
+                )
+                shadow_dropped = dropped_at["ota.switching"] - dropped_at["ota.shadow"]
+                out["shadow"].append(measure(published, s0, s1, shadow_dropped, cpu=sc1 - sc0))
                 # The frames around the swap: 10 before and 10 after the first of the new model.
                 new = f"{ref.name}@{ref.version}"
                 at = next(j for j, p in enumerate(published) if p.frame.model == new)
@@ -245,6 +285,7 @@ def main() -> None:
             statistics.median(w.p50 for w in steady),
             statistics.median(w.p99 for w in steady),
             0,
+            0,
         )
         what = (
             "file paced at 15 fps, newest frame wins"
@@ -252,12 +293,21 @@ def main() -> None:
             else "as fast as possible, lossless queue"
         )
         print(
-            f"\nhot swap, {mode} ({what}); {args.rounds} updates with 1 s probation, medians of rounds"
+            f"\nhot swap, {mode} ({what}); {args.rounds} updates with the default gate and 1 s probation, medians of rounds"
         )
         print("  window              frames      fps  dropped   lost   p50 ms   p99 ms")
         print(_row("steady", steady, None))
         print(_row("during the update", result["update"], base))
         print(_row("around the swap", result["swap"], base))
+        print(_row("shadow phase", result["shadow"], base))
+        cores = statistics.median(w.cpu / w.seconds for w in steady)
+        shadow_cores = statistics.median(w.cpu / w.seconds for w in result["shadow"])
+        shadow_s = statistics.median(w.seconds for w in result["shadow"])
+        print(
+            f"  process CPU: steady {cores:.3f} cores, shadow phase {shadow_cores:.3f} cores "
+            f"({shadow_cores / cores:.2f}x; the shadow adds {shadow_cores - cores:+.3f} cores); "
+            f"shadow phase lasted {shadow_s:.1f} s (median)"
+        )
 
 
 if __name__ == "__main__":

@@ -14,18 +14,12 @@ from typing import Any
 
 import click
 
+from controller.cli_rollout_render import gate_line, render, stage_label, stage_list, state, summary
 from controller.client import ControllerClient
 from controller.errors import RolloutError
-from controller.rollouts import spec
+from controller.rollouts import gate, spec
 
 ENDED = ("completed", "aborted", "rolled_back")
-_STATE_STYLE = {
-    "active": "cyan",
-    "paused": "yellow",
-    "completed": "green",
-    "aborted": "red",
-    "rolled_back": "magenta",
-}
 
 
 def _client(ctx: click.Context) -> ControllerClient:
@@ -90,6 +84,30 @@ def rollout() -> None:
 @click.option(
     "--timeout", default=spec.DEFAULT_TIMEOUT, show_default=True, help="Per-device time limit."
 )
+@click.option(
+    "--min-agreement",
+    metavar="FRACTION",
+    help="Health gate: least box agreement with the current model (0.9 or 90%).",
+)
+@click.option(
+    "--max-latency-ratio",
+    metavar="X",
+    help="Health gate: largest median inference time, candidate / current (1.5 or 1.5x).",
+)
+@click.option(
+    "--max-errors", metavar="N", type=int, help="Health gate: candidate inference errors allowed."
+)
+@click.option(
+    "--undecided",
+    type=click.Choice(gate.UNDECIDED),
+    help="Health gate: what an inconclusive shadow phase ends in.",
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Replace, do not compare with the current model (labels differ on purpose); "
+    "golden samples, errors and the frame rate still apply.",
+)
 @_json_option
 @click.pass_context
 def rollout_create(
@@ -102,9 +120,17 @@ def rollout_create(
     max_failures: str,
     min_executed: int,
     timeout: str,
+    min_agreement: str | None,
+    max_latency_ratio: str | None,
+    max_errors: int | None,
+    undecided: str | None,
+    replace: bool,
     as_json: bool,
 ) -> None:
-    """Start a staged rollout of MODEL@VERSION (from `edgefleet model list`)."""
+    """Start a staged rollout of MODEL@VERSION (from `edgefleet model list`).
+
+    The health-gate options override the devices' `[ota]` defaults for this rollout only
+    (docs/ota.md, "Rollouts")."""
     spec.parse_model_ref(ref)
     spec.parse_stream(stream)
     spec.parse_selector(select)
@@ -124,6 +150,9 @@ def rollout_create(
         "min_executed": min_executed,
         "timeout_s": timeout_s,
     }
+    overrides = _gate_body(min_agreement, max_latency_ratio, max_errors, undecided, replace)
+    if overrides is not None:
+        body["gate"] = overrides
     with _client(ctx) as client:
         created = client.create_rollout(body)
     if as_json:
@@ -131,28 +160,38 @@ def rollout_create(
         return
     click.echo(
         f"created rollout {created['id']}: {created['model']} on {created['device_count']} "
-        f"devices (stream {created['stream']}), stages {_stages(created)}, bake "
+        f"devices (stream {created['stream']}), stages {stage_list(created)}, bake "
         f"{spec.format_duration(created['bake_s'])}"
     )
+    described = gate_line(created)
+    if described:
+        click.echo(described)
     click.echo(f"follow it: edgefleet rollout watch {created['id']}")
 
 
-def _stages(r: dict[str, Any]) -> str:
-    return ",".join(str(n) for n in r["stages"])
+def _gate_body(
+    min_agreement: str | None,
+    max_latency_ratio: str | None,
+    max_errors: int | None,
+    undecided: str | None,
+    replace: bool,
+) -> dict[str, Any] | None:
+    """The API's ``gate`` object of the health-gate options (None: none given)."""
+    values: dict[str, Any] = {
+        "compare": False if replace else None,
+        "min_agreement": None
+        if min_agreement is None
+        else spec.parse_share(min_agreement, what="--min-agreement"),
+        "max_latency_ratio": None
+        if max_latency_ratio is None
+        else gate.parse_ratio(max_latency_ratio, what="--max-latency-ratio"),
+        "max_errors": max_errors,
+        "undecided": undecided,
+    }
+    return gate.normalize(values, gate.cli_label)
 
 
 # --- list / status ------------------------------------------------------------------------
-
-
-def _state(r: dict[str, Any]) -> str:
-    style = _STATE_STYLE.get(r["state"], "white")
-    return f"[{style}]{r['state']}[/]"
-
-
-def _stage_label(r: dict[str, Any]) -> str:
-    if r["state"] == "completed":
-        return f"{len(r['stages'])}/{len(r['stages'])}"
-    return f"{r['current_stage'] + 1}/{len(r['stages'])}"
 
 
 @rollout.command("list")
@@ -193,8 +232,8 @@ def rollout_list(ctx: click.Context, states: tuple[str, ...], limit: int, as_jso
             str(r["id"]),
             h._e(r["model"]),
             h._e(r["stream"]),
-            _state(r),
-            _stage_label(r),
+            state(r),
+            stage_label(r),
             f"{r['counts'].get('succeeded', 0)}/{r['executions']}",
             str(r["failures"]),
             h._ago(r["created_at"], now),
@@ -203,92 +242,6 @@ def rollout_list(ctx: click.Context, states: tuple[str, ...], limit: int, as_jso
     console = h._console()
     console.print(table)
     console.print(f"{len(found)} rollouts")
-
-
-def _summary(r: dict[str, Any]) -> str:
-    c = r["counts"]
-    in_flight = c.get("queued", 0) + c.get("in_progress", 0)
-    parts = [
-        f"rollout {r['id']} {r['state']}",
-        f"stage {_stage_label(r)}",
-        f"{c.get('succeeded', 0)}/{r['executions']} succeeded",
-        f"{r['failures']} failed",
-    ]
-    if in_flight:
-        parts.append(f"{in_flight} in progress")
-    if c.get("rolled_back"):
-        parts.append(f"{c['rolled_back']} rolled back")
-    return ", ".join(parts)
-
-
-def _render(r: dict[str, Any], *, devices: bool) -> Any:
-    """A rich renderable of one rollout: header, stage table, problem devices."""
-    from rich.console import Group
-    from rich.progress_bar import ProgressBar
-    from rich.table import Table
-    from rich.text import Text
-
-    h = _helpers()
-    header = Text.from_markup(
-        f"[bold]rollout {r['id']}[/]  {h._e(r['model'])}  stream {h._e(r['stream'])}  "
-        f"{_state(r)}  select {h._e(' '.join(r['selector']))}"
-    )
-    settings = Text(
-        f"{r['device_count']} devices, stages {r['stage_spec']} → {_stages(r)}, bake "
-        f"{spec.format_duration(r['bake_s'])}, timeout {spec.format_duration(r['timeout_s'])}, "
-        f"max failures {r['max_failures'] * 100:g}% after {r['min_executed']} executed"
-    )
-    parts: list[Any] = [header, settings]
-    if r["reason"]:
-        parts.append(Text.from_markup(f"[red]{h._e(r['reason'])}[/]: {h._e(r['detail'] or '')}"))
-    elif r["detail"]:
-        parts.append(Text(r["detail"]))
-    table = Table("STAGE", "DEVICES", "STATE", "PROGRESS", "OK", "FAILED", "WORKING", "BAKE")
-    for s in r["stage_progress"]:
-        c = s["counts"]
-        finished = c.get("succeeded", 0) + c.get("failed", 0) + c.get("timed_out", 0)
-        working = c.get("queued", 0) + c.get("in_progress", 0)
-        bake = ""
-        if s["bake_left_s"] is not None:
-            bake = f"{spec.format_duration(round(s['bake_left_s']))} left"
-        table.add_row(
-            str(s["index"] + 1),
-            str(s["devices"]),
-            s["state"],
-            ProgressBar(
-                total=max(s["size"], 1), completed=finished + c.get("rolled_back", 0), width=20
-            ),
-            str(c.get("succeeded", 0)),
-            str(c.get("failed", 0) + c.get("timed_out", 0)),
-            str(working),
-            bake,
-        )
-    parts.append(table)
-    shown = [
-        d
-        for d in r.get("devices", [])
-        if devices
-        or d["status"] in ("failed", "timed_out")
-        or (d["reason"] and d["status"] == "rolled_back")
-    ]
-    if shown:
-        dt = Table("DEVICE", "STREAM", "STAGE", "STATUS", "PHASE", "REV", "PREVIOUS", "REASON")
-        for d in shown[: None if devices else 20]:
-            dt.add_row(
-                h._e(d["device_id"]),
-                h._e(d["stream"]),
-                str(d["stage"] + 1),
-                d["status"],
-                h._e(d["phase"] or "-"),
-                str(d["rev"] or "-") + (f"→{d['rollback_rev']}" if d["rollback_rev"] else ""),
-                h._e(d["previous_model"] or "baseline"),
-                h._e(d["reason"] or ""),
-            )
-        parts.append(dt)
-        if not devices and len(shown) > 20:
-            parts.append(Text(f"… {len(shown) - 20} more (--devices shows every device)"))
-    parts.append(Text(_summary(r)))
-    return Group(*parts)
 
 
 @rollout.command("status")
@@ -304,7 +257,7 @@ def rollout_status(ctx: click.Context, rollout_id: int, all_devices: bool, as_js
     if as_json:
         h._print_json(r)
         return
-    h._console().print(_render(r, devices=all_devices))
+    h._console().print(render(r, devices=all_devices))
 
 
 # --- actions ------------------------------------------------------------------------------
@@ -393,15 +346,15 @@ def rollout_watch(ctx: click.Context, rollout_id: int, interval: float) -> None:
         if console.is_terminal:
             from rich.live import Live
 
-            with Live(_render(r, devices=False), console=console, refresh_per_second=4) as live:
+            with Live(render(r, devices=False), console=console, refresh_per_second=4) as live:
                 while not _ended(r):
                     time.sleep(interval)
                     r = client.rollout(rollout_id)
-                    live.update(_render(r, devices=False))
+                    live.update(render(r, devices=False))
         else:  # a pipe or a log: one line per change
             last = ""
             while True:
-                line = _summary(r)
+                line = summary(r)
                 if line != last:
                     click.echo(line)
                     sys.stdout.flush()

@@ -6,12 +6,13 @@
 3. The operator CLI shows the devices online; one agent is stopped (SIGTERM), its device
    goes offline, the agent comes back and so does the device.
 4. The INT8 model is packaged as a signed bundle (golden samples computed here), pushed,
-   and rolled out in stages: a canary first, then the rest; every device hot-swaps it
-   without a restart after its golden samples passed and its probation ended well.
+   and rolled out in stages: a canary first, then the rest; every device runs it beside the
+   fp16 model on the same live frames (the health gate's shadow phase: agreement and latency
+   with confidence intervals), hot-swaps it without a restart, and commits it after probation.
 5. A broken version (it never reports a face at min_score 0.99, yet passes golden samples
-   that contain no face) is rolled out: the canary's probation sees the detection rate
-   collapse against the old model's, the agent rolls itself back, the rollout aborts and
-   the other devices are never touched.
+   that contain no face) is rolled out: the canary's health gate sees it agree on none of
+   the current model's boxes and refuses it before it publishes a single detection; the
+   rollout aborts and the other devices are never touched.
 """
 
 from __future__ import annotations
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - the story, st
             "A broken build (1.1.0): it stopped reporting faces, but passes golden samples without one"
         )
         demo.publish_bundle(demo.blind_manifest(), "1.1.0", [no_face])
-        _say(f"Rolling out 1.1.0: the canary's probation ({PROBATION_S} s) should catch it")
+        _say("Rolling out 1.1.0: the canary's health gate should refuse it before it goes live")
         rid, code = demo.rollout(f"{INT8}@1.1.0", bake="4s")
         demo.show("rollout", "status", str(rid), "--devices")
         stop.wait(2)

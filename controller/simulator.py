@@ -7,11 +7,14 @@ state, telemetry every ``telemetry_interval_s``, events on demand. Killing the p
 
 With ``ota=OtaBehaviour(...)`` a device also acts on its retained ``desired`` state as
 docs/ota.md describes: a ``rev`` above the last one it handled is taken up, and each
-stream whose model changes walks downloading → verifying → staging → switching →
-probation → committed (reported after each phase), or fails with a reason on demand
-(``fail``); a stream absent from ``models`` goes back to its baseline. With
+stream whose model changes walks downloading → verifying → staging → shadow → switching
+→ probation → committed (reported after each phase, with health-gate evidence from
+``shadow`` on; a replacement, ``gate.compare`` false, skips ``shadow``), or fails with a
+reason on demand (``fail``; in ``shadow``/``probation`` with failing evidence); a stream
+absent from ``models`` goes back to its baseline. With
 ``download`` it really fetches the bundle and checks its size and sha256. Models in
-``slow`` make its telemetry clearly worse (the controller's health comparison).
+``slow`` make its telemetry clearly worse (the controller's health comparison); ``load``
+scales every device's inference latency over time, updated or not (a fleet-wide spike).
 ``SimulatedFleet`` runs many such devices over a few shared connections (benchmarks).
 
 ``publish_load`` pushes pre-encoded telemetry of many device ids through a few
@@ -39,6 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from controller.simulator_gate import GATE_STAGES
+from controller.simulator_gate import evidence as gate_evidence
 from protocol import (
     Desired,
     Event,
@@ -193,7 +198,15 @@ def _host_port(url: str) -> tuple[str, int]:
 
 # --- OTA behaviour ------------------------------------------------------------------------
 
-DEPLOY_PHASES = ("downloading", "verifying", "staging", "switching", "probation", "committed")
+DEPLOY_PHASES = (
+    "downloading",
+    "verifying",
+    "staging",
+    "shadow",
+    "switching",
+    "probation",
+    "committed",
+)
 
 
 @dataclass(frozen=True)
@@ -208,6 +221,9 @@ class OtaBehaviour:
     """Only these devices fail (None: every device)."""
     slow: frozenset[str] = frozenset()
     """Models with clearly worse telemetry: 3x inference p95, half the fps."""
+    load: Callable[[float], float] | None = None
+    """Machine-wide load: telemetry ``ts`` → factor on every device's inference p95, updated
+    or not (a CPU spike that hits the whole fleet at one moment); None: 1."""
     phase_delay_s: float = 0.05
     download: bool = False
     """Fetch the bundle over HTTP and check its size and sha256 (``download_failed``,
@@ -293,6 +309,8 @@ class DeviceOta:
                 "phase": "idle",
                 "target": None,
                 "reason": None,
+                "gate": None,
+                "compare": True,
             }
             for s in streams
         }
@@ -322,11 +340,16 @@ class DeviceOta:
                     continue
                 self.deployments.append((desired.rev, stream, target))
                 reason = self.behaviour.failure(self.device_id, target) if ref is not None else None
-                st.update(phase="downloading", target=target, reason=None)
+                compare = ref is not None and (ref.gate is None or ref.gate.compare)
+                st.update(
+                    phase="downloading", target=target, reason=None, gate=None, compare=compare
+                )
                 if self.behaviour.download and ref is not None:
                     self._refs[(desired.rev, stream)] = ref
                     steps.append((desired.rev, stream, "download", None))
                 for phase in DEPLOY_PHASES[1:]:
+                    if phase == "shadow" and not compare:  # a replacement: nothing to compare
+                        continue
                     if reason is not None and phase == self.behaviour.fail_phase:
                         failed = "rolled_back" if phase == "probation" else "failed"
                         steps.append((desired.rev, stream, failed, reason))
@@ -365,6 +388,9 @@ class DeviceOta:
                 )
             else:
                 st.update(phase=phase, reason=reason)
+            stage = phase if reason is None else self.behaviour.fail_phase
+            if st["compare"] and stage in GATE_STAGES:
+                st["gate"] = gate_evidence(stage, self._rng, reason=reason)  # type: ignore[arg-type]
             return True
 
     def reported(self, ts: float) -> Reported:
@@ -382,6 +408,7 @@ class DeviceOta:
                         phase=st["phase"],
                         target=st["target"],
                         reason=st["reason"],
+                        gate=st["gate"],
                     )
                     for s, st in self.streams.items()
                 },
@@ -394,6 +421,8 @@ class DeviceOta:
                 slow = st["active"] in self.behaviour.slow
                 fps = self._fps[s] * (0.5 if slow else 1.0) * self._rng.uniform(0.98, 1.02)
                 infer = self._infer[s] * (3.0 if slow else 1.0) * self._rng.uniform(0.97, 1.03)
+                if self.behaviour.load is not None:
+                    infer *= self.behaviour.load(ts)
                 self._frames[s] += round(fps * interval_s)
                 streams.append(
                     StreamTelemetry(

@@ -56,6 +56,8 @@ class StreamInfo:
     target: str | None
     reason: str | None
     updated_at: float
+    gate: dict[str, Any] | None = None
+    """The health gate's evidence for ``target`` (``protocol.GateEvidence`` as JSON)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +257,7 @@ def _stream_info(row: Any) -> StreamInfo:
         target=row.target,
         reason=row.reason,
         updated_at=row.updated_at,
+        gate=dict(row.gate) if row.gate else None,
     )
 
 
@@ -502,6 +505,7 @@ def _reported_stream_rows(device_id: str, rep: Reported, now: float) -> list[dic
             "phase": s.phase,
             "target": s.target,
             "reason": s.reason,
+            "gate": None if s.gate is None else msgspec.to_builtins(s.gate),
             "updated_at": now,
         }
         for name, s in rep.streams.items()
@@ -725,7 +729,16 @@ def _write_reports(conn: Connection, reports: dict[str, tuple[Reported, float]])
     _upsert_streams(
         conn,
         rows,
-        ("active_model", "previous_model", "installed", "phase", "target", "reason", "updated_at"),
+        (
+            "active_model",
+            "previous_model",
+            "installed",
+            "phase",
+            "target",
+            "reason",
+            "gate",
+            "updated_at",
+        ),
     )
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from protocol import ModelRef
 from tests.broker import Mosquitto
+from tests.ota_support import Bundle, make_bundle
+from tests.range_server import RangeServerState, range_server
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "agent" / "assets"
@@ -23,3 +28,32 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 @pytest.fixture(scope="session")
 def assets() -> Path:
     return ASSETS
+
+
+# --- OTA: a signing key and signed bundles served over real HTTP --------------------------
+
+
+@pytest.fixture(scope="module")
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def served(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> Iterator[Callable[..., tuple[Bundle, ModelRef, RangeServerState]]]:
+    """Serve a bundle variant over real HTTP: ``served(kind=..., version=...)``."""
+    servers: list[Any] = []
+
+    def serve(**kw: Any) -> tuple[Bundle, ModelRef, RangeServerState]:
+        n = len(servers)
+        bundle = make_bundle(tmp_path / f"b{n}.efb", key, **kw)
+        state = RangeServerState(body=bundle.body)
+        ctx = range_server(state)
+        url = ctx.__enter__()
+        servers.append(ctx)
+        return bundle, bundle.at(url), state
+
+    yield serve
+    for ctx in servers:
+        ctx.__exit__(None, None, None)

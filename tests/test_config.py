@@ -140,7 +140,9 @@ def test_removed_gate_keys_are_accepted_with_a_warning_that_says_what_replaces_t
     old = parse_config(GOOD + "\n[ota]\npsi_limit = 0.5\nlatency_factor = 2.0\n")
     warnings = deprecations(old)
     assert len(warnings) == 2
-    assert "ota.latency_factor is no longer used" in warnings[0] and "max_latency_ratio" in warnings[0]
+    assert (
+        "ota.latency_factor is no longer used" in warnings[0] and "max_latency_ratio" in warnings[0]
+    )
     assert "ota.psi_limit" in warnings[1] and "[drift]" in warnings[1]
     assert deprecations(parse_config(GOOD)) == []
 

@@ -42,8 +42,11 @@ def test_demo_tells_the_rollout_and_the_automatic_rollback(tmp_path: Path) -> No
     assert "rollout 1 completed: blazeface-short-int8@1.0.0 on 3 executions, 0 failed" in out
     for device in ("demo-cam-1", "demo-cam-2", "demo-cam-3"):
         assert f"{device} now runs blazeface-short-int8@1.0.0" in out
-    # The broken build is caught by the canary's probation and never reaches the others.
-    assert "demo-cam-1 ota.rolled_back [probation_detection_rate]" in out
+    # Every device showed the gate's evidence in words before committing the INT8 model.
+    assert out.count("agrees with the current model on 100.0% of boxes (95% CI") >= 3
+    # The broken build is refused by the canary's health gate and never reaches the others.
+    assert "demo-cam-1 ota.failed [shadow_agreement]" in out
+    assert "agrees with the current model on 0.0% of boxes" in out
     assert "rollout 2 aborted (stage_failed)" in out
     assert "demo-cam-2 now runs blazeface-short-int8@1.1.0" not in out
     assert "demo-cam-3 ota.downloading" not in out.split("Rolling out 1.1.0")[1]

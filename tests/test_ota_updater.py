@@ -13,7 +13,7 @@ from __future__ import annotations
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,12 +41,9 @@ from tests.bundle_factory import ASSETS, write_public_key
 from tests.ota_support import (
     BASELINE_REF,
     VIDEO,
-    Bundle,
     FakeClock,
     desired,
-    make_bundle,
 )
-from tests.range_server import RangeServerState, range_server
 
 BASELINE = ASSETS / "blazeface-short-int8.json"
 FPS = 30.0
@@ -83,10 +80,27 @@ class SimStream:
         self.shadow: ShadowRunner | None = None
         self.scene: Callable[[int], npt.NDArray[Any]] = lambda n: FRAMES[n % len(FRAMES)]
         """Frame ``n`` of the live scene (tests change it)."""
+        self.faults: dict[str, Callable[[Detector], None]] = {}
+        """``name@version`` to a fault applied to that model when it is loaded."""
+        self.shadow_from: int | None = None
+        """Frame number at which a shadow model was first attached."""
         self._n = 0
 
+    def load(self, manifest: Path) -> Detector:
+        detector = load_detector(manifest)
+        fault = self.faults.get(detector.ref)
+        if fault is not None:
+            fault(detector)
+        return detector
+
     def set_shadow(self, runner: ShadowRunner | None) -> None:
+        if runner is not None and self.shadow_from is None:
+            self.shadow_from = self._n
         self.shadow = runner
+
+    @property
+    def frames(self) -> int:
+        return self._n
 
     def swap(self, new: Detector) -> Detector:
         assert self.detector is not None
@@ -204,7 +218,7 @@ def _stream_io(sim: SimStream) -> StreamIO:
         name="front",
         baseline_manifest=BASELINE,
         baseline_ref=BASELINE_REF,
-        load=load_detector,
+        load=sim.load,
         swap=sim.swap,
         active=sim.active,
         health=sim.health,
@@ -239,32 +253,6 @@ def make_rig(
     sim.run(warm_s)  # the old model's baseline; from here on only the worker runs models
     manager.start()
     return Rig(root, key, sim, manager, services.store, reports, events)
-
-
-@pytest.fixture(scope="module")
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
-def served(
-    tmp_path: Path, key: Ed25519PrivateKey
-) -> Iterator[Callable[..., tuple[Bundle, ModelRef, RangeServerState]]]:
-    """Serve a bundle variant over real HTTP: ``served(kind=..., version=...)``."""
-    servers: list[Any] = []
-
-    def serve(**kw: Any) -> tuple[Bundle, ModelRef, RangeServerState]:
-        n = len(servers)
-        bundle = make_bundle(tmp_path / f"b{n}.efb", key, **kw)
-        state = RangeServerState(body=bundle.body)
-        ctx = range_server(state)
-        url = ctx.__enter__()
-        servers.append(ctx)
-        return bundle, bundle.at(url), state
-
-    yield serve
-    for ctx in servers:
-        ctx.__exit__(None, None, None)
 
 
 def _fronts(rig: Rig) -> list[tuple[str, str | None, str | None]]:

@@ -279,7 +279,11 @@ class Deployment:
         if verdict.ok:
             old.close()
             self._j.finish(
-                job, "committed", None, f"{candidate.ref} passed probation", verdict.details
+                job,
+                "committed",
+                None,
+                f"{candidate.ref} passed probation: {verdict.message}",
+                verdict.details,
             )
             return
         self._swap_back(old)

@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 FAULT_ENV = "EDGEFLEET_OTA_FAULT"
 FAULT_POINTS = frozenset(
-    {"downloading", "verifying", "staging", "switching", "activated", "probation"}
+    {"downloading", "verifying", "staging", "shadow", "switching", "activated", "probation"}
 )
 RETRYABLE = frozenset(
     {
@@ -281,7 +281,7 @@ class OtaManager:
                     state = updater.state
                     entry = self._desired.models.get(updater.name) if self._desired else None
                     if (
-                        state.phase in ("downloading", "verifying", "staging")
+                        state.phase in ("downloading", "verifying", "staging", "shadow")
                         and state.target is not None
                         and (self._desired is None or same_model(state.target, entry))
                     ):

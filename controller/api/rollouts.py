@@ -14,6 +14,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 
 from controller.api.auth import Operator, Viewer
 from controller.api.schemas import (
+    GateSettings,
     RolloutActionIn,
     RolloutDetailOut,
     RolloutDeviceOut,
@@ -26,6 +27,7 @@ from controller.api.schemas import (
 from controller.db.session import Database
 from controller.errors import RolloutError
 from controller.rollouts import commands
+from controller.rollouts import gate as gates
 from controller.rollouts import store as rstore
 from controller.rollouts.store import RolloutDetail, RolloutInfo
 
@@ -39,7 +41,7 @@ _STATUS = {
 _ERRORS: dict[int | str, dict[str, str]] = {
     404: {"description": "no such rollout, model or device"},
     409: {"description": "the selection overlaps a live rollout, or the state forbids the action"},
-    422: {"description": "invalid request (stages, selection, durations)"},
+    422: {"description": "invalid request (stages, selection, durations, gate overrides)"},
 }
 
 
@@ -72,6 +74,7 @@ def _out(r: RolloutInfo, counts: dict[str, int]) -> RolloutOut:
         max_failures=r.max_failures,
         min_executed=r.min_executed,
         timeout_s=r.timeout_s,
+        gate=None if r.gate is None else GateSettings.model_validate(gates.expand(r.gate)),
         state=r.state,  # type: ignore[arg-type]
         current_stage=r.current_stage,
         reason=r.reason,
@@ -133,6 +136,7 @@ def create_rollout(request: Request, body: RolloutIn, token: Operator) -> Rollou
         max_failures=body.max_failures,
         min_executed=body.min_executed,
         timeout_s=body.timeout_s,
+        gate=None if body.gate is None else body.gate.model_dump(),
     )
     try:
         with _db(request).begin() as conn:

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from controller.errors import RolloutError
+from controller.rollouts import gate as gates
 
 TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 Tag = Annotated[str, StringConstraints(pattern=TAG_PATTERN)]
@@ -13,6 +24,29 @@ RoleName = Literal["viewer", "operator", "admin"]
 
 class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
+
+
+class GateEvidenceOut(BaseModel):
+    """The device's health gate: the candidate against the current model on the same frames
+    (``protocol.GateEvidence``)."""
+
+    stage: Literal["shadow", "probation"]
+    pairs: int = Field(description="frames both models inferred")
+    informative_pairs: int = Field(description="paired frames where a model detected something")
+    agreement: float | None = Field(description="box agreement (F1) with the current model")
+    agreement_low: float | None
+    agreement_high: float | None
+    precision: float | None
+    recall: float | None
+    latency_ratio: float | None = Field(description="paired median inference time ratio")
+    latency_ratio_low: float | None
+    latency_ratio_high: float | None
+    score_shift: float | None
+    errors: int
+    confidence: float = Field(description="confidence level of the intervals, e.g. 0.95")
+    verdict: Literal["pass", "fail", "undecided"]
+    reason: str | None
+    summary: str = Field(description="the evidence in words")
 
 
 class StreamOut(_Out):
@@ -25,6 +59,9 @@ class StreamOut(_Out):
     phase: str | None = Field(description="deployment phase from the reported state")
     target: str | None
     reason: str | None
+    gate: GateEvidenceOut | None = Field(
+        default=None, description="the health gate's evidence for target, as reported"
+    )
     updated_at: float
 
 
@@ -161,6 +198,50 @@ class ModelList(BaseModel):
 RolloutStateName = Literal["active", "paused", "completed", "aborted", "rolled_back"]
 
 
+class GateSettings(BaseModel):
+    """Health-gate overrides for a rollout (``protocol.Gate``); a field left out or null keeps
+    the device's ``[ota]`` default."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    compare: bool = Field(
+        default=True,
+        description="false: replace, do not compare (labels differ on purpose); golden "
+        "samples, errors and the frame rate still apply",
+    )
+    min_agreement: float | None = Field(
+        default=None, description="least box agreement with the current model, 0..1"
+    )
+    max_latency_ratio: float | None = Field(
+        default=None,
+        description=f"largest median inference-time ratio candidate/current, "
+        f"above 0 and at most {gates.MAX_LATENCY_RATIO:g}",
+    )
+    max_errors: int | None = Field(
+        default=None, description=f"candidate inference errors allowed, 0..{gates.MAX_ERRORS}"
+    )
+    undecided: Literal["rollback", "commit"] | None = Field(
+        default=None, description="what an inconclusive shadow phase ends in"
+    )
+
+    @field_validator("min_agreement", "max_latency_ratio", "max_errors")
+    @classmethod
+    def _in_range(cls, value: float | None, info: ValidationInfo) -> float | None:
+        try:
+            gates.check_value(str(info.field_name), value)
+        except RolloutError as err:
+            raise ValueError(str(err)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GateSettings:
+        try:
+            gates.normalize(self.model_dump())
+        except RolloutError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+
 class RolloutIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -186,6 +267,9 @@ class RolloutIn(BaseModel):
     )
     timeout_s: float = Field(
         default=900.0, gt=0, description="a device not done this long after its assignment fails"
+    )
+    gate: GateSettings | None = Field(
+        default=None, description="health-gate overrides; null: the devices' defaults"
     )
 
 
@@ -222,6 +306,10 @@ class RolloutDeviceOut(_Out):
     rollback_rev: int | None = Field(description="desired rev that gave the previous model back")
     assigned_at: float | None
     finished_at: float | None
+    evidence: GateEvidenceOut | None = Field(
+        default=None,
+        description="the health gate's evidence the device reported for the rollout's model",
+    )
 
 
 class RolloutOut(BaseModel):
@@ -236,6 +324,9 @@ class RolloutOut(BaseModel):
     max_failures: float
     min_executed: int
     timeout_s: float
+    gate: GateSettings | None = Field(
+        default=None, description="health-gate overrides; null: the devices' defaults"
+    )
     state: RolloutStateName
     current_stage: int = Field(description="0-based index of the stage being executed")
     reason: str | None = Field(

@@ -102,6 +102,8 @@ class DeviceStream(Base):
     phase: Mapped[str | None] = mapped_column(String(SHORT_LEN))
     target: Mapped[str | None] = mapped_column(String(MODEL_LEN))
     reason: Mapped[str | None] = mapped_column(Text())
+    gate: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    """The health gate's evidence for ``target`` (``protocol.GateEvidence`` as JSON)."""
     updated_at: Mapped[float] = mapped_column(Double())
 
     __table_args__ = (Index("ix_device_streams_active_model", "active_model"),)
@@ -238,6 +240,9 @@ class Rollout(Base):
     finished_at: Mapped[float | None] = mapped_column(Double())
     rolled_back_at: Mapped[float | None] = mapped_column(Double())
     """When the pre-rollout desired states were written back (aborted / rolled_back)."""
+    gate: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    """Health-gate overrides (``protocol.Gate`` fields that differ from the device's
+    defaults); written into every ``ModelRef`` of the rollout. None: the defaults."""
 
     __table_args__ = (Index("ix_rollouts_state", "state"),)
 
@@ -272,6 +277,9 @@ class RolloutDevice(Base):
     stale_outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON())
     """The stream's reported failure of this same model from before the assignment (phase,
     target, reason), if any: seen again, it is no outcome of this rollout yet."""
+    evidence: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    """The last health-gate evidence (``protocol.GateEvidence``) the device reported for
+    the rollout's model on this stream."""
     assigned_at: Mapped[float | None] = mapped_column(Double())
     finished_at: Mapped[float | None] = mapped_column(Double())
     updated_at: Mapped[float] = mapped_column(Double())

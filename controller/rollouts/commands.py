@@ -11,14 +11,15 @@ next tick, normally within a second, writes the pre-rollout models back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection
 
 from controller import store as fleet
 from controller.errors import RolloutError
-from controller.rollouts import spec, store
+from controller.rollouts import gate, spec, store
 from controller.rollouts.store import (
     FAILURES,
     FINISHED,
@@ -40,6 +41,8 @@ class RolloutRequest:
     max_failures: float = 0.05
     min_executed: int = spec.DEFAULT_MIN_EXECUTED
     timeout_s: float = 900.0
+    gate: Mapping[str, Any] | None = None
+    """Health-gate overrides (``protocol.Gate`` fields); None: the devices' defaults."""
 
 
 def _check_numbers(req: RolloutRequest) -> None:
@@ -91,6 +94,7 @@ def create_rollout(
     selector = spec.parse_selector(req.select)
     stages = spec.parse_stages(req.stages)
     _check_numbers(req)
+    overrides = gate.normalize(req.gate)
     model = fleet.get_model(conn, name, version)
     if model is None:
         raise RolloutError(
@@ -122,6 +126,7 @@ def create_rollout(
             "max_failures": float(req.max_failures),
             "min_executed": int(req.min_executed),
             "timeout_s": float(req.timeout_s),
+            "gate": overrides,
             "state": "active",
             "current_stage": 0,
             "created_by": created_by,

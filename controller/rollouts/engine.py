@@ -4,8 +4,8 @@ Every piece of engine state lives in the database (``rollouts``, ``rollout_devic
 ``device_desired``); a tick reads it, decides, and writes the result in one transaction
 per rollout, so a controller killed at any point continues where the last committed tick
 left it, and running ``tick`` twice at the same ``now`` changes nothing the second time.
-The decisions themselves are pure functions (``derive_status``, ``abort_reason``,
-``stream_health``, ``compare_health``) that the tests call directly.
+The decisions themselves are pure functions (``derive_status``, ``abort_reason``, and the
+health comparison in ``controller.rollouts.health``) that the tests call directly.
 
 I/O at the edges: the clock is injected, the database is the store, and publishing the
 desired states it writes (``device_desired.published`` false) is the publisher's job
@@ -15,12 +15,10 @@ desired states it writes (``device_desired.published`` false) is the publisher's
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
-import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +28,21 @@ from controller import store as fleet
 from controller.db.models import models
 from controller.db.session import Database
 from controller.rollouts import store
+from controller.rollouts.health import (
+    HealthPolicy,
+    change_windows,
+    control_windows,
+    device_change,
+    judge,
+    telemetry_queries,
+)
 from controller.rollouts.store import FAILURES, FINISHED, Execution, RolloutInfo
+from protocol.messages import DEPLOYING_PHASES
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT = ("pending", "queued", "in_progress")
-_DEPLOYING = frozenset({"downloading", "verifying", "staging", "switching", "probation"})
+_DEPLOYING = DEPLOYING_PHASES
 
 
 # --- pure decisions -----------------------------------------------------------------------
@@ -136,123 +143,17 @@ def abort_reason(r: RolloutInfo, counts: Mapping[int, Mapping[str, int]]) -> tup
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class HealthPolicy:
-    """When updated devices count as "clearly worse" than not-yet-updated ones (telemetry)."""
-
-    window_s: float = 300.0
-    """Telemetry older than this is not compared."""
-    min_samples: int = 2
-    """Samples a device needs (after its update, for updated devices) to be compared."""
-    latency_ratio: float = 1.5
-    latency_margin_ms: float = 1.0
-    """Inference p95: worse when at least ``latency_ratio`` times and ``latency_margin_ms`` above."""
-    fps_ratio: float = 0.67
-    min_fps: float = 1.0
-    """fps: worse when at most ``fps_ratio`` of the others' (if they run at least ``min_fps``)."""
-    error_ratio: float = 2.0
-    error_margin: float = 0.02
-    """Errors per frame: worse when at least ``error_ratio`` times and ``error_margin`` above."""
-    max_devices: int = 200
-    """Devices compared per side (the first by id), to bound the cost."""
-    every_s: float = 5.0
-    """How often a rollout is checked (and always before a stage advances)."""
-
-
-@dataclass(frozen=True, slots=True)
-class StreamHealth:
-    latency_ms: float | None
-    fps: float | None
-    error_rate: float | None
-    samples: int
-
-
-def stream_health(
-    samples: Sequence[tuple[float, Sequence[Mapping[str, Any]]]],
-    stream: str,
-    *,
-    since: float,
-    min_samples: int,
-) -> StreamHealth | None:
-    """One device's health on one stream from its telemetry samples (ts, streams) since ``since``."""
-    entries = [
-        e for ts, streams in samples if ts >= since for e in streams if e.get("name") == stream
-    ]
-    if len(entries) < min_samples:
-        return None
-    latencies = [float(e["infer_ms_p95"]) for e in entries if e.get("infer_ms_p95") is not None]
-    fps = [float(e["fps"]) for e in entries if e.get("fps") is not None]
-    errors = frames = 0.0
-    for a, b in itertools.pairwise(entries):
-        de = float(b.get("errors", 0)) - float(a.get("errors", 0))
-        df = float(b.get("frames_processed", 0)) - float(a.get("frames_processed", 0))
-        if de < 0 or df < 0:  # the agent restarted: its counters started again from zero
-            de, df = float(b.get("errors", 0)), float(b.get("frames_processed", 0))
-        errors += de
-        frames += df
-    return StreamHealth(
-        latency_ms=statistics.median(latencies) if latencies else None,
-        fps=statistics.median(fps) if fps else None,
-        error_rate=errors / (frames + errors) if frames + errors > 0 else None,
-        samples=len(entries),
-    )
-
-
-def _median(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-def compare_health(
-    policy: HealthPolicy, updated: Sequence[StreamHealth], control: Sequence[StreamHealth]
-) -> tuple[str, str] | None:
-    """``("health_regression", detail)`` when the updated devices are clearly worse."""
-    if not updated or not control:
-        return None
-    worse = []
-    lat_u = _median([h.latency_ms for h in updated])
-    lat_c = _median([h.latency_ms for h in control])
-    if (
-        lat_u is not None
-        and lat_c is not None
-        and lat_u >= lat_c * policy.latency_ratio
-        and lat_u - lat_c >= policy.latency_margin_ms
-    ):
-        worse.append(f"inference p95 {lat_u:.1f} ms vs {lat_c:.1f} ms")
-    fps_u = _median([h.fps for h in updated])
-    fps_c = _median([h.fps for h in control])
-    if (
-        fps_u is not None
-        and fps_c is not None
-        and fps_c >= policy.min_fps
-        and fps_u <= fps_c * policy.fps_ratio
-    ):
-        worse.append(f"{fps_u:.1f} fps vs {fps_c:.1f} fps")
-    err_u = _median([h.error_rate for h in updated])
-    err_c = _median([h.error_rate for h in control]) or 0.0
-    if (
-        err_u is not None
-        and err_u >= err_c * policy.error_ratio
-        and err_u - err_c >= policy.error_margin
-    ):
-        worse.append(f"errors {err_u * 100:.1f}% of frames vs {err_c * 100:.1f}%")
-    if not worse:
-        return None
-    return (
-        "health_regression",
-        f"the {len(updated)} updated device(s) are clearly worse than the {len(control)} "
-        f"not yet updated: {'; '.join(worse)}",
-    )
-
-
 def bundle_url(base_url: str, m: fleet.ModelInfo) -> str:
     """The device download URL of a model (same path as ``controller.api.routes.bundle_path``)."""
     return f"{base_url.rstrip('/')}/api/v1/models/{m.name}/{m.version}/bundle?key={m.download_key}"
 
 
-def model_ref(m: fleet.ModelInfo, base_url: str) -> dict[str, Any]:
-    """The ``protocol.ModelRef`` (as a JSON object) of a registry model."""
-    return {
+def model_ref(
+    m: fleet.ModelInfo, base_url: str, gate: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``protocol.ModelRef`` (as a JSON object) of a registry model, with a rollout's
+    health-gate overrides (``gate`` left out when there are none, as older agents expect)."""
+    ref: dict[str, Any] = {
         "name": m.name,
         "version": m.version,
         "url": bundle_url(base_url, m),
@@ -260,6 +161,9 @@ def model_ref(m: fleet.ModelInfo, base_url: str) -> dict[str, Any]:
         "size": m.size,
         "signature": m.signature,
     }
+    if gate:
+        ref["gate"] = dict(gate)
+    return ref
 
 
 def ref_name(ref: Mapping[str, Any] | None) -> str | None:
@@ -385,7 +289,8 @@ class RolloutEngine:
         changes = []
         for e in store.executions_to_watch(conn, r.id):
             status, phase, reason = next_status(e, r.model, now=now, timeout_s=r.timeout_s)
-            if (status, phase, reason) == (e.status, e.phase, e.reason):
+            evidence = e.evidence_for(r.model)
+            if (status, phase, reason, evidence) == (e.status, e.phase, e.reason, e.evidence):
                 continue
             finished = e.finished_at
             if status in FINISHED and (status != e.status or finished is None):
@@ -399,6 +304,7 @@ class RolloutEngine:
                     "status": status,
                     "phase": phase,
                     "reason": reason,
+                    "evidence": evidence,
                     "finished_at": finished,
                     "now": now,
                 }
@@ -419,7 +325,7 @@ class RolloutEngine:
         m = get_model_by_id(conn, r.model_id)
         if m is None:  # the registry row is referenced by a foreign key: cannot happen
             raise RuntimeError(f"rollout {r.id}: model id {r.model_id} vanished from the registry")
-        ref = model_ref(m, base)
+        ref = model_ref(m, base, r.gate)
         pairs = store.pending_of_stage(conn, r.id, stage)
         desired = store.get_desired(conn, (d for d, _ in pairs))
         reports = store.stream_reports(conn, (d for d, _ in pairs))
@@ -552,6 +458,8 @@ class RolloutEngine:
     def _health_check(
         self, conn: Connection, r: RolloutInfo, now: float, *, force: bool
     ) -> tuple[str, str] | None:
+        """Updated devices' before/after change against that of the devices not yet updated
+        over the same time (``controller.rollouts.health``); none left to compare: no check."""
         policy = self.health
         last = self._health_at.get(r.id)
         if not force and last is not None and now - last < policy.every_s:
@@ -561,23 +469,26 @@ class RolloutEngine:
         updated = updated[: policy.max_devices]
         if not updated or not pending:
             return None
-        since = now - policy.window_s
-        samples = store.recent_telemetry(
-            conn, [d for d, _, _ in updated] + [d for d, _ in pending], since=since
-        )
-        new = [
-            stream_health(
-                samples.get(d, []), s, since=max(since, done), min_samples=policy.min_samples
-            )
-            for d, s, done in updated
+        canary = [
+            (d, s, change_windows(policy, assigned_at=a, done_at=f, now=now))
+            for d, s, a, f in updated
         ]
-        old = [
-            stream_health(samples.get(d, []), s, since=since, min_samples=policy.min_samples)
-            for d, s in pending
-        ]
-        return compare_health(
-            policy, [h for h in new if h is not None], [h for h in old if h is not None]
+        control = control_windows(policy, [(a, f) for _, _, a, f in updated], now=now)
+        samples: dict[str, list[tuple[float, list[dict[str, Any]]]]] = defaultdict(list)
+        wanted = [(d, w) for d, _, w in canary] + [(d, control) for d, _ in pending]
+        for ids, since, until in telemetry_queries(wanted):
+            for d, rows in store.recent_telemetry(conn, ids, since=since, until=until).items():
+                samples[d].extend(rows)
+        n = policy.min_samples
+        verdict = judge(
+            policy,
+            [c for d, s, w in canary if (c := device_change(samples[d], s, w, min_samples=n))],
+            [c for d, s in pending if (c := device_change(samples[d], s, control, min_samples=n))],
         )
+        if verdict.outcome != "regression":
+            log.debug("rollout %d: health %s: %s", r.id, verdict.outcome, verdict.detail)
+            return None
+        return "health_regression", verdict.detail
 
 
 def get_model_by_id(conn: Connection, model_id: int) -> fleet.ModelInfo | None:

@@ -96,6 +96,8 @@ class RolloutInfo:
     updated_at: float
     finished_at: float | None
     rolled_back_at: float | None
+    gate: dict[str, Any] | None = None
+    """Health-gate overrides written into every ``ModelRef`` (compact; None: the defaults)."""
 
     @property
     def live(self) -> bool:
@@ -115,6 +117,9 @@ class RolloutDeviceInfo:
     rollback_rev: int | None
     assigned_at: float | None
     finished_at: float | None
+    evidence: dict[str, Any] | None = None
+    """The health gate's evidence (``protocol.GateEvidence``) the device reported for the
+    rollout's model."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +182,7 @@ def _rollout(row: Any) -> RolloutInfo:
         updated_at=row.updated_at,
         finished_at=row.finished_at,
         rolled_back_at=row.rolled_back_at,
+        gate=dict(row.gate) if row.gate else None,
     )
 
 
@@ -193,6 +199,7 @@ def _device(row: Any) -> RolloutDeviceInfo:
         rollback_rev=row.rollback_rev,
         assigned_at=row.assigned_at,
         finished_at=row.finished_at,
+        evidence=dict(row.evidence) if row.evidence else None,
     )
 
 
@@ -369,7 +376,12 @@ def _update_pairs(
 
 
 _ROW_UPDATE = _pair_update(
-    status="status", phase="phase", reason="reason", finished_at="finished_at", updated_at="now"
+    status="status",
+    phase="phase",
+    reason="reason",
+    evidence="evidence",
+    finished_at="finished_at",
+    updated_at="now",
 )
 _ASSIGN = _pair_update(
     status="queued_status",
@@ -387,7 +399,8 @@ _NOTE = _pair_update(reason="reason", updated_at="now")
 def update_executions(
     conn: Connection, rollout_id: int, changes: Sequence[Mapping[str, Any]]
 ) -> None:
-    """Write derived statuses: dicts with device_id, stream, status, phase, reason, finished_at, now."""
+    """Write derived statuses: dicts with device_id, stream, status, phase, reason, evidence,
+    finished_at, now."""
     _update_pairs(conn, _ROW_UPDATE, rollout_id, changes)
 
 
@@ -427,6 +440,10 @@ class Execution:
     has_report: bool
     stale_outcome: dict[str, Any] | None = None
     """The stream's failure of this model reported before the assignment, if any."""
+    report_gate: dict[str, Any] | None = None
+    """The health gate's evidence the device reports for ``report_target``."""
+    evidence: dict[str, Any] | None = None
+    """The evidence kept with the execution so far."""
 
     def report_is_stale(self) -> bool:
         """The device still shows the failure it reported before it was assigned: the agent
@@ -436,6 +453,20 @@ class Execution:
             "target": self.report_target,
             "reason": self.report_reason,
         }
+
+    def evidence_for(self, model: str) -> dict[str, Any] | None:
+        """The gate evidence to keep: the report's, when it is about ``model`` and this
+        assignment (the device took up the rev and does not still show an earlier failure),
+        else what was kept before."""
+        if (
+            self.report_gate is not None
+            and self.report_target == model
+            and self.reported_rev is not None
+            and self.reported_rev >= self.rev
+            and not self.report_is_stale()
+        ):
+            return self.report_gate
+        return self.evidence
 
 
 def executions_to_watch(conn: Connection, rollout_id: int) -> list[Execution]:
@@ -453,11 +484,13 @@ def executions_to_watch(conn: Connection, rollout_id: int) -> list[Execution]:
             rd.c.assigned_at,
             rd.c.finished_at,
             rd.c.stale_outcome,
+            rd.c.evidence,
             devices.c.desired_rev,
             ds.c.phase.label("r_phase"),
             ds.c.active_model,
             ds.c.target,
             ds.c.reason.label("r_reason"),
+            ds.c.gate.label("r_gate"),
             ds.c.name.label("r_name"),
         )
         .join(devices, devices.c.id == rd.c.device_id)
@@ -482,6 +515,8 @@ def executions_to_watch(conn: Connection, rollout_id: int) -> list[Execution]:
             report_reason=r.r_reason,
             has_report=r.r_name is not None,
             stale_outcome=dict(r.stale_outcome) if r.stale_outcome else None,
+            report_gate=dict(r.r_gate) if r.r_gate else None,
+            evidence=dict(r.evidence) if r.evidence else None,
         )
         for r in conn.execute(query)
     ]
@@ -535,14 +570,14 @@ def to_roll_back(conn: Connection, rollout_id: int) -> list[tuple[str, str, dict
 
 def succeeded_and_pending(
     conn: Connection, rollout_id: int, stream_limit: int
-) -> tuple[list[tuple[str, str, float]], list[tuple[str, str]]]:
-    """Updated executions (device, stream, finished_at) and up to ``stream_limit`` not yet
-    assigned ones (device, stream), by device id."""
+) -> tuple[list[tuple[str, str, float, float]], list[tuple[str, str]]]:
+    """Updated executions (device, stream, assigned_at, finished_at) and up to
+    ``stream_limit`` not yet assigned ones (device, stream), by device id."""
     rd = rollout_devices
     done = [
-        (d, s, float(f or 0))
-        for d, s, f in conn.execute(
-            select(rd.c.device_id, rd.c.stream, rd.c.finished_at)
+        (d, s, float(a or 0), float(f or a or 0))
+        for d, s, a, f in conn.execute(
+            select(rd.c.device_id, rd.c.stream, rd.c.assigned_at, rd.c.finished_at)
             .where(rd.c.rollout_id == rollout_id, rd.c.status == "succeeded")
             .order_by(rd.c.device_id)
         )
@@ -560,9 +595,9 @@ def succeeded_and_pending(
 
 
 def recent_telemetry(
-    conn: Connection, device_ids: Iterable[str], *, since: float
+    conn: Connection, device_ids: Iterable[str], *, since: float, until: float | None = None
 ) -> dict[str, list[tuple[float, list[dict[str, Any]]]]]:
-    """Raw telemetry (ts, streams) of these devices since ``since``, oldest first."""
+    """Raw telemetry (ts, streams) of these devices in ``[since, until)``, oldest first."""
     out: dict[str, list[tuple[float, list[dict[str, Any]]]]] = defaultdict(list)
     for chunk in _chunks(sorted(set(device_ids))):
         query = (
@@ -574,6 +609,8 @@ def recent_telemetry(
             )
             .order_by(telemetry.c.device_id, telemetry.c.ts)
         )
+        if until is not None:
+            query = query.where(telemetry.c.ts < until)
         for device_id, ts, streams in conn.execute(query):
             out[device_id].append((float(ts), list(streams or [])))
     return out

@@ -16,7 +16,8 @@ from controller import store
 from controller.db.session import Database
 from controller.rollouts import commands
 from controller.rollouts import store as rstore
-from controller.rollouts.engine import HealthPolicy, RolloutEngine, TickReport
+from controller.rollouts.engine import RolloutEngine, TickReport
+from controller.rollouts.health import HealthPolicy
 from protocol import Reported, Status, StreamReport, StreamStatus, StreamTelemetry, Telemetry
 from tests.controller.conftest import Clock
 

@@ -5,6 +5,8 @@ that act on their desired state (and really download the bundle), the CLI over r
 - a failing canary aborts the rollout and is rolled back, nobody else is touched;
 - ``kill -9`` of the controller mid-rollout: the restarted controller continues and no
   device is updated twice;
+- a fleet-wide latency spike right after the canary's swap does not abort a good canary,
+  a canary that alone gets worse is caught (``health_regression``);
 - the real agent (``edgefleet-agent run``) takes a signed bundle through a rollout and back.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,6 +214,10 @@ def test_happy_path_through_stages_with_the_cli(
             (5, "done"),
         ]
         assert {d["status"] for d in status["devices"]} == {"succeeded"}
+        # The devices' health gate (shadow, then probation) passed, and its evidence arrived.
+        assert {(d["evidence"]["stage"], d["evidence"]["verdict"]) for d in status["devices"]} == {
+            ("probation", "pass")
+        }
         stages = {d["device_id"]: d["stage"] for d in status["devices"]}
         assert stages == {"e2e-00": 0, "e2e-01": 1, "e2e-02": 1, "e2e-03": 2, "e2e-04": 2}
         for dev in devices:
@@ -305,6 +312,74 @@ def test_kill_9_mid_rollout_the_restarted_controller_continues_without_updating_
             assert [m for _, _, m in dev.ota.deployments] == [TARGET]
             assert dev.ota.streams["cam0"]["active"] == TARGET
     finally:
+        for dev in devices:
+            dev.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_fleet_wide_spike_does_not_abort_a_good_canary_and_a_canary_alone_worse_is_caught(
+    controller: ControllerProcess, cli: Cli, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    slow = "face@3.0.0"
+    spike: list[float] = []  # when every device's inference p95 rose 4x (a machine-wide load)
+    behaviour = OtaBehaviour(
+        slow=frozenset({slow}),
+        phase_delay_s=0.02,
+        load=lambda ts: 4.0 if spike and ts >= spike[0] else 1.0,
+    )
+    devices = _devices(mosquitto, 5, behaviour)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(0.1):
+            for dev in devices:
+                dev.publish_telemetry(wait=False)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        _wait_known(cli, 5)
+        time.sleep(3)  # ~30 samples per device before the rollout
+        first = cli.json(
+            "rollout", "create", TARGET, "--select", "all", "--stages", "1,100%",
+            "--bake", "1.5s", "--timeout", "30s",
+        )  # fmt: skip
+        canary = devices[0].ota
+        assert canary is not None
+        wait_for(
+            lambda: canary.streams["cam0"]["active"] == TARGET, timeout=10, what="the canary swap"
+        )
+        spike.append(time.time())
+        watched = cli("rollout", "watch", str(first["id"]), "--interval", "0.2")
+        assert watched.exit_code == 0, watched.output
+        assert _rollout(cli, first["id"])["state"] == "completed"
+        # The spike goes on; now a model that only makes the canary slower (3x, half the fps).
+        efb = build_bundle(
+            tmp_path / "face-3.0.0.efb",
+            blazeface_manifest(name="face", version="3.0.0"),
+            blazeface_files(),
+            key=None,
+        )
+        assert cli("model", "push", str(efb)).exit_code == 0
+        second = cli.json(
+            "rollout", "create", slow, "--select", "all", "--stages", "1,100%",
+            "--bake", "1.5s", "--timeout", "30s",
+        )  # fmt: skip
+        watched = cli("rollout", "watch", str(second["id"]), "--interval", "0.2")
+        assert watched.exit_code == 1, watched.output
+        assert "aborted (health_regression): canary inference p95 rose" in watched.stderr
+        assert "while the 4 devices not updated changed 1.0x over the same window" in (
+            watched.stderr
+        )
+        wait_for(
+            lambda: canary.streams["cam0"]["active"] == TARGET,
+            timeout=10,
+            what="the canary to get its previous model back",
+        )
+        assert all(d.ota is not None and d.ota.revs_with(slow) == set() for d in devices[1:])
+    finally:
+        stop.set()
+        thread.join(5)
         for dev in devices:
             dev.stop()
 

@@ -1,5 +1,5 @@
 """Pure parts of rollouts: durations, shares, stages, selectors, the status derivation from
-the reported state (docs/ota.md), the telemetry health comparison."""
+the reported state (docs/ota.md). The health comparison: test_rollout_health.py."""
 
 from __future__ import annotations
 
@@ -11,15 +11,7 @@ from controller import store
 from controller.api.routes import bundle_path
 from controller.errors import RolloutError
 from controller.rollouts import spec
-from controller.rollouts.engine import (
-    HealthPolicy,
-    StreamHealth,
-    bundle_url,
-    compare_health,
-    derive_status,
-    next_status,
-    stream_health,
-)
+from controller.rollouts.engine import bundle_url, derive_status, next_status
 from controller.rollouts.store import Execution
 
 
@@ -202,48 +194,6 @@ def test_success_is_kept_unless_the_device_reports_the_model_failed() -> None:
     assert later == ("failed", "rolled_back", "crashed_in_probation")
     assert next_status(_e(reported_rev=1), "m@2", now=200.0, timeout_s=100)[0] == "timed_out"
     assert next_status(_e(reported_rev=1), "m@2", now=199.9, timeout_s=100)[0] == "queued"
-
-
-def _sample(ts: float, **stream: Any) -> tuple[float, list[dict[str, Any]]]:
-    return ts, [{"name": "cam0", **stream}, {"name": "other", "fps": 1.0, "infer_ms_p95": 99.0}]
-
-
-def test_stream_health_uses_only_its_stream_and_survives_counter_resets() -> None:
-    samples = [
-        _sample(10, fps=20, infer_ms_p95=3, frames_processed=100, errors=0),
-        _sample(20, fps=22, infer_ms_p95=4, frames_processed=300, errors=10),
-        _sample(30, fps=24, infer_ms_p95=5, frames_processed=40, errors=2),  # agent restarted
-    ]
-    h = stream_health(samples, "cam0", since=0, min_samples=2)
-    assert h == StreamHealth(latency_ms=4, fps=22, error_rate=12 / (240 + 12), samples=3)
-    assert stream_health(samples, "cam0", since=25, min_samples=2) is None
-    assert stream_health(samples, "nope", since=0, min_samples=1) is None
-
-
-def test_health_comparison_thresholds() -> None:
-    p = HealthPolicy()
-
-    def h(
-        lat: float | None = 3.0, fps: float | None = 25.0, err: float | None = 0.0
-    ) -> StreamHealth:
-        return StreamHealth(latency_ms=lat, fps=fps, error_rate=err, samples=3)
-
-    base = [h(), h(3.2), h(2.9)]
-    assert compare_health(p, [h(4.4)], base) is None  # 1.47x: not clearly worse
-    assert compare_health(p, [h(1.4)], [h(0.9)]) is None  # 1.55x but only 0.5 ms
-    worse = compare_health(p, [h(4.6)], base)
-    assert (
-        worse is not None
-        and worse[0] == "health_regression"
-        and "inference p95 4.6 ms vs 3.0 ms" in worse[1]
-    )
-    assert compare_health(p, [h(fps=17.0)], base) is None
-    assert compare_health(p, [h(fps=16.0)], base) is not None
-    assert compare_health(p, [h(fps=0.3)], [h(fps=0.5)]) is None  # idle streams are not compared
-    assert compare_health(p, [h(err=0.01)], base) is None
-    assert compare_health(p, [h(err=0.03)], base) is not None
-    assert compare_health(p, [], base) is None and compare_health(p, base, []) is None
-    assert compare_health(p, [h(None, None, None)], base) is None
 
 
 def test_the_engine_builds_the_same_download_url_as_the_api() -> None:
