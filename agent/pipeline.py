@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from agent.config import StreamConfig
 from agent.detector import Detector, Prepared
 from agent.errors import AgentError
-from agent.ota.shadow import ShadowRunner
+from agent.ota.shadow import ShadowOutcome, ShadowRunner
 from agent.sources import Frame, FrameSource
 from agent.stats import StreamStats
 from protocol import SCHEMA_VERSION, Detection, Detections, detections_topic, encode
@@ -171,13 +171,25 @@ class StreamPipeline:
             self.finished.set()
 
     def _process(self, frame: Frame) -> None:
+        if self._shadow is not None:
+            with self._shadow_lock:  # set_shadow waits for a paired frame to finish
+                shadow = self._shadow
+                if shadow is not None and shadow.due():
+                    self._infer(frame, shadow)
+                    return
+        self._infer(frame, None)
+
+    def _infer(self, frame: Frame, shadow: ShadowRunner | None) -> None:
         detector = self._detector
         tagged = frame.prepared
+        ahead: ShadowOutcome | None = None
         try:
             if isinstance(tagged, _Tagged) and tagged.detector is detector:
                 prepared = tagged.prepared
             else:
                 prepared = detector.preprocess(frame.image)
+            if shadow is not None and shadow.leads():
+                ahead = shadow.run(frame.image, detector, prepared)
             result = detector.infer(prepared)
         except Exception:
             self.stats.record_error()
@@ -197,11 +209,10 @@ class StreamPipeline:
         )
         if self._observer is not None:
             self._observer.frame(detector.ref, result.infer_ms, [d.score for d in detections])
-        if self._shadow is not None:
-            with self._shadow_lock:
-                shadow = self._shadow
-                if shadow is not None and shadow.due():
-                    shadow.pair(frame.image, detector, prepared, result)
+        if shadow is not None:
+            if ahead is None:
+                ahead = shadow.run(frame.image, detector, prepared)
+            shadow.record(result, ahead)
 
     def _encode(
         self, frame: Frame, detector: Detector, infer_ms: float, detections: list[Detection]

@@ -39,6 +39,7 @@ from tests.range_server import RangeServerState, range_server
 pytestmark = pytest.mark.slow
 
 DEVICE = "cam-01"
+FAST_GATE = 'shadow_max_s = 3\nundecided = "commit"\n'
 
 
 @dataclass
@@ -137,7 +138,9 @@ def agent(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Agent]:
         port=mosquitto.port,
         device_id=DEVICE,
         streams=streams,
-        extra=f'[ota]\ntrusted_keys = ["{pub.name}"]\nprobation_s = 2.0\n',
+        # The health gate has its own tests (test_ota_gate_*): here a short shadow phase that
+        # commits when undecided keeps these tests of the update mechanics quick.
+        extra=f'[ota]\ntrusted_keys = ["{pub.name}"]\nprobation_s = 2.0\n{FAST_GATE}',
     )
     sub = Subscriber(mosquitto.port, [f"edgefleet/v1/{DEVICE}/#"])
     with ExitStack() as servers:
@@ -245,6 +248,8 @@ def test_model_blind_on_live_video_is_refused_in_the_shadow_and_never_published(
     agent: Agent,
 ) -> None:
     bundle = agent.bundle("2.1.0", "live_blind")
+    text = agent.config.read_text(encoding="utf-8")
+    agent.config.write_text(text.replace(FAST_GATE, ""), encoding="utf-8")  # the default gate
     agent.start()
     agent.wait_report(active=BASELINE_REF)
     _wait_frames(agent, BASELINE_REF, 100)
