@@ -160,7 +160,17 @@ class Deployment:
             )
         return candidate
 
-    def _attach(self, runner: ShadowRunner | None) -> None:
+    def _attach(self, model: Detector, pairs: PairLog, *, shadow_is_candidate: bool) -> None:
+        """Run ``model`` in the stream's shadow, recording into ``pairs``."""
+        svc = self._svc
+        runner = ShadowRunner(
+            model,
+            pairs,
+            shadow_is_candidate=shadow_is_candidate,
+            interval_s=svc.shadow_interval_s,
+            cpu_share=svc.shadow_cpu_share,
+            clock=svc.monotonic,
+        )
         try:
             self.io.shadow(runner)
         except AgentError as err:
@@ -188,16 +198,7 @@ class Deployment:
                 f"comparing {candidate.ref} with {self.io.active()} on the same live frames "
                 f"(at most {svc.shadow_max_s:g} s)",
             )
-            self._attach(
-                ShadowRunner(
-                    candidate,
-                    pairs,
-                    shadow_is_candidate=True,
-                    interval_s=svc.shadow_interval_s,
-                    cpu_share=svc.shadow_cpu_share,
-                    clock=svc.monotonic,
-                )
-            )
+            self._attach(candidate, pairs, shadow_is_candidate=True)
             try:
                 result = self._watch(pairs, rules, "shadow", svc.shadow_max_s)
             finally:
@@ -306,16 +307,7 @@ class Deployment:
         paired = rules.compare
         if paired:
             try:
-                self._attach(
-                    ShadowRunner(
-                        old,
-                        pairs,
-                        shadow_is_candidate=False,
-                        interval_s=svc.shadow_interval_s,
-                        cpu_share=svc.shadow_cpu_share,
-                        clock=svc.monotonic,
-                    )
-                )
+                self._attach(old, pairs, shadow_is_candidate=False)
             except OtaError as err:
                 log.warning("stream %s: no pairing in probation: %s", self.io.name, err)
                 paired = False
