@@ -97,13 +97,16 @@ class Detector:
     def detect(self, frame_bgr: npt.NDArray[Any]) -> InferenceResult:
         return self.infer(self.preprocess(frame_bgr))
 
-    def outputs_finite(self) -> bool:
-        """The last ``infer``'s float outputs hold no NaN or infinity (quantized ones always
-        do); a few microseconds for a detector head."""
-        for index, info in enumerate(self.backend.outputs):
-            if info.dtype.kind == "f" and not bool(np.isfinite(self.backend.output(index)).all()):
-                return False
-        return True
+    def nonfinite_outputs(self) -> list[str]:
+        """Names of the last ``infer``'s float outputs holding NaN or infinity (quantized ones
+        never do); a few microseconds for a detector head."""
+        backend = self.backend
+        names = []
+        for index, info in enumerate(backend.outputs):
+            array = backend.output(index)
+            if np.issubdtype(array.dtype, np.floating) and not bool(np.isfinite(array).all()):
+                names.append(info.name)
+        return names
 
     def close(self) -> None:
         self.backend.close()

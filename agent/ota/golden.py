@@ -180,15 +180,10 @@ def check_golden(
 
 
 def _check_raw_outputs(detector: Detector, image: str) -> list[GoldenFailure]:
-    failures = []
-    backend = detector.backend
-    for index, info in enumerate(backend.outputs):
-        array = backend.output(index)
-        if np.issubdtype(array.dtype, np.floating) and not bool(np.isfinite(array).all()):
-            failures.append(
-                GoldenFailure(NAN_OUTPUT, f"output {info.name!r} has NaN/inf values", image)
-            )
-    return failures
+    return [
+        GoldenFailure(NAN_OUTPUT, f"output {name!r} has NaN/inf values", image)
+        for name in detector.nonfinite_outputs()
+    ]
 
 
 def _blank(manifest: Manifest) -> npt.NDArray[Any]:

@@ -43,14 +43,11 @@ class PairLog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pairs: list[Pair] = []
-        self.shadow_ms = 0.0
-        """Time spent in shadow inference (for the cost report)."""
 
-    def add(self, pair: Pair, shadow_ms: float) -> None:
+    def add(self, pair: Pair) -> None:
         with self._lock:
             if len(self._pairs) < MAX_PAIRS:
                 self._pairs.append(pair)
-            self.shadow_ms += shadow_ms
 
     def snapshot(self) -> list[Pair]:
         with self._lock:
@@ -109,7 +106,7 @@ class ShadowRunner:
         try:
             tensor = prepared if _same_input(active, self.shadow) else self.shadow.preprocess(image)
             other = self.shadow.infer(tensor)
-            infer_ms = other.infer_ms if self.shadow.outputs_finite() else None
+            infer_ms = None if self.shadow.nonfinite_outputs() else other.infer_ms
         except Exception as err:  # noqa: BLE001 - the shadow's failure is evidence
             log.warning("shadow model %s failed on a frame: %s", self.shadow.ref, err)
             other, infer_ms = InferenceResult(detections=[], infer_ms=0.0), None
@@ -129,7 +126,7 @@ class ShadowRunner:
             current, candidate = shadow.result, result
             current_ms, candidate_ms = shadow.infer_ms, result.infer_ms
         if candidate_ms is None:
-            self.pairs.add(Pair(now, len(current.detections), 0, 0, current_ms, None), spent * 1e3)
+            self.pairs.add(Pair(now, len(current.detections), 0, 0, current_ms, None))
             return
         matches = match_boxes(current.detections, candidate.detections)
         self.pairs.add(
@@ -141,8 +138,7 @@ class ShadowRunner:
                 current_ms=current_ms,
                 candidate_ms=candidate_ms,
                 score_shift=tuple(round(b.score - a.score, 4) for a, b in matches),
-            ),
-            spent * 1e3,
+            )
         )
 
     def pair(
