@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlsplit
 
 from controller.simulator_gate import GATE_STAGES
@@ -64,6 +64,7 @@ from protocol import (
     status_topic,
     telemetry_topic,
 )
+from protocol.messages import DEPLOYING_PHASES, DeploymentPhase
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +199,11 @@ def _host_port(url: str) -> tuple[str, int]:
 
 # --- OTA behaviour ------------------------------------------------------------------------
 
-DEPLOY_PHASES = (
-    "downloading",
-    "verifying",
-    "staging",
-    "shadow",
-    "switching",
-    "probation",
+DEPLOY_PHASES: tuple[str, ...] = (
+    *(p for p in get_args(DeploymentPhase) if p in DEPLOYING_PHASES),
     "committed",
 )
+"""The phases a deployment passes through, in order (the protocol's), ending committed."""
 
 
 @dataclass(frozen=True)
