@@ -30,20 +30,13 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.app import tune_process
-from agent.config import ASSETS_DIR, OtaConfig, StreamConfig
+from agent.config import ASSETS_DIR, OtaConfig
 from agent.detector import Detector, InferenceResult, Prepared, load_detector
-from agent.ota.health import HealthRecorder
-from agent.ota.manager import OtaManager, build_services
-from agent.ota.services import StreamIO
-from agent.ota.store import ModelStore
-from agent.pipeline import StreamPipeline
-from agent.sources import FrameSource
+from bench.ota_rig import ota_stream
 from protocol import SCHEMA_VERSION, Desired, Detection, Detections, decode, encode
-from tests.bundle_factory import write_public_key
 from tests.ota_support import make_bundle
 from tests.range_server import RangeServerState, range_server
 
-VIDEO = ASSETS_DIR / "face-walk-640x480.mp4"
 FP16 = ASSETS_DIR / "blazeface-short-fp16.json"
 INT8 = ASSETS_DIR / "blazeface-short-int8.json"
 GOOD = {"int8-over-fp16": FP16, "same-bytes": INT8}
@@ -91,22 +84,10 @@ def run_case(case: str, rounds: int, probation_s: float, tmp: Path) -> Counter[s
     baseline = GOOD.get(case, FP16)
     key = Ed25519PrivateKey.generate()
     published: Counter[str] = Counter()
-    health = HealthRecorder()
-    counter = iter(range(1 << 62))
-    source = FrameSource(name="front", uri=str(VIDEO), loop=True, realtime=True)
 
     def publish(_topic: str, payload: bytes) -> None:
         published[decode(payload, Detections).model] += 1
 
-    pipeline = StreamPipeline(
-        device_id="bench",
-        config=StreamConfig(name="front", source=str(VIDEO), model=str(baseline)),
-        source=source,
-        detector=load_detector(baseline),
-        publish=publish,
-        next_seq=lambda: next(counter),
-        observer=health,
-    )
     fault = FAULTS.get(case)
 
     def load(path: Path) -> Detector:
@@ -115,76 +96,53 @@ def run_case(case: str, rounds: int, probation_s: float, tmp: Path) -> Counter[s
             fault(detector)
         return detector
 
-    services = build_services(
-        OtaConfig(probation_s=probation_s),
-        ota_dir=tmp / case / "ota",
-        store=ModelStore(tmp / case / "models"),
-        key_paths=[write_public_key(key, tmp / f"{case}.pub")],
-        runtimes={"litert"},
-        fault=lambda point: None,
-    )
-    manager = OtaManager(
-        device_id="bench",
-        services=services,
-        streams=[
-            StreamIO(
-                name="front",
-                baseline_manifest=baseline,
-                baseline_ref=pipeline.detector.ref,
-                load=load,
-                swap=pipeline.swap_detector,
-                active=lambda: pipeline.detector.ref,
-                health=health,
-                shadow=pipeline.set_shadow,
-            )
-        ],
-        publish_reported=lambda payload: None,
-        publish_event=lambda payload: None,
-    )
     outcomes: Counter[str] = Counter()
     kind = {"blind": "live_blind", "nan": "nan", "garbage": "garbage"}.get(case, "good")
     state = RangeServerState(body=b"")
-    with range_server(state) as url:
-        manager.recover()
-        pipeline.start()
-        source.start()
-        manager.start()
+    with (
+        range_server(state) as url,
+        ota_stream(
+            tmp / case,
+            key,
+            name="front",
+            baseline=baseline,
+            realtime=True,
+            config=OtaConfig(probation_s=probation_s),
+            publish=publish,
+            load=load,
+        ) as (_, _, manager),
+    ):
         time.sleep(2.0)
         rev = 0
-        try:
-            for i in range(rounds):
-                extra: dict[str, object] = {"golden": []} if case in FAULTS else {}
-                bundle = make_bundle(
-                    tmp / case / f"{i}.efb", key, version=f"2.0.{i}", kind=kind, **extra
-                )
-                state.body = bundle.body
+        for i in range(rounds):
+            extra: dict[str, object] = {"golden": []} if case in FAULTS else {}
+            bundle = make_bundle(
+                tmp / case / f"{i}.efb", key, version=f"2.0.{i}", kind=kind, **extra
+            )
+            state.body = bundle.body
+            rev += 1
+            start = time.monotonic()
+            desired = Desired(schema=SCHEMA_VERSION, rev=rev, models={"front": bundle.at(url)})
+            manager.handle_desired(encode(desired))
+            time.sleep(0.05)
+            assert manager.wait_idle(600)
+            got = manager.updaters["front"].state
+            gate = got.gate
+            leaked = published[bundle.name]
+            label = f"{got.phase}:{got.reason}" if got.reason else got.phase
+            outcomes[label + (" (published!)" if leaked and case in BAD else "")] += 1
+            evidence = gate.summary if gate is not None else "-"
+            print(
+                f"  {case:15s} round {i + 1:2d}: {label:28s} {time.monotonic() - start:5.1f} s"
+                f"  {evidence}",
+                flush=True,
+            )
+            if got.phase == "committed":
                 rev += 1
-                start = time.monotonic()
-                desired = Desired(schema=SCHEMA_VERSION, rev=rev, models={"front": bundle.at(url)})
-                manager.handle_desired(encode(desired))
+                back = Desired(schema=SCHEMA_VERSION, rev=rev, models={})
+                manager.handle_desired(encode(back))
                 time.sleep(0.05)
-                assert manager.wait_idle(600)
-                got = manager.updaters["front"].state
-                gate = got.gate
-                leaked = published[bundle.name]
-                label = f"{got.phase}:{got.reason}" if got.reason else got.phase
-                outcomes[label + (" (published!)" if leaked and case in BAD else "")] += 1
-                evidence = gate.summary if gate is not None else "-"
-                print(
-                    f"  {case:15s} round {i + 1:2d}: {label:28s} {time.monotonic() - start:5.1f} s"
-                    f"  {evidence}",
-                    flush=True,
-                )
-                if got.phase == "committed":
-                    rev += 1
-                    back = Desired(schema=SCHEMA_VERSION, rev=rev, models={})
-                    manager.handle_desired(encode(back))
-                    time.sleep(0.05)
-                    assert manager.wait_idle(60)
-        finally:
-            manager.stop()
-            source.stop()
-            pipeline.stop()
+                assert manager.wait_idle(60)
     return outcomes
 
 

@@ -34,14 +34,12 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.app import tune_process
-from agent.config import ASSETS_DIR, OtaConfig, StreamConfig
+from agent.config import ASSETS_DIR, OtaConfig
 from agent.detector import load_detector
-from agent.ota.health import HealthRecorder
-from agent.ota.manager import OtaManager, build_services
-from agent.ota.services import StreamIO
-from agent.ota.store import ModelStore
+from agent.ota.manager import OtaManager
 from agent.pipeline import StreamPipeline
 from agent.sources import FrameSource
+from bench.ota_rig import VIDEO, ota_stream
 from protocol import SCHEMA_VERSION, Desired, Detections, Event, ModelRef, decode, encode
 from tests.bundle_factory import (
     blazeface_files,
@@ -49,11 +47,9 @@ from tests.bundle_factory import (
     build_bundle,
     sign,
     with_files,
-    write_public_key,
 )
 from tests.range_server import RangeServerState, range_server
 
-VIDEO = ASSETS_DIR / "face-walk-640x480.mp4"
 BASELINE = ASSETS_DIR / "blazeface-short-int8.json"
 
 
@@ -128,55 +124,17 @@ def running(
         with lock:
             published.append(Published(now, decode(payload, Detections)))
 
-    health = HealthRecorder()
-    counter = iter(range(1 << 62))
-    source = FrameSource(name="bench", uri=str(VIDEO), loop=True, realtime=realtime)
-    pipeline = StreamPipeline(
-        device_id="bench",
-        config=StreamConfig(name="bench", source=str(VIDEO), model=str(BASELINE)),
-        source=source,
-        detector=load_detector(BASELINE),
+    with ota_stream(
+        tmp,
+        key,
+        name="bench",
+        baseline=BASELINE,
+        realtime=realtime,
+        config=OtaConfig(probation_s=1.0, golden_latency_runs=10),
         publish=publish,
-        next_seq=lambda: next(counter),
-        observer=health,
-    )
-    # The daemon's own assembly of download, bundle check and golden check.
-    services = build_services(
-        OtaConfig(probation_s=1.0, golden_latency_runs=10),
-        ota_dir=tmp / "ota",
-        store=ModelStore(tmp / "models"),
-        key_paths=[write_public_key(key, tmp / "signing.pub")],
-        runtimes={"litert"},
-        fault=lambda point: None,
-    )
-    manager = OtaManager(
-        device_id="bench",
-        services=services,
-        streams=[
-            StreamIO(
-                name="bench",
-                baseline_manifest=BASELINE,
-                baseline_ref=pipeline.detector.ref,
-                load=load_detector,
-                swap=pipeline.swap_detector,
-                active=lambda: pipeline.detector.ref,
-                health=health,
-                shadow=pipeline.set_shadow,
-            )
-        ],
-        publish_reported=lambda payload: None,
         publish_event=event,
-    )
-    manager.recover()
-    pipeline.start()
-    source.start()
-    manager.start()
-    try:
+    ) as (pipeline, source, manager):
         yield pipeline, source, manager, published
-    finally:
-        manager.stop()
-        source.stop()
-        pipeline.stop()
 
 
 def _drops_at_events(marks: Marks, source: FrameSource, out: dict[str, int]) -> None:
