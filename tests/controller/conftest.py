@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import create_engine, text
 
+from controller import store
 from controller.cli import main
 from controller.db.session import Database
 from controller.store import Received
@@ -80,6 +81,16 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+@pytest.fixture
+def tokens(database: Database, clock: Clock) -> dict[str, str]:
+    """One API token per role, by role name."""
+    out: dict[str, str] = {}
+    with database.begin() as conn:
+        for role in store.ROLES:
+            _, out[role] = store.create_token(conn, name=f"t-{role}", role=role, now=clock())
+    return out
 
 
 @pytest.fixture

@@ -15,15 +15,6 @@ from tests.controller.conftest import Clock, event, received, reported, serving,
 
 
 @pytest.fixture
-def tokens(database: Database, clock: Clock) -> dict[str, str]:
-    out: dict[str, str] = {}
-    with database.begin() as conn:
-        for role in store.ROLES:
-            _, out[role] = store.create_token(conn, name=f"t-{role}", role=role, now=clock())
-    return out
-
-
-@pytest.fixture
 def client(database: Database, clock: Clock) -> Iterator[httpx.Client]:
     with database.begin() as conn:
         store.write_messages(

@@ -12,7 +12,6 @@ import httpx
 import pytest
 import skimage.data
 
-from controller import store
 from controller.api import create_app
 from controller.blobstore import BlobStore, ModelHosting
 from controller.bundles import package_model, sign_bundle
@@ -40,15 +39,6 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         out[version] = path
     out["unsigned"] = work / "face-2.0.0.efb"
     package_model(MANIFEST, out=out["unsigned"], name="face", version="2.0.0")
-    return out
-
-
-@pytest.fixture
-def tokens(database: Database, clock: Clock) -> dict[str, str]:
-    out: dict[str, str] = {}
-    with database.begin() as conn:
-        for role in store.ROLES:
-            _, out[role] = store.create_token(conn, name=f"t-{role}", role=role, now=clock())
     return out
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from controller import store
 from controller.api import create_app
 from controller.db.session import Database
 from tests.controller.conftest import Cli, Clock, serving
@@ -24,15 +23,6 @@ def fleet(database: Database, clock: Clock) -> Fleet:
     f.add("cam-01", "cam-02", "cam-03", tags=("site:berlin",))
     f.add("cam-04", streams=("cam0", "door"))
     return f
-
-
-@pytest.fixture
-def tokens(database: Database) -> dict[str, str]:
-    out: dict[str, str] = {}
-    with database.begin() as conn:
-        for role in store.ROLES:
-            _, out[role] = store.create_token(conn, name=f"t-{role}", role=role, now=0)
-    return out
 
 
 @pytest.fixture

@@ -106,15 +106,6 @@ def fleet(database: Database, clock: Clock) -> Fleet:
 
 
 @pytest.fixture
-def tokens(database: Database) -> dict[str, str]:
-    out: dict[str, str] = {}
-    with database.begin() as conn:
-        for role in store.ROLES:
-            _, out[role] = store.create_token(conn, name=f"t-{role}", role=role, now=0)
-    return out
-
-
-@pytest.fixture
 def api(database: Database, clock: Clock, fleet: Fleet) -> Iterator[str]:
     with serving(create_app(db=database, clock=clock)) as url:
         yield url
