@@ -17,10 +17,11 @@ tolerance, and passes only when it lies within.
 - Consecutive frames are not independent samples (a missed face stays missed while the
   person stands still), so both intervals treat time *blocks* (``block_s``) as the unit of
   independence. Agreement: a Wilson score interval whose sample size is the number of boxes
-  divided by the design effect that the spread between blocks shows (Kish), and never more
-  than the informative blocks when every box agrees or none does, where the spread shows
-  nothing. Latency: the distribution-free order-statistic interval of the median over the
-  block medians. ``tests/test_gate_stats.py`` measures their coverage on recorded pairs.
+  divided by the design effect (Kish) that the spread between blocks shows, the largest over
+  doubling block lengths (the blocking method), with Student's t for the few blocks; when
+  every box agrees or none does the spread shows nothing, and the sample size is the number
+  of informative blocks. Latency: the distribution-free order-statistic interval of the
+  median over the block medians. ``tests/test_gate_stats.py`` measures their coverage on recorded pairs.
 """
 
 from __future__ import annotations
@@ -266,9 +267,10 @@ def _between_variance(sums: list[tuple[int, int]], ratio: float) -> float:
 
 
 def _agreement(
-    pairs: Sequence[Pair], rules: GateRules, z: float
+    pairs: Sequence[Pair], blocks: list[list[Pair]], rules: GateRules, z: float
 ) -> tuple[float | None, tuple[float, float] | None, GateVerdict]:
-    sums, informative = _block_sums(_blocks(pairs, rules.block_s))
+    """``blocks``: ``pairs`` grouped by ``rules.block_s`` (longer blocks are made here)."""
+    sums, informative = _block_sums(blocks)
     total = sum(b for _, b in sums)
     if not total:
         return None, None, "undecided"
@@ -340,7 +342,7 @@ def evaluate(pairs: Sequence[Pair], rules: GateRules) -> GateResult:
     current = sum(p.current_boxes for p in ok)
     candidate = sum(p.candidate_boxes for p in ok)
     shifts = [s for p in ok for s in p.score_shift]
-    agreement, a_interval, a_verdict = _agreement(pairs, rules, z)
+    agreement, a_interval, a_verdict = _agreement(pairs, blocks, rules, z)
     latency, l_interval, l_verdict = _latency(blocks, rules)
     if not rules.compare:
         a_verdict = "pass"
