@@ -24,9 +24,8 @@ from agent.drift import StreamDrift
 from agent.errors import AgentError
 from agent.facts import collect_facts
 from agent.homeassistant import discovery_messages
-from agent.metrics import AgentMetrics, StreamMetrics, serve_metrics
+from agent.metrics import AgentMetrics, serve_metrics
 from agent.ota import OtaError
-from agent.ota.health import HealthRecorder
 from agent.ota.manager import FAULT_ENV, OtaManager, build_services, fault_hook_from_env
 from agent.ota.services import StreamIO
 from agent.ota.shadow import ShadowRunner
@@ -37,19 +36,17 @@ from agent.sdnotify import Notifier, ProgressWatchdog, ReadinessGate
 from agent.sequence import SequenceCounter
 from agent.sources import FrameSource
 from agent.spool import Spool
-from agent.stats import StreamStats
+from agent.stream import StreamHandle
 from agent.telemetry import TelemetryLoop, build_telemetry, sample_system
 from protocol import (
     SCHEMA_VERSION,
     Event,
     Status,
-    StreamStatus,
-    StreamTelemetry,
     Telemetry,
     desired_topic,
     encode,
 )
-from protocol.messages import DeviceState, SourceState
+from protocol.messages import DeviceState
 
 log = logging.getLogger(__name__)
 
@@ -78,82 +75,6 @@ def _source_uri(loaded: LoadedConfig, source: str) -> str:
     if "://" in source or source.isdigit() or source.startswith(("v4l2:", "/dev/")):
         return source
     return str(loaded.resolve(source))
-
-
-class StreamHandle:
-    """One configured stream and everything running for it."""
-
-    def __init__(self, config: StreamConfig, *, drift: StreamDrift) -> None:
-        self.config = config
-        self.name = config.name
-        self.stats = StreamStats()
-        self.health = HealthRecorder()
-        self.drift = drift
-        self.detector: Detector | None = None
-        self.source: FrameSource | None = None
-        self.pipeline: StreamPipeline | None = None
-        self.state: SourceState = "starting"
-        self.error: str | None = None
-        self._last_processed = 0
-
-    @property
-    def model(self) -> str | None:
-        return self.pipeline.detector.ref if self.pipeline else None
-
-    def status(self) -> StreamStatus:
-        return StreamStatus(
-            name=self.name, source_state=self.state, model=self.model, error=self.error
-        )
-
-    def telemetry(self, interval_s: float) -> StreamTelemetry:
-        snap = self.stats.snapshot(reset_window=True)
-        src = self.source.stats() if self.source else None
-        processed = snap.frames_processed - self._last_processed
-        self._last_processed = snap.frames_processed
-        return StreamTelemetry(
-            name=self.name,
-            source_state=self.state,
-            fps=round(processed / interval_s, 2) if interval_s > 0 else 0.0,
-            frames_captured=src.frames_captured if src else 0,
-            frames_processed=snap.frames_processed,
-            frames_dropped=src.frames_dropped if src else 0,
-            infer_ms_p50=snap.infer_ms_p50,
-            infer_ms_p95=snap.infer_ms_p95,
-            latency_ms_p50=snap.latency_ms_p50,
-            latency_ms_p95=snap.latency_ms_p95,
-            errors=snap.errors,
-            reconnects=src.reconnects if src else 0,
-            score_psi=self.drift.psi(),
-        )
-
-    def metrics(self) -> StreamMetrics:
-        snap = self.stats.snapshot()
-        src = self.source.stats() if self.source else None
-        return StreamMetrics(
-            name=self.name,
-            model=self.model or "",
-            up=self.state == "running",
-            frames_captured=src.frames_captured if src else 0,
-            frames_processed=snap.frames_processed,
-            frames_dropped=src.frames_dropped if src else 0,
-            detections=snap.detections,
-            errors=snap.errors,
-            reconnects=src.reconnects if src else 0,
-            infer_seconds_total=snap.infer_seconds_total,
-            infer_ms_p50=snap.infer_ms_p50,
-            infer_ms_p95=snap.infer_ms_p95,
-            latency_ms_p95=snap.latency_ms_p95,
-            last_progress_age_s=time.monotonic() - snap.last_progress
-            if snap.last_progress
-            else None,
-            score_psi=self.drift.psi(),
-        )
-
-    def last_progress(self) -> float | None:
-        """Monotonic time of the last finished inference while the source runs, else None."""
-        if self.state != "running" or self.pipeline is None:
-            return None
-        return self.stats.snapshot().last_progress or None
 
 
 class AgentApp:
