@@ -17,9 +17,7 @@ from pathlib import Path
 from types import FrameType
 
 from agent import __version__
-from agent.backends import model_family
 from agent.config import LoadedConfig, StreamConfig, resolve_model
-from agent.detector import Detector, load_detector, read_manifest
 from agent.drift import StreamDrift
 from agent.errors import AgentError
 from agent.facts import collect_facts
@@ -38,6 +36,9 @@ from agent.sources import FrameSource
 from agent.spool import Spool
 from agent.stream import StreamHandle
 from agent.telemetry import TelemetryLoop, build_telemetry, sample_system
+from inference.backends import model_family
+from inference.detector import Detector, load_detector, read_manifest
+from inference.errors import InferenceError
 from protocol import (
     SCHEMA_VERSION,
     Event,
@@ -223,7 +224,7 @@ class AgentApp:
         baseline = self._baseline_manifest(handle.config)
         try:
             baseline_ref: str | None = read_manifest(baseline).ref
-        except AgentError:
+        except (AgentError, InferenceError):
             baseline_ref = None
         return StreamIO(
             name=handle.name,
@@ -275,14 +276,14 @@ class AgentApp:
         if installed is not None:
             try:
                 handle.detector = self._load_model(cfg, installed)
-            except AgentError as err:
+            except (AgentError, InferenceError) as err:
                 log.error("stream %s: installed model: %s; using the baseline", handle.name, err)
                 if self._ota is not None:
                     self._ota.startup_failed(handle.name, err)
         try:
             if handle.detector is None:
                 handle.detector = self._load_model(cfg, self._baseline_manifest(cfg))
-        except AgentError as err:
+        except (AgentError, InferenceError) as err:
             handle.state, handle.error = "failed", str(err)
             self._ready.stream_failed(handle.name)
             log.error("stream %s: %s", handle.name, err)

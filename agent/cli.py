@@ -14,6 +14,7 @@ import click
 
 from agent import __version__
 from agent.errors import AgentError
+from inference.errors import InferenceError
 
 # OpenCV/FFmpeg print native warnings for every failed camera open; the agent reports
 # source trouble itself (status, events, one log line per state change).
@@ -29,7 +30,7 @@ def _setup_logging(level: str, verbose: bool) -> None:
     )
 
 
-def _fail(err: AgentError, verbose: bool) -> None:
+def _fail(err: AgentError | InferenceError, verbose: bool) -> None:
     if verbose:
         logging.getLogger("agent").exception("failed")
     click.secho(f"error: {err}", fg="red", err=True)
@@ -65,7 +66,7 @@ def run(ctx: click.Context, config_path: Path) -> None:
         loaded = load_config(config_path)
         _setup_logging(loaded.config.log_level, verbose)
         code = AgentApp(loaded).run()
-    except AgentError as err:
+    except (AgentError, InferenceError) as err:
         _fail(err, verbose)
     sys.exit(code)
 
@@ -76,8 +77,8 @@ def run(ctx: click.Context, config_path: Path) -> None:
 def check_config(ctx: click.Context, config_path: Path) -> None:
     """Validate a config file and the models it names; exit 2 on the first problem."""
     from agent.config import deprecations, load_config, resolve_model
-    from agent.detector import load_detector
     from agent.ota.bundle import key_id, load_trusted_keys
+    from inference.detector import load_detector
 
     try:
         loaded = load_config(config_path)
@@ -98,7 +99,7 @@ def check_config(ctx: click.Context, config_path: Path) -> None:
             click.secho("ota: no trusted_keys: every model update will be refused", fg="yellow")
         for warning in deprecations(loaded.config):
             click.secho(f"warning: {warning}", fg="yellow")
-    except AgentError as err:
+    except (AgentError, InferenceError) as err:
         _fail(err, ctx.obj["verbose"])
     click.secho(f"{config_path}: OK", fg="green")
 
@@ -131,11 +132,11 @@ def infer(
     no_progress: bool,
 ) -> None:
     """Offline batch inference over image files, folders and videos."""
-    from agent.offline import run_offline
+    from inference.batch import run_batch
 
     _setup_logging("warning", ctx.obj["verbose"])
     try:
-        summary = run_offline(
+        summary = run_batch(
             model=model,
             sources=list(sources),
             out=out,
@@ -144,7 +145,7 @@ def infer(
             min_score=min_score,
             progress=not no_progress,
         )
-    except AgentError as err:
+    except (AgentError, InferenceError) as err:
         _fail(err, ctx.obj["verbose"])
     click.echo(summary, err=True)
 

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import msgspec
 
 from agent.errors import ConfigError
+from inference import models
+from inference.errors import ModelError
 from protocol import ProtocolError, validate_device_id, validate_stream_name
 
 if sys.version_info >= (3, 11):
@@ -27,8 +29,6 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 CONFIG_VERSION: Literal[1] = 1
-BUILTIN_PREFIX = "builtin:"
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 PASSWORD_ENV = "EDGEFLEET_BROKER_PASSWORD"  # noqa: S105 - a variable name, not a secret
 
 
@@ -218,14 +218,10 @@ def resolve_path(value: str, base: Path) -> Path:
 
 def resolve_model(value: str, base: Path) -> Path:
     """``builtin:NAME`` → the shipped manifest; otherwise a path relative to ``base``."""
-    if value.startswith(BUILTIN_PREFIX):
-        name = value[len(BUILTIN_PREFIX) :]
-        path = ASSETS_DIR / f"{name}.json"
-        if not path.is_file():
-            shipped = sorted(p.stem for p in ASSETS_DIR.glob("*.json"))
-            raise ConfigError(f"no built-in model {name!r}; shipped models: {', '.join(shipped)}")
-        return path
-    return resolve_path(value, base)
+    try:
+        return models.resolve_model(value, base)
+    except ModelError as err:
+        raise ConfigError(str(err)) from err
 
 
 _PATH_PART = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]")

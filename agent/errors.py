@@ -15,14 +15,6 @@ class ConfigError(AgentError):
     """The configuration file is missing, malformed or has unknown/invalid keys."""
 
 
-class ModelError(AgentError):
-    """A model or its manifest cannot be found, loaded or run."""
-
-
-class BackendUnavailableError(ModelError):
-    """The chosen detector runtime is not installed on this machine."""
-
-
 class SourceError(AgentError):
     """A camera/video source cannot be opened or read."""
 

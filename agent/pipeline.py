@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.config import StreamConfig
-from agent.detector import Detector, Prepared
 from agent.errors import AgentError
 from agent.ota.shadow import ShadowOutcome, ShadowRunner
 from agent.sources import Frame, FrameSource
 from agent.stats import StreamStats
+from inference.detector import Detector, Prepared
 from protocol import SCHEMA_VERSION, Detection, Detections, detections_topic, encode
 
 log = logging.getLogger(__name__)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import time
 
 from agent.config import StreamConfig
-from agent.detector import Detector
 from agent.drift import StreamDrift
 from agent.metrics import StreamMetrics
 from agent.ota.health import HealthRecorder
 from agent.pipeline import StreamPipeline
 from agent.sources import FrameSource
 from agent.stats import StreamStats
+from inference.detector import Detector
 from protocol import StreamStatus, StreamTelemetry
 from protocol.messages import SourceState
 

@@ -30,9 +30,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.app import tune_process
-from agent.config import ASSETS_DIR, OtaConfig
-from agent.detector import Detector, InferenceResult, Prepared, load_detector
+from agent.config import OtaConfig
 from bench.ota_rig import ota_stream
+from inference import ASSETS_DIR
+from inference.detector import Detector, InferenceResult, Prepared, load_detector
 from protocol import SCHEMA_VERSION, Desired, Detection, Detections, decode, encode
 from tests.ota_support import make_bundle
 from tests.range_server import RangeServerState, range_server

@@ -13,14 +13,15 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.config import ASSETS_DIR, OtaConfig, StreamConfig
-from agent.detector import Detector, load_detector
+from agent.config import OtaConfig, StreamConfig
 from agent.ota.health import HealthRecorder
 from agent.ota.manager import OtaManager, build_services
 from agent.ota.services import StreamIO
 from agent.ota.store import ModelStore
 from agent.pipeline import PublishFn, StreamPipeline
 from agent.sources import FrameSource
+from inference import ASSETS_DIR
+from inference.detector import Detector, load_detector
 from tests.bundle_factory import write_public_key
 
 VIDEO = ASSETS_DIR / "face-walk-640x480.mp4"

@@ -20,8 +20,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.app import tune_process
-from agent.config import ASSETS_DIR, BrokerConfig, StreamConfig
-from agent.detector import Detector, load_detector
+from agent.config import BrokerConfig, StreamConfig
 from agent.drift import StreamDrift
 from agent.ota.health import HealthRecorder
 from agent.pipeline import ObserverGroup, StreamPipeline
@@ -29,6 +28,8 @@ from agent.publisher import Publisher
 from agent.sdnotify import ReadinessGate
 from agent.sources import FrameSource
 from agent.spool import Spool
+from inference import ASSETS_DIR
+from inference.detector import Detector, load_detector
 from tests.broker import Mosquitto
 
 VIDEO = ASSETS_DIR / "face-walk-640x480.mp4"

@@ -34,12 +34,13 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.app import tune_process
-from agent.config import ASSETS_DIR, OtaConfig
-from agent.detector import load_detector
+from agent.config import OtaConfig
 from agent.ota.manager import OtaManager
 from agent.pipeline import StreamPipeline
 from agent.sources import FrameSource
 from bench.ota_rig import VIDEO, ota_stream
+from inference import ASSETS_DIR
+from inference.detector import load_detector
 from protocol import SCHEMA_VERSION, Desired, Detections, Event, ModelRef, decode, encode
 from tests.bundle_factory import (
     blazeface_files,

@@ -278,7 +278,6 @@ def sign_bundle(path: Path, key: Ed25519PrivateKey) -> BundleInfo:
 # --- packaging ----------------------------------------------------------------------------
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_INFER_TIMEOUT_S = 300.0
 
 
 def _golden_names(images: Sequence[Path]) -> list[str]:
@@ -293,62 +292,28 @@ def _golden_names(images: Sequence[Path]) -> list[str]:
 
 
 def run_local_inference(
-    manifest_path: Path, images: Sequence[Path], *, python: str | None = None
+    manifest_path: Path, images: Sequence[Path]
 ) -> list[list[tuple[str, float, tuple[float, float, float, float]]]]:
-    """Run the agent's offline mode on ``images``; one detection list per image, in order.
-
-    The controller never imports ``agent``: it runs ``python -m agent.cli infer`` instead.
-    """
-    import importlib.util
-    import json
-    import subprocess
-    import sys
-
-    exe = python or sys.executable
-    if python is None and importlib.util.find_spec("agent") is None:
-        raise BundleError(
-            "computing golden outputs needs the edgefleet agent in this Python environment "
-            "(`pip install 'edgefleet[agent]'`), or package without --golden"
-        )
-    cmd = [exe, "-m", "agent.cli", "infer", "--model", str(manifest_path)]
-    cmd += [str(p) for p in images]
-    cmd += ["--jsonl", "-", "--no-progress"]
+    """Run the model on ``images`` with the inference core; one detection list per image."""
     try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=_INFER_TIMEOUT_S, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise BundleError(f"running the model locally failed: {err}") from err
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        from inference.batch import detect_images
+        from inference.errors import InferenceError
+    except ImportError as err:  # numpy/OpenCV/LiteRT missing
         raise BundleError(
-            "running the model locally on the golden images failed "
-            f"(exit {proc.returncode}): {' | '.join(tail)}; check the manifest and the images "
-            "with `edgefleet-agent infer --model MANIFEST IMAGE`"
-        )
-    by_source: dict[str, list[tuple[str, float, tuple[float, float, float, float]]]] = {}
-    for line in proc.stdout.splitlines():
-        if not line.strip().startswith("{"):
-            continue
-        row = json.loads(line)
-        dets = [
-            (
-                str(d["label"]),
-                float(d["score"]),
-                (float(b[0]), float(b[1]), float(b[2]), float(b[3])),
-            )
-            for d in row.get("detections", [])
-            for b in [d["box"]]
-        ]
-        by_source[str(row.get("source"))] = dets
-    out = []
-    for img in images:
-        if str(img) not in by_source:
-            raise BundleError(
-                f"the agent produced no result for golden image {img}; is it readable?"
-            )
-        out.append(by_source[str(img)])
-    return out
+            f"computing golden outputs needs the inference runtime ({err}): "
+            "pip install 'edgefleet[inference]', or package without --golden"
+        ) from err
+    try:
+        found = detect_images(manifest_path, images)
+    except InferenceError as err:
+        raise BundleError(
+            f"running the model locally on the golden images failed: {err}; check the "
+            "manifest and the images with `edgefleet-agent infer --model MANIFEST IMAGE`"
+        ) from err
+    return [
+        [(d.label, d.score, (d.box[0], d.box[1], d.box[2], d.box[3])) for d in dets]
+        for dets in found
+    ]
 
 
 def package_model(  # noqa: PLR0912, PLR0915 - linear steps, each with its own error
@@ -361,12 +326,11 @@ def package_model(  # noqa: PLR0912, PLR0915 - linear steps, each with its own e
     golden: Sequence[Path] = (),
     manifest_template: Path | None = None,
     latency_budget_ms: float | None = None,
-    python: str | None = None,
 ) -> BundleInfo:
     """Build an unsigned bundle from a manifest (``src`` .json) or a model file + template.
 
     Files are hashed into ``manifest.files``; golden outputs come from running the model
-    locally on ``golden`` (PNG images) through the agent's offline mode.
+    locally on ``golden`` (PNG images) through the inference core.
     """
     import json
     import shutil
@@ -439,9 +403,7 @@ def package_model(  # noqa: PLR0912, PLR0915 - linear steps, each with its own e
                 shutil.copyfile(p, dest)
             staged_manifest = stage / MANIFEST_MEMBER
             staged_manifest.write_bytes(encode_manifest(manifest))
-            results = run_local_inference(
-                staged_manifest, [stage / rel for rel in golden_names], python=python
-            )
+            results = run_local_inference(staged_manifest, [stage / rel for rel in golden_names])
         samples = [
             {"image": rel, "expected": [list(d) for d in dets]}
             for rel, dets in zip(golden_names, results, strict=True)

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from controller.broker import free_port
 from controller.service import Controller, build_controller
+from inference import ASSETS_DIR
 from protocol import Detections, Event, Kind, ProtocolError, decode, subscription
 
 DEVICES = ("demo-cam-1", "demo-cam-2", "demo-cam-3")
@@ -42,17 +42,7 @@ BASELINE = "builtin:blazeface-short-fp16"
 INT8 = "blazeface-short-int8"
 PROBATION_S = 5
 FACE_FRAME, NO_FACE_FRAME = 10, 45
-"""Frames of the shipped video with and without a face (agent/assets/README.md)."""
-
-
-def _agent_assets() -> Path:
-    """The agent's shipped assets, found without importing the agent (layering rule)."""
-    spec = importlib.util.find_spec("agent")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
-            "the agent is not installed: run `make demo` (it installs edgefleet[agent])"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "assets"
+"""Frames of the shipped video with and without a face (inference/assets/README.md)."""
 
 
 def _say(text: str) -> None:
@@ -355,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - the story, st
     state: Path = args.dir.resolve()
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
-    assets = _agent_assets()
+    assets = ASSETS_DIR
 
     _say("Starting the controller (SQLite + embedded MQTT broker)")
     keys = state / "keys"

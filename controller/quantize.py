@@ -8,9 +8,8 @@ range and any ``--fix-range`` tensors are then set exactly; weights and activati
 quantized to int8 (static ranges); a uint8 input is put in front so the agent feeds raw
 pixels. The output folder gets ``model.tflite`` and ``manifest.json``.
 
-The report compares the two models on golden images through the agent's own offline
-inference (``controller.bundles.run_local_inference``, a subprocess: the controller never
-imports ``agent``): detections are paired per image and agree when the label matches,
+The report compares the two models on golden images through the inference core the agent
+runs (:func:`inference.batch.detect_images`): detections are paired per image and agree when the label matches,
 IoU >= 0.5 and the scores differ by <= 0.15 — the rule the agent's golden check applies
 to a bundle, so an INT8 model that agrees everywhere passes golden samples taken from the
 float one.
@@ -42,6 +41,7 @@ from controller.tflite_graph import (
     tensor_suggestions,
     to_float32,
 )
+from inference.decoders.nms import iou
 from protocol import Manifest, ProtocolError, decode_manifest, encode_manifest
 from protocol.manifest import InputSpec
 
@@ -67,7 +67,6 @@ DEFAULT_GOLDEN = 4
 """Golden images taken from the calibration set when none are given."""
 MIN_IOU = 0.5
 SCORE_TOLERANCE = 0.15
-LETTERBOX_PAD = 114
 MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "manifest.json"
 _FLOAT_SUFFIXES = ("-fp32", "-fp16", "-f32", "-f16", "-float32", "-float16", "-float")
@@ -231,46 +230,13 @@ def _list_images(folder: Path, max_images: int) -> list[Path]:
     return found
 
 
-def _resize(image: npt.NDArray[Any], size: tuple[int, int], fast: bool) -> Any:
-    import cv2
-
-    w, h = size
-    if fast and image.shape[1] > 2 * w and image.shape[0] > 2 * h:
-        twice = cv2.resize(image, (2 * w, 2 * h), interpolation=cv2.INTER_LINEAR)
-        return cv2.resize(twice, size, interpolation=cv2.INTER_AREA)
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
 def prepare_image(bgr: npt.NDArray[Any], spec: InputSpec) -> npt.NDArray[np.float32]:
-    """A BGR uint8 image as the float model's input [1, ...]: the same resize, colour order,
-    layout and ``(pixel - mean) / std`` as the agent's preprocessing (agent/preprocess.py)."""
-    import cv2
+    """A BGR uint8 image as the float model's input [1, ...], prepared by the inference
+    core exactly as the agent prepares camera frames (:mod:`inference.preprocess`)."""
+    from inference.preprocess import float_preprocessor
 
-    size = (spec.width, spec.height)
-    fast = spec.interpolation == "area-fast"
-    if spec.resize == "letterbox":
-        height, width = bgr.shape[:2]
-        scale = min(spec.width / width, spec.height / height)
-        new_w = max(1, min(spec.width, round(width * scale)))
-        new_h = max(1, min(spec.height, round(height * scale)))
-        left, top = (spec.width - new_w) // 2, (spec.height - new_h) // 2
-        image = cv2.copyMakeBorder(
-            _resize(bgr, (new_w, new_h), fast),
-            top,
-            spec.height - new_h - top,
-            left,
-            spec.width - new_w - left,
-            cv2.BORDER_CONSTANT,
-            value=(LETTERBOX_PAD, LETTERBOX_PAD, LETTERBOX_PAD),
-        )
-    else:
-        image = _resize(bgr, size, fast)
-    if spec.color == "rgb":
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    x = (image.astype(np.float32) - np.float32(spec.mean)) / np.float32(spec.std)
-    if spec.layout == "nchw":
-        x = x.transpose(2, 0, 1)
-    return np.ascontiguousarray(x[np.newaxis], dtype=np.float32)
+    tensor = float_preprocessor(spec)(bgr).tensor
+    return np.ascontiguousarray(tensor, dtype=np.float32)
 
 
 def _load_calibration(paths: Sequence[Path], spec: InputSpec) -> list[npt.NDArray[np.float32]]:
@@ -295,14 +261,6 @@ def _expected_shape(spec: InputSpec) -> tuple[int, ...]:
 
 
 # --- agreement -----------------------------------------------------------------------------
-
-
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,7 +317,7 @@ def compare_detections(
     """Pair detections greedily by IoU (same label, IoU > 0), each used once."""
     candidates = sorted(
         (
-            (_iou(f[2], q[2]), fi, qi)
+            (iou(f[2], q[2]), fi, qi)
             for fi, f in enumerate(float_dets)
             for qi, q in enumerate(int8_dets)
             if f[0] == q[0]
@@ -369,14 +327,16 @@ def compare_detections(
     used_f: set[int] = set()
     used_q: set[int] = set()
     pairs = []
-    for iou, fi, qi in candidates:
-        if iou <= 0.0 or fi in used_f or qi in used_q:
+    for overlap, fi, qi in candidates:
+        if overlap <= 0.0 or fi in used_f or qi in used_q:
             continue
         used_f.add(fi)
         used_q.add(qi)
         f, q = float_dets[fi], int8_dets[qi]
-        agrees = iou >= min_iou and abs(q[1] - f[1]) <= score_tolerance
-        pairs.append(Pair(label=f[0], iou=iou, score_float=f[1], score_int8=q[1], agrees=agrees))
+        agrees = overlap >= min_iou and abs(q[1] - f[1]) <= score_tolerance
+        pairs.append(
+            Pair(label=f[0], iou=overlap, score_float=f[1], score_int8=q[1], agrees=agrees)
+        )
     return GoldenComparison(
         image=image,
         float_detections=list(float_dets),
@@ -581,7 +541,6 @@ def quantize_model(
     manifest_template: Path | None = None,
     max_images: int = DEFAULT_MAX_IMAGES,
     min_agreement: float | None = None,
-    python: str | None = None,
 ) -> QuantizeReport:
     """Quantize the float model ``src`` (a .tflite or its manifest .json) into ``out_dir``
     and compare it with the float one on ``golden`` (default: a few calibration images).
@@ -590,8 +549,6 @@ def quantize_model(
     for bad inputs before writing anything. The caller decides what a low agreement means
     (``report.ok`` against ``min_agreement``).
     """
-    import importlib.util
-
     if max_images < 1:
         raise QuantizeError("--max-images must be at least 1")
     if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
@@ -632,11 +589,6 @@ def quantize_model(
         f"quantize`{float_desc}",
     }
     _model_manifest(source.raw, model=float_bytes, **int8_fields)  # --name/--version valid?
-    if python is None and importlib.util.find_spec("agent") is None:
-        raise QuantizeError(
-            "comparing the INT8 model with the float one needs the edgefleet agent in this "
-            "Python environment: pip install 'edgefleet[agent,quantize]'"
-        )
     _import_quantizer()
     images = _list_images(calibration, max_images)
     data = _load_calibration(images, spec)
@@ -666,8 +618,8 @@ def quantize_model(
         (stage / MODEL_FILE).write_bytes(float_bytes)
         float_manifest = _model_manifest(source.raw, model=float_bytes)
         (stage / MANIFEST_FILE).write_bytes(encode_manifest(float_manifest))
-        float_dets = run_local_inference(stage / MANIFEST_FILE, golden_paths, python=python)
-    int8_dets = run_local_inference(manifest_out, golden_paths, python=python)
+        float_dets = run_local_inference(stage / MANIFEST_FILE, golden_paths)
+    int8_dets = run_local_inference(manifest_out, golden_paths)
     comparisons = [
         compare_detections(str(img), f, q8)
         for img, f, q8 in zip(golden_paths, float_dets, int8_dets, strict=True)

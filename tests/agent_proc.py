@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-VIDEO = REPO / "agent" / "assets" / "face-walk-640x480.mp4"
+VIDEO = REPO / "inference" / "assets" / "face-walk-640x480.mp4"
 
 
 def write_config(

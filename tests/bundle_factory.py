@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from protocol import Manifest, ModelFile, encode_manifest
 
-ASSETS = Path(__file__).resolve().parent.parent / "agent" / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "inference" / "assets"
 
 
 def write_public_key(key: Ed25519PrivateKey, path: Path) -> Path:

@@ -15,7 +15,7 @@ from tests.ota_support import Bundle, make_bundle
 from tests.range_server import RangeServerState, range_server
 
 REPO = Path(__file__).resolve().parent.parent
-ASSETS = REPO / "agent" / "assets"
+ASSETS = REPO / "inference" / "assets"
 
 
 @pytest.fixture

@@ -154,7 +154,7 @@ def _finish(
 
 @functools.cache
 def measured_invoke_ms() -> float:
-    from agent.detector import load_detector
+    from inference.detector import load_detector
 
     with load_detector(ASSETS / "blazeface-short-int8.json") as detector:
         frame = cv2.imdecode(np.frombuffer(astronaut_png(), np.uint8), cv2.IMREAD_COLOR)

@@ -263,7 +263,7 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
 
 
 def test_missing_model_file_exits_2_with_clear_error(tmp_path: Path) -> None:
-    manifest = json.loads((REPO / "agent/assets/blazeface-short-int8.json").read_text())
+    manifest = json.loads((REPO / "inference/assets/blazeface-short-int8.json").read_text())
     manifest["model"] = manifest["files"][0]["path"] = "gone.tflite"
     (tmp_path / "m.json").write_text(json.dumps(manifest))
     streams = stream_block("front", source=str(VIDEO), model=str(tmp_path / "m.json"))

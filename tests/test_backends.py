@@ -21,15 +21,15 @@ import numpy.typing as npt
 import pytest
 import skimage.data
 
-from agent.backends import BACKENDS, create_backend
-from agent.decoders import make_decoder
-from agent.decoders.nms import iou
-from agent.detector import Detector, load_detector
-from agent.errors import BackendUnavailableError, ModelError
+from inference.backends import BACKENDS, create_backend
+from inference.decoders import make_decoder
+from inference.decoders.nms import iou
+from inference.detector import Detector, load_detector
+from inference.errors import BackendUnavailableError, ModelError
 from protocol import BlazeFaceDecoder
 
 REPO = Path(__file__).resolve().parent.parent
-ASSETS = REPO / "agent" / "assets"
+ASSETS = REPO / "inference" / "assets"
 TFLITE_VENV_PYTHON = REPO / ".venv-tflite" / "bin" / "python"
 MANIFESTS = {
     "int8": ASSETS / "blazeface-short-int8.json",
@@ -223,8 +223,8 @@ def test_missing_runtime_says_what_to_install(
     code = (
         f"import sys; sys.modules[{module!r}] = None\n"
         "from pathlib import Path\n"
-        "from agent.backends import create_backend\n"
-        "from agent.errors import BackendUnavailableError\n"
+        "from inference.backends import create_backend\n"
+        "from inference.errors import BackendUnavailableError\n"
         "try:\n"
         f"    create_backend({backend!r}, Path({str(MODEL_FILES[model])!r}))\n"
         "except BackendUnavailableError as err:\n"
@@ -244,9 +244,9 @@ def test_missing_runtime_says_what_to_install(
 def test_backend_and_decoder_modules_import_without_opencv() -> None:
     code = (
         "import sys; sys.modules['cv2'] = None\n"
-        "import agent.backends, agent.backends.litert, agent.backends.tflite\n"
-        "import agent.backends.onnx, agent.backends.tensorrt\n"
-        "import agent.decoders.blazeface, agent.decoders.ssd_postprocess, agent.decoders.yolo\n"
+        "import inference.backends, inference.backends.litert, inference.backends.tflite\n"
+        "import inference.backends.onnx, inference.backends.tensorrt\n"
+        "import inference.decoders.blazeface, inference.decoders.ssd_postprocess, inference.decoders.yolo\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 

@@ -173,7 +173,7 @@ def test_packaged_agent_runs_detection_from_opt_edgefleet(deb: Path, tmp_path: P
     tree = tmp_path / "tree"
     _run("dpkg-deb", "-x", deb, tree)
     out = tmp_path / "detections.jsonl"
-    video = "/opt/edgefleet/lib/python3.*/site-packages/agent/assets/face-walk-640x480.mp4"
+    video = "/opt/edgefleet/lib/python3.*/site-packages/inference/assets/face-walk-640x480.mp4"
     script = (
         "set -e; mount -t tmpfs none /opt; mkdir /opt/edgefleet; "
         f"mount --bind {tree}/{VENV} /opt/edgefleet; "

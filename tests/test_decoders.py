@@ -13,14 +13,14 @@ import numpy.typing as npt
 import pytest
 import skimage.data
 
-from agent.backends import Backend, TensorInfo, create_backend, dequantize
-from agent.decoders import RawDetection, make_decoder
-from agent.decoders.blazeface import ssd_anchors
-from agent.decoders.nms import batched_nms, iou, nms, nms_list, nms_numpy
-from agent.errors import ModelError
+from inference.backends import Backend, TensorInfo, create_backend, dequantize
+from inference.decoders import RawDetection, make_decoder
+from inference.decoders.blazeface import ssd_anchors
+from inference.decoders.nms import batched_nms, iou, nms, nms_list, nms_numpy
+from inference.errors import ModelError
 from protocol import BlazeFaceDecoder, SsdPostprocessDecoder, YoloDecoder
 
-ASSETS = Path(__file__).resolve().parent.parent / "agent" / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "inference" / "assets"
 F32 = np.dtype(np.float32)
 
 

@@ -18,13 +18,13 @@ import numpy.typing as npt
 import pytest
 import skimage.data
 
-from agent.backends import TensorInfo
-from agent.detector import Detector, load_detector
-from agent.errors import ModelError
-from agent.preprocess import Prepared, Preprocessor, quantize_pixels
+from inference.backends import TensorInfo
+from inference.detector import Detector, load_detector
+from inference.errors import ModelError
+from inference.preprocess import Prepared, Preprocessor, quantize_pixels
 from protocol import InputSpec
 
-ASSETS = Path(__file__).resolve().parent.parent / "agent" / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "inference" / "assets"
 INT8 = ASSETS / "blazeface-short-int8.json"
 FP16 = ASSETS / "blazeface-short-fp16.json"
 ONNX = ASSETS / "blazeface-short-onnx.json"

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import cv2
 import pytest
 
-from agent.detector import load_detector
 from agent.ota.gate import (
     GateRules,
     Pair,
@@ -25,6 +24,7 @@ from agent.ota.gate import (
     median_interval,
     wilson,
 )
+from inference.detector import load_detector
 from protocol import Detection
 from tests.bundle_factory import ASSETS
 

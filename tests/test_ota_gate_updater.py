@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.detector import Detector, InferenceResult, Prepared
+from inference.detector import Detector, InferenceResult, Prepared
 from protocol import Detection, Gate
 from tests.ota_support import BASELINE_REF, desired
 from tests.test_ota_updater import FRAMES, make_rig

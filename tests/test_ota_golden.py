@@ -1,4 +1,4 @@
-"""agent.ota.golden on real bundles: the shipped int8 BlazeFace with the astronaut as golden."""
+"""inference.golden on real bundles: the shipped int8 BlazeFace with the astronaut as golden."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 import skimage.data
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.detector import Detector, load_detector
 from agent.ota.bundle import extract, open_bundle
-from agent.ota.golden import check_detections, check_golden
+from inference.detector import Detector, load_detector
+from inference.golden import check_detections, check_golden
 from protocol import Detection, GoldenSample, Manifest
 from tests.bundle_factory import blazeface_files, blazeface_manifest, build_bundle
 

@@ -26,16 +26,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent import __version__
 from agent.backoff import Backoff
 from agent.config import OtaConfig
-from agent.detector import Detector, load_detector
 from agent.ota.bundle import VerifiedBundle, open_bundle
 from agent.ota.download import download
-from agent.ota.golden import check_golden
 from agent.ota.health import HealthRecorder
 from agent.ota.manager import NO_KEYS, OtaManager, build_services
 from agent.ota.services import Services, StreamIO
 from agent.ota.shadow import ShadowRunner
 from agent.ota.state import load_stream_state
 from agent.ota.store import ModelStore
+from inference.detector import Detector, load_detector
+from inference.golden import check_golden
 from protocol import Desired, Event, ModelRef, Reported, decode, encode
 from tests.bundle_factory import ASSETS, write_public_key
 from tests.ota_support import (

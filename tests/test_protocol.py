@@ -137,7 +137,7 @@ def test_docs_protocol_schemas_are_in_sync_with_the_code() -> None:
 def test_manifest_rejects_path_traversal_and_unlisted_model() -> None:
     base = json.loads(
         (
-            Path(protocol.__file__).parent.parent / "agent/assets/blazeface-short-int8.json"
+            Path(protocol.__file__).parent.parent / "inference/assets/blazeface-short-int8.json"
         ).read_text()
     )
     protocol.decode_manifest(json.dumps(base))
@@ -154,7 +154,7 @@ def test_manifest_rejects_path_traversal_and_unlisted_model() -> None:
 
 def test_manifest_canonical_encoding_is_stable() -> None:
     base = (
-        Path(protocol.__file__).parent.parent / "agent/assets/blazeface-short-int8.json"
+        Path(protocol.__file__).parent.parent / "inference/assets/blazeface-short-int8.json"
     ).read_bytes()
     m = protocol.decode_manifest(base)
     assert protocol.encode_manifest(m) == protocol.encode_manifest(

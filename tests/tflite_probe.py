@@ -5,10 +5,10 @@ script with ``.venv-tflite/bin/python`` and ``PYTHONPATH`` = the repository root
 
     python tests/tflite_probe.py MODEL.tflite INPUT.npy OUT.npz
 
-It loads MODEL with ``agent.backends.create_backend("tflite", ...)``, feeds INPUT, saves
+It loads MODEL with ``inference.backends.create_backend("tflite", ...)``, feeds INPUT, saves
 every output (raw, still quantized) in OUT under its name, and prints one JSON line
-describing the tensors. It imports only numpy and the agent's backend package (no
-OpenCV), which is part of what the test checks. Exit code 2 on an agent error.
+describing the tensors. It imports only numpy and the inference core's backend package (no
+OpenCV), which is part of what the test checks. Exit code 2 on an inference error.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 64
     model, input_path, out_path = (Path(a) for a in argv)
-    from agent.backends import create_backend
-    from agent.errors import AgentError
+    from inference.errors import InferenceError
+    from inference.backends import create_backend
 
     try:
         backend = create_backend("tflite", model, threads=1)
-    except AgentError as err:
+    except InferenceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.detector import Detector
 from agent.errors import AgentError
 from agent.ota import OtaError
 from agent.ota.bundle import extract
@@ -26,6 +25,8 @@ from agent.ota.gate_policy import GateFailed, evidence_details, gate_message, ru
 from agent.ota.probation import WARMUP_FRAMES, Health, Verdict, check_errors, judge
 from agent.ota.services import Cancelled, Details, Job, Services, StreamIO
 from agent.ota.shadow import PairLog, ShadowRunner
+from inference.detector import Detector
+from inference.errors import InferenceError
 from protocol import Manifest, ModelRef
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ class Deployment:
         try:
             self._j.check()
             candidate = self.io.load(staged / "manifest.json")
-        except AgentError as err:
+        except (AgentError, InferenceError) as err:
             self._svc.store.discard(self.io.name, staged)
             raise OtaError(
                 "load_failed", f"{manifest.ref} cannot be loaded: {err}; it was not installed"
@@ -173,7 +174,7 @@ class Deployment:
         )
         try:
             self.io.shadow(runner)
-        except AgentError as err:
+        except (AgentError, InferenceError) as err:
             raise OtaError(
                 "stream_not_running",
                 f"the stream cannot run a shadow model ({err}); fix the stream and deploy again",
@@ -251,7 +252,7 @@ class Deployment:
         self._svc.fault("activated")
         try:
             old = self.io.swap(candidate)
-        except AgentError as err:
+        except (AgentError, InferenceError) as err:
             store.revert(self.io.name)
             candidate.close()
             raise OtaError(
@@ -347,7 +348,7 @@ class Deployment:
             try:
                 self.io.swap(old).close()
                 return
-            except AgentError as err:
+            except (AgentError, InferenceError) as err:
                 log.error(
                     "stream %s: swap back failed (attempt %d): %s", self.io.name, attempt, err
                 )
@@ -368,7 +369,7 @@ class Deployment:
         self._j.enter(job, "switching", "switching back to the baseline model", from_slot=current)
         try:
             detector = self.io.load(self.io.baseline_manifest)
-        except AgentError as err:
+        except (AgentError, InferenceError) as err:
             self._j.finish(
                 job,
                 "failed",
@@ -381,7 +382,7 @@ class Deployment:
         self._svc.fault("activated")
         try:
             old = self.io.swap(detector)
-        except AgentError as err:
+        except (AgentError, InferenceError) as err:
             store.revert(self.io.name)
             detector.close()
             self._j.finish(job, "failed", "swap_timeout", f"cannot swap the model: {err}")

@@ -31,7 +31,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.decoders.nms import iou
+from inference.decoders.nms import iou
 from protocol import Detection, GateEvidence
 from protocol.messages import GateVerdict
 

@@ -28,7 +28,6 @@ from agent.ota import OtaError
 from agent.ota.bundle import VerifiedBundle, load_trusted_keys, open_bundle
 from agent.ota.download import download
 from agent.ota.gate import GateRules
-from agent.ota.golden import check_golden
 from agent.ota.probation import Thresholds
 from agent.ota.services import FaultHook, Job, OtaEvent, Services, StreamIO
 from agent.ota.state import (
@@ -41,6 +40,8 @@ from agent.ota.state import (
 )
 from agent.ota.store import ModelStore, StoreError, verify_installed
 from agent.ota.updater import StreamUpdater
+from inference.errors import InferenceError
+from inference.golden import check_golden
 from protocol import (
     SCHEMA_VERSION,
     Desired,
@@ -258,7 +259,7 @@ class OtaManager:
             result[name] = manifest
         return result
 
-    def startup_failed(self, stream: str, error: AgentError) -> None:
+    def startup_failed(self, stream: str, error: AgentError | InferenceError) -> None:
         """The installed model of ``stream`` did not load at start: run the baseline instead."""
         manifest = self._store.current(stream)
         ref = self._ref(manifest) if manifest is not None else None

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from agent.detector import Detector
 from agent.ota.bundle import VerifiedBundle
 from agent.ota.gate import GateRules
-from agent.ota.golden import GoldenReport
 from agent.ota.health import HealthRecorder
 from agent.ota.probation import Thresholds
 from agent.ota.shadow import ShadowRunner
 from agent.ota.store import ModelStore
+from inference.detector import Detector
+from inference.golden import GoldenReport
 from protocol import Manifest, ModelRef
 from protocol.messages import DeploymentPhase
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy.typing as npt
 
-from agent.backends.base import TensorInfo
-from agent.detector import Detector, InferenceResult, Prepared
 from agent.ota.gate import Pair, match_boxes
+from inference.backends.base import TensorInfo
+from inference.detector import Detector, InferenceResult, Prepared
 
 __all__ = ["PairLog", "ShadowOutcome", "ShadowRunner"]
 

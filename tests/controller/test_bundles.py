@@ -30,7 +30,7 @@ from controller.keys import (
 )
 from protocol import decode_manifest, encode_manifest
 
-ASSETS = Path(__file__).resolve().parents[2] / "agent" / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "inference" / "assets"
 MANIFEST = ASSETS / "blazeface-short-int8.json"
 
 

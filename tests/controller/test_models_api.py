@@ -19,7 +19,9 @@ from controller.db.session import Database
 from controller.keys import generate_keys, key_id, load_private_key, load_public_key
 from tests.controller.conftest import Clock, serving
 
-MANIFEST = Path(__file__).resolve().parents[2] / "agent" / "assets" / "blazeface-short-int8.json"
+MANIFEST = (
+    Path(__file__).resolve().parents[2] / "inference" / "assets" / "blazeface-short-int8.json"
+)
 
 
 @pytest.fixture(scope="module")

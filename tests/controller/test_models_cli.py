@@ -17,7 +17,9 @@ from controller.blobstore import BlobStore, ModelHosting
 from controller.db.session import Database
 from tests.controller.conftest import Cli, Clock, serving
 
-MANIFEST = Path(__file__).resolve().parents[2] / "agent" / "assets" / "blazeface-short-int8.json"
+MANIFEST = (
+    Path(__file__).resolve().parents[2] / "inference" / "assets" / "blazeface-short-int8.json"
+)
 
 
 @pytest.fixture
@@ -98,14 +100,11 @@ def test_operator_packages_signs_verifies_pushes_lists_and_shows_a_model(
     assert missing.exit_code == 1 and "no model named 'nope'" in missing.stderr
 
 
-def test_package_without_agent_python_fails_clearly(tmp_path: Path) -> None:
+def test_package_with_unreadable_golden_image_fails_clearly(tmp_path: Path) -> None:
     from controller.bundles import BundleError, package_model
 
     png = tmp_path / "x.png"
-    cv2.imwrite(str(png), cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR))  # type: ignore[no-untyped-call]
-    with pytest.raises(BundleError, match="running the model locally"):
-        package_model(
-            MANIFEST, out=tmp_path / "x.efb", name="m", version="1", golden=[png],
-            python="/nonexistent/python",
-        )  # fmt: skip
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"truncated")  # a PNG signature, no image
+    with pytest.raises(BundleError, match=r"running the model locally.*cannot decode image"):
+        package_model(MANIFEST, out=tmp_path / "x.efb", name="m", version="1", golden=[png])
     assert not (tmp_path / "x.efb").exists()

@@ -28,7 +28,7 @@ from controller.tflite_graph import TFLiteGraphError, graph_facts, to_float32
 from protocol import decode_manifest
 from tests.controller.conftest import Cli
 
-ASSETS = Path(__file__).resolve().parents[2] / "agent" / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "inference" / "assets"
 FP16_MANIFEST = ASSETS / "blazeface-short-fp16.json"
 FP16_MODEL = ASSETS / "blazeface-short-fp16.tflite"
 INT8_MANIFEST = ASSETS / "blazeface-short-int8.json"

@@ -13,17 +13,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from agent.backends.base import Backend, TensorInfo, dequantize
-from agent.errors import ModelError
+from inference.backends.base import Backend, TensorInfo, dequantize
+from inference.errors import ModelError
 
 __all__ = ["BACKENDS", "Backend", "TensorInfo", "create_backend", "dequantize", "model_family"]
 
 BACKENDS: Mapping[str, str] = MappingProxyType(
     {
-        "litert": "agent.backends.litert:LiteRTBackend",
-        "tflite": "agent.backends.tflite:TFLiteRuntimeBackend",
-        "onnx": "agent.backends.onnx:OnnxBackend",
-        "tensorrt": "agent.backends.tensorrt:TensorRTBackend",
+        "litert": "inference.backends.litert:LiteRTBackend",
+        "tflite": "inference.backends.tflite:TFLiteRuntimeBackend",
+        "onnx": "inference.backends.onnx:OnnxBackend",
+        "tensorrt": "inference.backends.tensorrt:TensorRTBackend",
     }
 )
 

@@ -26,11 +26,11 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from agent.backends.base import TensorInfo
-from agent.errors import ModelError
+from inference.backends.base import TensorInfo
+from inference.errors import ModelError
 from protocol.manifest import InputSpec
 
-__all__ = ["LETTERBOX_PAD", "Prepared", "Preprocessor", "quantize_pixels"]
+__all__ = ["LETTERBOX_PAD", "Prepared", "Preprocessor", "float_preprocessor", "quantize_pixels"]
 
 LETTERBOX_PAD = 114
 """Gray pixel value of the letterbox borders (the Ultralytics convention)."""
@@ -201,3 +201,13 @@ def _as_bgr(frame: npt.NDArray[Any]) -> npt.NDArray[Any]:
     raise ModelError(
         f"expected a BGR uint8 frame (height x width x 3), got {frame.dtype} {frame.shape}"
     )
+
+
+def float_preprocessor(spec: InputSpec) -> Preprocessor:
+    """The preprocessor of a float32 input described by ``spec``: ``(pixel - mean) / std``.
+
+    Quantization calibrates on exactly these tensors, so the INT8 model sees at run time
+    what it was calibrated on.
+    """
+    shape = (1, *_expected_shape(spec))
+    return Preprocessor(spec, TensorInfo(name="input", shape=shape, dtype=np.dtype(np.float32)))

@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from agent.backends.base import Backend, TensorInfo, check_model_file, corrupt_model_error
-from agent.errors import BackendUnavailableError, ModelError
+from inference.backends.base import Backend, TensorInfo, check_model_file, corrupt_model_error
+from inference.errors import BackendUnavailableError, ModelError
 
 __all__ = ["OnnxBackend"]
 

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from agent.backends.base import TensorInfo, dequantize
-from agent.decoders import Outputs, RawDetection
-from agent.errors import ModelError
+from inference.backends.base import TensorInfo, dequantize
+from inference.decoders.base import Outputs, RawDetection
+from inference.errors import ModelError
 from protocol.manifest import SsdPostprocessDecoder
 
 __all__ = ["SsdPostprocessOutputDecoder"]

@@ -1,6 +1,6 @@
 """Golden-sample check of a freshly installed model before it goes live.
 
-Each ``manifest.golden`` image is run through the loaded :class:`agent.detector.Detector`
+Each ``manifest.golden`` image is run through the loaded :class:`inference.detector.Detector`
 and compared with what the model produced when it was packaged: every expected detection
 must be matched (same label, IoU >= ``min_iou``, score within ``score_tolerance``) and any
 other detection at or above the manifest's ``min_score`` is a failure. Outputs must be
@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.detector import Detector
-from agent.errors import ModelError
+from inference.decoders.nms import iou
+from inference.detector import Detector
+from inference.errors import ModelError
 from protocol import Detection, GoldenSample, Manifest
 
 __all__ = ["GoldenFailure", "GoldenReport", "check_detections", "check_golden", "iou"]
@@ -64,15 +65,6 @@ class GoldenReport:
     def reason(self) -> str | None:
         """The first failure code (for ``StreamReport.reason``), None when ok."""
         return self.failures[0].reason if self.failures else None
-
-
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two xyxy boxes."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def check_detections(

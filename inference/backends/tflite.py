@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from agent.backends.litert import TFLiteInterpreterBackend
-from agent.errors import BackendUnavailableError
+from inference.backends.litert import TFLiteInterpreterBackend
+from inference.errors import BackendUnavailableError
 
 __all__ = ["TFLiteRuntimeBackend"]
 

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.backends.base import TensorInfo, dequantize
-from agent.decoders import Box, Outputs, RawDetection
-from agent.decoders.nms import SMALL_NMS, nms, nms_list
-from agent.errors import ModelError
+from inference.backends.base import TensorInfo, dequantize
+from inference.decoders.base import Box, Outputs, RawDetection
+from inference.decoders.nms import SMALL_NMS, nms, nms_list
+from inference.errors import ModelError
 from protocol.manifest import BlazeFaceDecoder
 
 __all__ = ["BlazeFaceSsdDecoder", "ssd_anchors"]

@@ -15,14 +15,14 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from agent.backends.base import (
+from inference.backends.base import (
     Backend,
     TensorInfo,
     check_model_file,
     corrupt_model_error,
     quantization,
 )
-from agent.errors import BackendUnavailableError, ModelError
+from inference.errors import BackendUnavailableError, ModelError
 
 __all__ = ["LiteRTBackend", "TFLiteInterpreterBackend"]
 

@@ -15,39 +15,14 @@ dequantize what they keep.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, TypeAlias
+from collections.abc import Sequence
 
-import numpy.typing as npt
-
-from agent.backends.base import TensorInfo
-from agent.errors import ModelError
+from inference.backends.base import TensorInfo
+from inference.decoders.base import Box, Decoder, IndexedOutputs, Outputs, RawDetection
+from inference.errors import ModelError
 from protocol.manifest import BlazeFaceDecoder, DecoderSpec, SsdPostprocessDecoder, YoloDecoder
 
 __all__ = ["Box", "Decoder", "IndexedOutputs", "Outputs", "RawDetection", "make_decoder"]
-
-Box: TypeAlias = tuple[float, float, float, float]
-"""(xmin, ymin, xmax, ymax)."""
-RawDetection: TypeAlias = tuple[int, float, Box]
-"""(label index, score 0..1, box normalized to the model input)."""
-
-
-class IndexedOutputs(Protocol):
-    def __getitem__(self, index: int, /) -> npt.NDArray[Any]: ...
-
-
-Outputs: TypeAlias = Sequence[npt.NDArray[Any]] | Mapping[int, npt.NDArray[Any]] | IndexedOutputs
-
-
-class Decoder(Protocol):
-    @property
-    def output_indices(self) -> tuple[int, ...]:
-        """The backend outputs ``decode`` reads."""
-        ...
-
-    def decode(self, outputs: Outputs, min_score: float) -> list[RawDetection]:
-        """Detections with score >= ``min_score``, best first, after NMS."""
-        ...
 
 
 def make_decoder(
@@ -66,15 +41,15 @@ def make_decoder(
     if not labels:
         raise ModelError("the model manifest lists no labels: add at least one label")
     if isinstance(spec, BlazeFaceDecoder):
-        from agent.decoders.blazeface import BlazeFaceSsdDecoder
+        from inference.decoders.blazeface import BlazeFaceSsdDecoder
 
         return BlazeFaceSsdDecoder(spec, labels, backend_outputs_info, input_size=input_size)
     if isinstance(spec, SsdPostprocessDecoder):
-        from agent.decoders.ssd_postprocess import SsdPostprocessOutputDecoder
+        from inference.decoders.ssd_postprocess import SsdPostprocessOutputDecoder
 
         return SsdPostprocessOutputDecoder(spec, labels, backend_outputs_info)
     if isinstance(spec, YoloDecoder):
-        from agent.decoders.yolo import YoloRawDecoder
+        from inference.decoders.yolo import YoloRawDecoder
 
         return YoloRawDecoder(spec, labels, backend_outputs_info, input_size=input_size)
     raise ModelError(f"unsupported decoder {type(spec).__name__}")  # pragma: no cover

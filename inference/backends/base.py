@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from agent.errors import ModelError
+from inference.errors import ModelError
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Offline (batch) inference: images, folders and videos → one JSON line per frame.
+"""Batch inference: images, folders and videos → one JSON line per frame; images → detections.
 
 A reader thread decodes and preprocesses (OpenCV releases the GIL) while the main thread
 runs the model, so both cores stay busy.
@@ -11,7 +11,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -21,16 +21,16 @@ import msgspec
 import numpy as np
 from tqdm import tqdm
 
-from agent.config import resolve_model
-from agent.detector import Detector, Prepared, load_detector
-from agent.errors import SourceError
+from inference.detector import Detector, Prepared, load_detector
+from inference.errors import InputError
+from inference.models import resolve_model
 from protocol import Detection
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 VIDEO_EXTS = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mjpg", ".mjpeg"})
 
 
-class OfflineRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class BatchRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One line of the --jsonl output."""
 
     source: str
@@ -63,16 +63,16 @@ def expand_sources(sources: list[str]) -> list[Path]:
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS)
             if not found:
-                raise SourceError(
+                raise InputError(
                     f"folder {p} has no images or videos ({', '.join(sorted(IMAGE_EXTS | VIDEO_EXTS))})"
                 )
             files.extend(found)
         elif p.is_file():
             if p.suffix.lower() not in IMAGE_EXTS | VIDEO_EXTS:
-                raise SourceError(f"{p} is neither an image nor a video (by its extension)")
+                raise InputError(f"{p} is neither an image nor a video (by its extension)")
             files.append(p)
         else:
-            raise SourceError(f"{p} does not exist: give image files, folders or videos")
+            raise InputError(f"{p} does not exist: give image files, folders or videos")
     return files
 
 
@@ -136,7 +136,7 @@ def _reader(
                 continue
 
 
-def run_offline(
+def run_batch(
     *,
     model: str,
     sources: list[str],
@@ -168,7 +168,7 @@ def run_offline(
             assert isinstance(item, _Item)
             if item.image is None or item.prepared is None:
                 errors += 1
-                record = OfflineRecord(
+                record = BatchRecord(
                     source=item.source,
                     frame=item.frame,
                     width=0,
@@ -182,7 +182,7 @@ def run_offline(
                 result = detector.infer(item.prepared)
                 found += len(result.detections)
                 h, w = item.image.shape[:2]
-                record = OfflineRecord(
+                record = BatchRecord(
                     source=item.source,
                     frame=item.frame,
                     width=int(w),
@@ -206,3 +206,22 @@ def run_offline(
         f"{frames} frames from {len(files)} file(s) in {elapsed:.2f} s "
         f"({frames / elapsed if elapsed else 0:.0f} frames/s), {found} detections, {errors} unreadable"
     )
+
+
+def detect_images(
+    manifest: Path, images: Sequence[Path], *, threads: int | None = None
+) -> list[list[Detection]]:
+    """Run the model of ``manifest`` on each image; one detection list per image, in order.
+
+    The controller's model tooling (golden outputs of a bundle, the quantization report)
+    uses this, so a bundle's expected outputs come from the very code the agent runs.
+    Raises :class:`InputError` for an image that cannot be decoded.
+    """
+    with load_detector(manifest, threads=threads or max(1, (os.cpu_count() or 2) - 1)) as detector:
+        results: list[list[Detection]] = []
+        for img in images:
+            frame = cv2.imread(str(img), cv2.IMREAD_COLOR)
+            if frame is None:
+                raise InputError(f"cannot decode image {img}; give a PNG or JPEG file")
+            results.append(list(detector.detect(frame).detections))
+    return results

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.backends import Backend, create_backend, model_family
-from agent.decoders import Decoder, make_decoder
-from agent.errors import ModelError
-from agent.preprocess import Prepared, Preprocessor
+from inference.backends import Backend, create_backend, model_family
+from inference.decoders import Decoder, make_decoder
+from inference.errors import ModelError
+from inference.preprocess import Prepared, Preprocessor
 from protocol import Detection, Manifest, ProtocolError, decode_manifest
 
 __all__ = ["Detector", "InferenceResult", "Prepared", "load_detector", "read_manifest"]

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.backends.base import TensorInfo, dequantize
-from agent.decoders import Outputs, RawDetection
-from agent.decoders.nms import batched_nms
-from agent.errors import ModelError
+from inference.backends.base import TensorInfo, dequantize
+from inference.decoders.base import Outputs, RawDetection
+from inference.decoders.nms import batched_nms
+from inference.errors import ModelError
 from protocol.manifest import YoloDecoder
 
 __all__ = ["YoloRawDecoder"]
