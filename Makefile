@@ -58,7 +58,7 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(VENV)/.dev
-	$(VENV)/bin/mypy protocol inference agent controller tests bench
+	$(VENV)/bin/mypy protocol common inference agent controller tests bench
 
 pytest: install-dev mosquitto promtool
 	PATH="$$PATH:/usr/sbin" $(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""Crash-safe writes for the agent's persisted state.
+"""The agent's persisted JSON state files (written with :mod:`common.atomic`).
 
 Every state file is replaced as a whole: write a temporary file in the same folder, fsync it,
 ``os.replace`` it over the old one, then fsync the folder so the rename itself survives a power
@@ -11,47 +11,16 @@ and corrupt files with a :class:`StateFileError` that says which file and what t
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError
+from common.atomic import atomic_write_bytes
 
 
 class StateFileError(AgentError):
     """A persisted agent state file is corrupt or was written by an incompatible version."""
-
-
-def fsync_dir(directory: Path) -> None:
-    """fsync a folder so that file creations, renames and deletions in it are durable."""
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (temp file + fsync + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, *, schema: int, data: Mapping[str, Any]) -> None:

@@ -4,7 +4,7 @@
   session (subscriptions, queued ``desired`` messages) across reconnects and restarts.
 - A last will (the retained ``offline`` status) that the broker publishes when the agent
   vanishes without a DISCONNECT.
-- Reconnects forever with exponential backoff and jitter (``agent.backoff.Backoff`` drives
+- Reconnects forever with exponential backoff and jitter (``common.backoff.Backoff`` drives
   paho's own reconnect loop); an unreachable broker at start is not an error. The state is
   logged once per change (connected / lost / unreachable), not once per retry.
 - ``subscribe()`` returns its own unsubscribe function, subscriptions are renewed after every
@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -31,9 +30,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.backoff import Backoff
 from agent.config import BrokerConfig
 from agent.errors import PublishError
+from common.backoff import Backoff
+from protocol import ProtocolError
+from protocol import broker as protocol_broker
+from protocol.broker import BrokerAddress
 
 log = logging.getLogger(__name__)
 
@@ -64,32 +66,12 @@ class InboundMessage:
 MessageHandler = Callable[[InboundMessage], None]
 
 
-@dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-
-    def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
 def parse_broker_url(url: str) -> BrokerAddress:
     """``mqtt://host[:port]`` or ``mqtts://host[:port]`` → address; PublishError otherwise."""
-    hint = "use mqtt://host:port or mqtts://host:port (TLS) in broker.url"
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as err:
-        raise PublishError(f"broker.url {url!r} is malformed ({err}); {hint}") from err
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise PublishError(f"broker.url {url!r}: unknown scheme {parts.scheme!r}; {hint}")
-    if not parts.hostname:
-        raise PublishError(f"broker.url {url!r} has no host name; {hint}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise PublishError(f"broker.url {url!r}: a broker URL has no path or query; {hint}")
-    tls = parts.scheme == "mqtts"
-    return BrokerAddress(host=parts.hostname, port=port or (8883 if tls else 1883), tls=tls)
+        return protocol_broker.parse_broker_url(url)
+    except ProtocolError as err:
+        raise PublishError(f"broker.url: {err}") from err
 
 
 def _tls_path(name: str, value: str, resolver: Callable[[str], Path] | None) -> Path:

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.backoff import Backoff
 from agent.capture import DEFAULT_FILE_FPS, SourceSpec, nominal_fps, open_capture, parse_source
 from agent.errors import SourceError
+from common.backoff import Backoff
 from protocol.messages import SourceState
 
 if TYPE_CHECKING:

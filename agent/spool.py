@@ -54,8 +54,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from agent.atomic import StateFileError, atomic_write_json, fsync_dir, read_json_state
+from agent.atomic import StateFileError, atomic_write_json, read_json_state
 from agent.errors import AgentError
+from common.atomic import fsync_dir
 
 log = logging.getLogger(__name__)
 

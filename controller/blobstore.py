@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from common.atomic import move_into_place
 from controller.config import LoadedConfig
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -48,12 +49,7 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
-        dir_fd = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        move_into_place(tmp, dest)
         return dest
 
 

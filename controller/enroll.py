@@ -14,6 +14,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.atomic import atomic_write_text
 from controller.broker import password_hash
 from controller.certs import CA_CERT, CertPair, issue
 from controller.errors import ControllerError
@@ -41,14 +42,7 @@ class Enrollment:
 
 
 def _atomic_write(path: Path, text: str, *, mode: int = 0o600) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    tmp.replace(path)
+    atomic_write_text(path, text, mode=mode)
 
 
 def set_password(password_file: str | Path, username: str, password: str) -> None:

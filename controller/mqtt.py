@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from controller.errors import BrokerError
-from protocol import Kind, subscription
+from protocol import Kind, ProtocolError, subscription
+from protocol.broker import BrokerAddress, parse_broker_url
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +43,23 @@ class MqttSettings:
     shared_group: str | None = None
 
     @property
+    def address(self) -> BrokerAddress:
+        try:
+            return parse_broker_url(self.url)
+        except ProtocolError as err:
+            raise BrokerError(f"mqtt.url: {err}") from err
+
+    @property
     def host(self) -> str:
-        return urlsplit(self.url).hostname or "127.0.0.1"
+        return self.address.host
 
     @property
     def tls(self) -> bool:
-        return urlsplit(self.url).scheme == "mqtts"
+        return self.address.tls
 
     @property
     def port(self) -> int:
-        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+        return self.address.port
 
 
 class MqttSubscriber:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from common.atomic import atomic_write_bytes
 from controller.bundles import run_local_inference
 from controller.errors import ControllerError
 from controller.tflite_graph import (
@@ -508,19 +509,6 @@ def _quantize(
     return bytes(result.quantized_model)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _pick_golden(calibration: Sequence[Path]) -> list[Path]:
     if len(calibration) <= DEFAULT_GOLDEN:
         return list(calibration)
@@ -610,8 +598,8 @@ def quantize_model(
     manifest = _model_manifest(source.raw, model=int8_bytes, **int8_fields)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_out, manifest_out = out_dir / MODEL_FILE, out_dir / MANIFEST_FILE
-    _write_atomic(model_out, int8_bytes)
-    _write_atomic(manifest_out, encode_manifest(manifest))
+    atomic_write_bytes(model_out, int8_bytes)
+    atomic_write_bytes(manifest_out, encode_manifest(manifest))
 
     with tempfile.TemporaryDirectory(prefix="efq-float-") as tmp:
         stage = Path(tmp)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.backoff import Backoff
 from agent.ota.download import DownloadError, download
+from common.backoff import Backoff
 from tests.range_server import RangeServerState, range_server
 
 SIZE = 300_000

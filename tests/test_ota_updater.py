@@ -24,7 +24,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import __version__
-from agent.backoff import Backoff
 from agent.config import OtaConfig
 from agent.ota.bundle import VerifiedBundle, open_bundle
 from agent.ota.download import download
@@ -34,6 +33,7 @@ from agent.ota.services import Services, StreamIO
 from agent.ota.shadow import ShadowRunner
 from agent.ota.state import load_stream_state
 from agent.ota.store import ModelStore
+from common.backoff import Backoff
 from inference.detector import Detector, load_detector
 from inference.golden import check_golden
 from protocol import Desired, Event, ModelRef, Reported, decode, encode

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.atomic import StateFileError, atomic_write_bytes, atomic_write_json, read_json_state
+from agent.atomic import StateFileError, atomic_write_json, read_json_state
 from agent.errors import AgentError
 from agent.sequence import SequenceCounter
+from common.atomic import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 

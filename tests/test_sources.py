@@ -14,10 +14,10 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.backoff import Backoff
 from agent.capture import parse_source, redact_url
 from agent.errors import AgentError, SourceError
 from agent.sources import QUEUE_DEPTH, Frame, FrameSource
+from common.backoff import Backoff
 from tests.mjpeg_server import MjpegServer, encode_video
 
 VIDEO_FRAMES = 150

@@ -36,8 +36,8 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 64
     model, input_path, out_path = (Path(a) for a in argv)
-    from inference.errors import InferenceError
     from inference.backends import create_backend
+    from inference.errors import InferenceError
 
     try:
         backend = create_backend("tflite", model, threads=1)

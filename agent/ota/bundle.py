@@ -26,8 +26,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from agent.atomic import fsync_dir
 from agent.ota import OtaError
+from common.atomic import fsync_dir
 from protocol import Manifest, ProtocolError, decode_manifest, encode_manifest
 from protocol.manifest import check_relative_path
 

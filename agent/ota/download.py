@@ -21,9 +21,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.atomic import fsync_dir
-from agent.backoff import Backoff
 from agent.ota import OtaError
+from common.atomic import fsync_dir
+from common.backoff import Backoff
 
 __all__ = ["DownloadError", "download"]
 

@@ -26,8 +26,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.atomic import atomic_write_json, fsync_dir, read_json_state
+from agent.atomic import atomic_write_json, read_json_state
 from agent.ota import OtaError
+from common.atomic import fsync_dir
 from protocol import Manifest, ProtocolError, decode_manifest
 
 __all__ = ["ModelStore", "StoreError", "verify_installed"]
