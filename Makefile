@@ -6,13 +6,14 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help deb demo test install-dev install-runtime mosquitto promtool lint typecheck pytest schemas bench clean
+.PHONY: help deb lock demo test install-dev install-runtime mosquitto promtool lint typecheck pytest schemas bench clean
 
 help:
 	@echo "make demo    - set up .venv and run the demo (agent + controller on the shipped model and video)"
 	@echo "make test    - set up .venv with dev tools, install Mosquitto if missing, run ruff, mypy, pytest"
-	@echo "make schemas - regenerate docs/protocol/*.schema.json"
+	@echo "make schemas - regenerate docs/protocol/*.schema.json and docs/config/*.schema.json"
 	@echo "make deb     - build the edgefleet-agent Debian package into dist/"
+	@echo "make lock    - regenerate the hash-pinned lock files in requirements/ (PyPI)"
 	@echo "make bench   - run the benchmarks in bench/ (ingest, pipeline, a 1,000-device rollout, hot swap, health gate)"
 
 $(PY):
@@ -51,14 +52,14 @@ promtool:
 		|| echo "promtool could not be installed; the alert-rule checks will say so"; }
 
 demo: $(VENV)/.runtime mosquitto
-	$(PY) -m controller.demo
+	$(PY) -m tools.demo
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(VENV)/.dev
-	$(VENV)/bin/mypy protocol common inference agent controller tests bench
+	$(VENV)/bin/mypy protocol common inference agent controller tools tests bench
 
 pytest: install-dev mosquitto promtool
 	PATH="$$PATH:/usr/sbin" $(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -67,6 +68,8 @@ test: install-dev mosquitto promtool lint typecheck pytest
 
 schemas: $(VENV)/.runtime
 	$(PY) -m protocol docs/protocol
+	$(PY) -c 'from pathlib import Path; from agent.config import config_schema as s; from protocol.config_file import schema_text as t; Path("docs/config/agent.schema.json").write_text(t(s()))'
+	$(PY) -c 'from pathlib import Path; from controller.config import config_schema as s; from protocol.config_file import schema_text as t; Path("docs/config/controller.schema.json").write_text(t(s()))'
 
 bench: $(VENV)/.runtime
 	$(PY) -m bench.pipeline
@@ -77,8 +80,28 @@ bench: $(VENV)/.runtime
 
 # The edgefleet-agent .deb (self-contained venv under /opt/edgefleet): docs/operations.md.
 # Build it on the devices' Debian release and architecture; DEB_ARGS passes options on.
+# Its venv installs requirements/agent.txt with --require-hashes --no-deps, then the project.
 deb:
-	$(PYTHON) packaging/deb/build.py --out dist $(DEB_ARGS)
+	$(PYTHON) packaging/deb/build.py --out dist --lock requirements/agent.txt $(DEB_ARGS)
+
+# Hash-pinned lock files (requirements/README.md): agent.txt for the .deb (Python 3.10+, x86_64
+# and aarch64: one universal resolution), controller.txt for the container image (Python 3.11).
+# Resolved against PyPI only (--no-config: no local pip/uv indexes or constraints), then
+# checked: every extra covered, and pip finds a wheel for every pin on every target.
+# Existing pins are kept; `make lock LOCK_ARGS=--upgrade` (or --upgrade-package NAME) moves them.
+UV_VERSION := 0.13.9
+UV_COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --quiet --no-config \
+	--index-url https://pypi.org/simple --universal --generate-hashes \
+	--constraints requirements/constraints.txt --custom-compile-command 'make lock' $(LOCK_ARGS)
+
+$(VENV)/bin/uv: | $(PY)
+	$(PIP) install --quiet 'uv==$(UV_VERSION)' 'packaging>=24'
+
+lock: $(VENV)/bin/uv
+	$(UV_COMPILE) --python-version 3.10 --extra agent -o requirements/agent.txt
+	$(UV_COMPILE) --python-version 3.11 --extra controller --extra postgres \
+		-o requirements/controller.txt
+	$(PY) requirements/check.py --online
 
 clean:
 	rm -rf $(VENV) .venv-tflite build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -24,16 +24,17 @@ from agent.facts import collect_facts
 from agent.homeassistant import discovery_messages
 from agent.metrics import AgentMetrics, serve_metrics
 from agent.ota import OtaError
-from agent.ota.manager import FAULT_ENV, OtaManager, build_services, fault_hook_from_env
+from agent.ota.manager import OtaManager
+from agent.ota.model_store import ModelStore
 from agent.ota.services import StreamIO
 from agent.ota.shadow import ShadowRunner
-from agent.ota.store import ModelStore
+from agent.ota.wiring import FAULT_ENV, build_services, fault_hook_from_env
 from agent.pipeline import ObserverGroup, StreamPipeline
 from agent.publisher import Publisher
 from agent.sdnotify import Notifier, ProgressWatchdog, ReadinessGate
 from agent.sequence import SequenceCounter
 from agent.sources import FrameSource
-from agent.spool import Spool
+from agent.spool.queue import Spool
 from agent.stream import StreamHandle
 from agent.telemetry import TelemetryLoop, build_telemetry, sample_system
 from inference.backends import model_family
@@ -42,6 +43,7 @@ from inference.errors import InferenceError
 from protocol import (
     SCHEMA_VERSION,
     Event,
+    EventLevel,
     Status,
     Telemetry,
     desired_topic,
@@ -128,7 +130,7 @@ class AgentApp:
             )
         )
 
-    def _event(self, code: str, level: str, message: str, stream: str | None) -> None:
+    def _event(self, code: str, level: EventLevel, message: str, stream: str | None) -> None:
         if self._publisher is None:
             return
         event = Event(
@@ -136,7 +138,7 @@ class AgentApp:
             device_id=self._config.device_id,
             ts=self._clock(),
             code=code,
-            level=level,  # type: ignore[arg-type]
+            level=level,
             message=message,
             stream=stream,
         )

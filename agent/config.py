@@ -1,115 +1,122 @@
 """Agent configuration: one TOML file, validated strictly.
 
-Unknown keys are rejected with their name and line; relative paths are resolved
-against the config file's folder; secrets can come from the environment
+Unknown keys and values out of bounds are rejected with their name and line (the bounds
+are declared on the fields, so docs/config/agent.schema.json carries them); relative paths
+are resolved against the config file's folder; secrets can come from the environment
 (``EDGEFLEET_BROKER_PASSWORD``).
 """
 
 from __future__ import annotations
 
 import os
-import re
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 import msgspec
+from msgspec import Meta
 
 from agent.errors import ConfigError
 from inference import models
 from inference.errors import ModelError
 from protocol import ProtocolError, validate_device_id, validate_stream_name
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+from protocol.broker import parse_broker_url
+from protocol.config_file import (
+    BrokerClientSection,
+    ConfigSection,
+    ConfigSource,
+    check_broker_table,
+    parse_toml,
+    schema_document,
+    to_struct,
+)
+from protocol.constraints import (
+    Count,
+    Fraction,
+    Port,
+    PositiveInt,
+    PositiveSeconds,
+    Seconds,
+    WholeSeconds,
+)
 
 CONFIG_VERSION: Literal[1] = 1
 PASSWORD_ENV = "EDGEFLEET_BROKER_PASSWORD"  # noqa: S105 - a variable name, not a secret
+DOCS = "README, 'Agent configuration'"
+
+TopicPrefix = Annotated[
+    str,
+    Meta(
+        pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$(?!\n)",
+        description="plain topic prefix such as homeassistant (letters, digits, _ - and /)",
+    ),
+]
 
 
-class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class BrokerConfig(_Section, frozen=True, kw_only=True):
+class BrokerConfig(BrokerClientSection, frozen=True, kw_only=True):
     url: str = "mqtt://127.0.0.1:1883"
     """``mqtt://host:port`` or ``mqtts://host:port`` (TLS)."""
-    username: str | None = None
-    password: str | None = None
-    """Prefer the EDGEFLEET_BROKER_PASSWORD environment variable."""
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    client_id: str | None = None
-    """Defaults to ``edgefleet-agent-{device_id}``."""
-    keepalive_s: int = 30
-    connect_timeout_s: float = 10.0
 
     @property
     def tls(self) -> bool:
-        return urlsplit(self.url).scheme == "mqtts"
+        return parse_broker_url(self.url).tls
 
     @property
     def host(self) -> str:
-        return urlsplit(self.url).hostname or "127.0.0.1"
+        return parse_broker_url(self.url).host
 
     @property
     def port(self) -> int:
-        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+        return parse_broker_url(self.url).port
 
 
-class SpoolConfig(_Section, frozen=True, kw_only=True):
-    max_bytes: int = 64 * 1024 * 1024
+class SpoolConfig(ConfigSection, frozen=True, kw_only=True):
+    max_bytes: Annotated[int, Meta(ge=4096, description="bytes")] = 64 * 1024 * 1024
     """Cap of the on-disk detection spool; when full the oldest messages are dropped (and counted)."""
 
 
-class TelemetryConfig(_Section, frozen=True, kw_only=True):
-    interval_s: float = 10.0
+class TelemetryConfig(ConfigSection, frozen=True, kw_only=True):
+    interval_s: PositiveSeconds = 10.0
 
 
-class MetricsConfig(_Section, frozen=True, kw_only=True):
+class MetricsConfig(ConfigSection, frozen=True, kw_only=True):
     enabled: bool = False
     bind: str = "127.0.0.1"
-    port: int = 9108
+    port: Port = 9108
 
 
-class DriftConfig(_Section, frozen=True, kw_only=True):
+class DriftConfig(ConfigSection, frozen=True, kw_only=True):
     """Per-stream drift KPI: PSI of the detection scores against the active model's baseline."""
 
-    baseline_size: int = 1000
+    baseline_size: Annotated[int, Meta(ge=10, description="detections")] = 1000
     """Detections the active model's baseline histogram is learned from (kept in the state
     dir, so a restart with the same model keeps its baseline)."""
-    window: int = 500
+    window: Annotated[int, Meta(ge=10, description="detections")] = 500
     """Most recent detections compared with the baseline (``score_psi`` in telemetry)."""
 
 
-class WatchdogConfig(_Section, frozen=True, kw_only=True):
+class WatchdogConfig(ConfigSection, frozen=True, kw_only=True):
     """systemd watchdog (``WatchdogSec=`` in the unit); inactive outside systemd."""
 
-    stall_s: float = 20.0
+    stall_s: PositiveSeconds = 20.0
     """A running stream whose last finished inference is older than this withholds the
     watchdog ping, so systemd restarts a stuck detector. Keep it above the slowest stream's
     frame interval (``fps`` cap) and below the unit's ``WatchdogSec``."""
 
 
-class HomeAssistantConfig(_Section, frozen=True, kw_only=True):
+class HomeAssistantConfig(ConfigSection, frozen=True, kw_only=True):
     """Home Assistant MQTT discovery (opt-in): an object-count sensor and a "detected"
     binary sensor per stream, with availability from the status topic."""
 
     enabled: bool = False
-    prefix: str = "homeassistant"
+    prefix: TopicPrefix = "homeassistant"
     """Home Assistant's discovery prefix."""
-    off_delay_s: int = 5
+    off_delay_s: WholeSeconds = 5
     """The binary sensor turns off this long after the last frame with detections
     (0 = only a frame without detections turns it off)."""
 
 
-class OtaConfig(_Section, frozen=True, kw_only=True):
+class OtaConfig(ConfigSection, frozen=True, kw_only=True):
     """Over-the-air model updates (docs/ota.md): desired state from the controller."""
 
     enabled: bool = True
@@ -118,31 +125,33 @@ class OtaConfig(_Section, frozen=True, kw_only=True):
     """ed25519 public keys (PEM, ``signing.pub``) a bundle must be signed with; relative paths
     are resolved against the config file. Empty: every desired model is refused
     (reason ``no_trusted_keys``)."""
-    probation_s: float = 60.0
+    probation_s: Annotated[
+        Seconds, Meta(description="seconds; 0 = commit right after the swap")
+    ] = 60.0
     """How long a new model is watched after the swap before it is committed (errors, frame
     rate, and the old model in the shadow on sampled frames)."""
-    min_agreement: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.8
+    min_agreement: Fraction = 0.8
     """The health gate fails (``shadow_agreement``) when the candidate's box agreement (F1)
     with the current model, on the same frames, is below this with the stated confidence."""
-    max_latency_ratio: Annotated[float, msgspec.Meta(gt=0.0)] = 2.0
+    max_latency_ratio: Annotated[float, Meta(gt=0.0)] = 2.0
     """The health gate fails (``shadow_latency``) when the candidate's paired median inference
     time is above this many times the current model's, with the stated confidence."""
-    max_errors: Annotated[int, msgspec.Meta(ge=0)] = 0
+    max_errors: Count = 0
     """Candidate inference errors (exceptions, NaN or infinite outputs) allowed in the shadow
     phase and in probation; one more fails it at once."""
-    confidence: Annotated[float, msgspec.Meta(ge=0.5, le=0.999)] = 0.95
+    confidence: Annotated[float, Meta(ge=0.5, le=0.999)] = 0.95
     """Confidence level of the gate's intervals."""
     undecided: Literal["rollback", "commit"] = "rollback"
     """What happens when the shadow phase reaches ``shadow_max_s`` without enough evidence
     (e.g. the camera showed nothing): ``rollback`` refuses the model
     (``shadow_inconclusive``), ``commit`` swaps it in and keeps watching in probation."""
-    shadow_max_s: Annotated[float, msgspec.Meta(ge=0.0)] = 120.0
+    shadow_max_s: Seconds = 120.0
     """Longest shadow phase; 0 skips it (the probation still pairs frames)."""
-    shadow_interval_s: Annotated[float, msgspec.Meta(ge=0.0)] = 0.2
+    shadow_interval_s: Seconds = 0.2
     """Least time between two paired frames (consecutive frames are near copies)."""
-    shadow_cpu_share: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.25
+    shadow_cpu_share: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.25
     """Most of the inference thread's time the shadow model may take."""
-    fps_factor: float = 0.5
+    fps_factor: Annotated[Fraction, Meta(description="share; 0 disables the check")] = 0.5
     """Probation fails (``probation_fps``) when frames/s fall below this share of the old
     model's."""
     latency_factor: float | None = None
@@ -152,13 +161,13 @@ class OtaConfig(_Section, frozen=True, kw_only=True):
     psi_limit: float | None = None
     """Removed: a PSI between two models measures calibration, not health; the drift KPI
     (``[drift]``) still reports each model against its own baseline. Ignored."""
-    download_retries: int = 5
+    download_retries: Count = 5
     """Consecutive download attempts without progress before ``download_failed``."""
-    golden_latency_runs: int = 10
+    golden_latency_runs: PositiveInt = 10
     """Invokes timed for the manifest's latency budget during staging."""
 
 
-class StreamConfig(_Section, frozen=True, kw_only=True):
+class StreamConfig(ConfigSection, frozen=True, kw_only=True):
     name: str
     source: str
     """Video file path, ``v4l2:N`` / ``/dev/videoN`` / ``N`` for a camera, or an rtsp/http(s) URL."""
@@ -166,10 +175,10 @@ class StreamConfig(_Section, frozen=True, kw_only=True):
     """Path of a model manifest (``*.json``) or ``builtin:NAME`` for a shipped model."""
     backend: Literal["litert", "tflite", "onnx", "tensorrt"] | None = None
     """Defaults to the manifest's runtime."""
-    threads: int = 1
-    fps: float = 0.0
+    threads: PositiveInt = 1
+    fps: Annotated[float, Meta(ge=0, description="frames per second; 0 = no cap")] = 0.0
     """Cap on inferred frames per second; 0 = as fast as frames come."""
-    min_score: float | None = None
+    min_score: Fraction | None = None
     labels: list[str] = msgspec.field(default_factory=list)
     """Only publish these labels; empty = all."""
     loop: bool = True
@@ -179,11 +188,11 @@ class StreamConfig(_Section, frozen=True, kw_only=True):
     enabled: bool = True
     publish_empty: bool = True
     """Publish frames with no detections too (consumers see the stream is alive)."""
-    reconnect_min_s: float = 1.0
-    reconnect_max_s: float = 30.0
+    reconnect_min_s: PositiveSeconds = 1.0
+    reconnect_max_s: PositiveSeconds = 30.0
 
 
-class AgentConfig(_Section, frozen=True, kw_only=True):
+class AgentConfig(ConfigSection, frozen=True, kw_only=True):
     config_version: Literal[1] = CONFIG_VERSION
     device_id: str
     state_dir: str = "/var/lib/edgefleet"
@@ -224,131 +233,50 @@ def resolve_model(value: str, base: Path) -> Path:
         raise ConfigError(str(err)) from err
 
 
-_PATH_PART = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]")
-_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
-
-
-def _locate(text: str, json_path: str, key: str | None) -> int | None:
-    """Best-effort 1-based line of ``key`` (or the table) for a msgspec path like ``$.streams[1]``."""
-    parts = [m.group(1) or int(m.group(2)) for m in _PATH_PART.finditer(json_path)]
-    tables = [str(p) for p in parts if isinstance(p, str)]
-    index = next((p for p in parts if isinstance(p, int)), 0)
-    header = ".".join(tables)
-    lines = text.splitlines()
-    start, seen = 0, -1
-    if header:
-        for i, line in enumerate(lines):
-            stripped = line.strip()
-            if stripped in (f"[{header}]", f"[[{header}]]"):
-                seen += 1
-                if seen == index:
-                    start = i
-                    break
-        else:
-            return None
-    if key is None:
-        return start + 1
-    for i in range(start + (1 if header else 0), len(lines)):
-        stripped = lines[i].strip()
-        if stripped.startswith("[") and (header or i > start):
-            break
-        if re.match(rf"^{re.escape(key)}\s*=", stripped):
-            return i + 1
-    return None
-
-
 def parse_config(text: str, *, source: str = "<config>") -> AgentConfig:
-    """Parse and validate TOML text; raise ConfigError naming the key and line."""
+    """Parse and validate TOML text; raise ConfigError naming the file, line and key."""
+    src = ConfigSource(source, text)
     try:
-        raw: dict[str, Any] = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{source}: not valid TOML: {err}") from err
+        config = to_struct(parse_toml(src), AgentConfig, src, docs=DOCS)
+        check_broker_table(config.broker, config.broker.url, src)
+    except ProtocolError as err:
+        raise ConfigError(str(err)) from err
     try:
-        config = msgspec.convert(raw, AgentConfig)
-    except msgspec.ValidationError as err:
-        msg = str(err)
-        path_match = re.search(r"at `(\$[^`]*)`", msg)
-        json_path = path_match.group(1) if path_match else "$"
-        unknown = _UNKNOWN.search(msg)
-        key = unknown.group(1) if unknown else json_path.rsplit(".", 1)[-1].split("[")[0]
-        line = _locate(text, json_path if unknown else json_path.rsplit(".", 1)[0], key)
-        where = f"{source}:{line}" if line else source
-        if unknown:
-            section = json_path.removeprefix("$").lstrip(".") or "top level"
-            raise ConfigError(
-                f"{where}: unknown key {key!r} in {section}; check the spelling against "
-                "the documented keys (README, 'Agent configuration')"
-            ) from err
-        raise ConfigError(f"{where}: {msg}") from err
-    _check(config, source)
+        validate_device_id(config.device_id)
+    except ProtocolError as err:
+        raise ConfigError(f"{src.at('device_id')}: {err}") from err
+    _check_streams(config.streams, src)
     return config
 
 
-def _check(config: AgentConfig, source: str) -> None:  # noqa: PLR0912 - one flat list of checks
-    def fail(msg: str) -> None:
-        raise ConfigError(f"{source}: {msg}")
-
-    try:
-        validate_device_id(config.device_id)
-        for stream in config.streams:
-            validate_stream_name(stream.name)
-    except ProtocolError as err:
-        raise ConfigError(f"{source}: {err}") from err
-    if not config.streams:
-        fail("no [[streams]] configured; add at least one stream with a source and a model")
-    names = [s.name for s in config.streams]
-    if len(set(names)) != len(names):
-        fail(f"stream names must be unique, got {names}")
-    url = urlsplit(config.broker.url)
-    if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-        fail(f"broker.url {config.broker.url!r}: use mqtt://host:port or mqtts://host:port")
-    try:
-        _ = url.port
-    except ValueError:
-        fail(f"broker.url {config.broker.url!r}: the port is not a number in 1-65535")
-    if (config.broker.cert_file is None) != (config.broker.key_file is None):
-        fail("broker.cert_file and broker.key_file go together: set both or neither")
-    if config.broker.keepalive_s < 5:
-        fail("broker.keepalive_s must be at least 5")
-    if config.spool.max_bytes < 4096:
-        fail("spool.max_bytes must be at least 4096")
-    if config.telemetry.interval_s <= 0:
-        fail("telemetry.interval_s must be > 0")
-    if not 0 < config.metrics.port < 65536:
-        fail("metrics.port must be in 1-65535")
-    _check_ota(config.ota, fail)
-    if config.drift.baseline_size < 10 or config.drift.window < 10:
-        fail("drift.baseline_size and drift.window must be at least 10 detections")
-    if config.watchdog.stall_s <= 0:
-        fail("watchdog.stall_s must be > 0")
-    if not re.fullmatch(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*", config.homeassistant.prefix):
-        fail(
-            f"homeassistant.prefix {config.homeassistant.prefix!r} must be a plain topic "
-            "prefix (letters, digits, _ - and /), e.g. homeassistant"
+def _check_streams(streams: list[StreamConfig], src: ConfigSource) -> None:
+    """The stream rules msgspec cannot express: at least one, unique names, min <= max."""
+    if not streams:
+        raise ConfigError(
+            f"{src.at('streams')}: no [[streams]] configured; add at least one stream with a "
+            "source and a model"
         )
-    if config.homeassistant.off_delay_s < 0:
-        fail("homeassistant.off_delay_s must be >= 0")
-    for s in config.streams:
-        where = f"streams[{s.name}]"
-        if s.threads < 1:
-            fail(f"{where}.threads must be >= 1")
-        if s.fps < 0:
-            fail(f"{where}.fps must be >= 0 (0 = no cap)")
-        if s.min_score is not None and not 0 <= s.min_score <= 1:
-            fail(f"{where}.min_score must be in 0..1")
-        if not 0 < s.reconnect_min_s <= s.reconnect_max_s:
-            fail(f"{where}: need 0 < reconnect_min_s <= reconnect_max_s")
+    names = [s.name for s in streams]
+    if len(set(names)) != len(names):
+        again = next(i for i, name in enumerate(names) if name in names[:i])
+        raise ConfigError(
+            f"{src.at('streams', again, 'name')}: stream names must be unique, got {names}"
+        )
+    for i, s in enumerate(streams):
+        try:
+            validate_stream_name(s.name)
+        except ProtocolError as err:
+            raise ConfigError(f"{src.at('streams', i, 'name')}: {err}") from err
+        if s.reconnect_min_s > s.reconnect_max_s:
+            raise ConfigError(
+                f"{src.at('streams', i, 'reconnect_min_s')}: streams[{i}] ({s.name}): need "
+                "reconnect_min_s <= reconnect_max_s"
+            )
 
 
-def _check_ota(ota: OtaConfig, fail: Callable[[str], None]) -> None:
-    if ota.probation_s < 0:
-        fail("ota.probation_s must be >= 0 (0 = commit right after the swap)")
-    if not 0 <= ota.fps_factor <= 1:
-        fail("ota.fps_factor must be in 0..1 (0 disables the check)")
-    if ota.download_retries < 0:
-        fail("ota.download_retries must be >= 0")
-    if ota.golden_latency_runs < 1:
-        fail("ota.golden_latency_runs must be >= 1")
+def config_schema() -> dict[str, Any]:
+    """JSON Schema of agent.toml (``make schemas`` writes docs/config/agent.schema.json)."""
+    return schema_document(AgentConfig, name="agent", title="edgefleet agent configuration")
 
 
 REMOVED_OTA_KEYS = {

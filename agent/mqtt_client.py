@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -64,6 +64,16 @@ class InboundMessage:
 
 
 MessageHandler = Callable[[InboundMessage], None]
+
+
+class PublishResult(NamedTuple):
+    """What paho did with a message handed to :meth:`MqttConnection.publish`."""
+
+    mid: int
+    """Its message id (the one ``on_published`` reports)."""
+    sent: bool
+    """Paho took it onto the live connection (``MQTT_ERR_SUCCESS``); False e.g. while
+    disconnected, where paho keeps a QoS > 0 message and re-sends it after the reconnect."""
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
@@ -230,11 +240,10 @@ class MqttConnection:
         self._connected = False
         self._started = False
 
-    def publish(
-        self, topic: str, payload: bytes, *, qos: int, retain: bool
-    ) -> mqtt.MQTTMessageInfo:
+    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> PublishResult:
         """Hand a message to paho; see paho's ``publish`` (QoS > 0 is kept until acknowledged)."""
-        return self._client.publish(topic, payload, qos=qos, retain=retain)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        return PublishResult(info.mid, info.rc == mqtt.MQTT_ERR_SUCCESS)
 
     # --- subscriptions --------------------------------------------------------------------
 

@@ -42,10 +42,12 @@ from controller.broker import EmbeddedBroker
 from controller.config import IngestConfig
 from controller.db.session import Database
 from controller.errors import MalformedMessageError
-from controller.ingest import INGESTED_KINDS, Ingestor, decode_message
+from controller.fleet.history import count_telemetry
+from controller.fleet.writes import Received, write_messages
+from controller.ingest.decode import INGESTED_KINDS, decode_message
+from controller.ingest.writer import Ingestor
 from controller.mqtt import MqttSettings, MqttSubscriber
-from controller.simulator import publish_load, telemetry_payloads
-from controller.store import Received, count_telemetry, write_messages
+from tools.simulator.load import publish_load, telemetry_payloads
 
 TELEMETRY_QOS = 0
 """Agents publish telemetry at QoS 0 (docs/protocol.md); the embedded broker queues QoS 0

@@ -15,9 +15,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import OtaConfig, StreamConfig
 from agent.ota.health import HealthRecorder
-from agent.ota.manager import OtaManager, build_services
+from agent.ota.manager import OtaManager
+from agent.ota.model_store import ModelStore
 from agent.ota.services import StreamIO
-from agent.ota.store import ModelStore
+from agent.ota.wiring import build_services
 from agent.pipeline import PublishFn, StreamPipeline
 from agent.sources import FrameSource
 from inference import ASSETS_DIR

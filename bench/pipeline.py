@@ -27,7 +27,7 @@ from agent.pipeline import ObserverGroup, StreamPipeline
 from agent.publisher import Publisher
 from agent.sdnotify import ReadinessGate
 from agent.sources import FrameSource
-from agent.spool import Spool
+from agent.spool.queue import Spool
 from inference import ASSETS_DIR
 from inference.detector import Detector, load_detector
 from tests.broker import Mosquitto

@@ -38,18 +38,21 @@ from typing import Any
 import httpx
 
 from bench.postgres import fresh_schema
-from controller import store
 from controller.broker import EmbeddedBroker
 from controller.db.session import Database
+from controller.fleet.registry import add_model
+from controller.fleet.tokens import create_token
+from controller.fleet.writes import Received, write_messages
 from controller.rollouts import commands
-from controller.rollouts import store as rstore
 from controller.rollouts.engine import RolloutEngine
+from controller.rollouts.records import status_counts
 from controller.rollouts.spec import format_duration, parse_duration
-from controller.simulator import OtaBehaviour, SimulatedFleet
-from controller.simulator_gate import evidence
 from protocol import Reported, Status, StreamReport, StreamStatus
 from tests.broker import free_port
 from tests.bundle_factory import blazeface_files, blazeface_manifest, build_bundle
+from tools.simulator.fleet import SimulatedFleet
+from tools.simulator.gate import evidence
+from tools.simulator.ota import OtaBehaviour
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = "face@2.0.0"
@@ -114,7 +117,7 @@ def run_rollout(args: argparse.Namespace, tmp: Path, db_url: str) -> dict[str, A
         _wait(healthy, 60, "the controller")
         db = Database.from_url(db_url)
         with db.begin() as conn:
-            _, token = store.create_token(conn, name="bench", role="operator", now=time.time())
+            _, token = create_token(conn, name="bench", role="operator", now=time.time())
         db.dispose()
         http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
         efb = build_bundle(
@@ -214,7 +217,7 @@ def tick_scale(db_url: str, executions: int) -> tuple[float, float]:
     items = []
     for d in ids:
         items.append(
-            store.Received(
+            Received(
                 topic="t",
                 device_id=d,
                 received_at=now,
@@ -231,8 +234,8 @@ def tick_scale(db_url: str, executions: int) -> tuple[float, float]:
         )
     with db.begin() as conn:
         for i in range(0, len(items), 5000):
-            store.write_messages(conn, items[i : i + 5000])
-        store.add_model(
+            write_messages(conn, items[i : i + 5000])
+        add_model(
             conn, name="m", version="2", sha256="0" * 64, size=1, runtime="litert", manifest={},
             signature=None, key_id=None, now=now,
         )  # fmt: skip
@@ -245,7 +248,7 @@ def tick_scale(db_url: str, executions: int) -> tuple[float, float]:
     assign = time.perf_counter() - t0
     rng = random.Random(0)
     reports = [
-        store.Received(
+        Received(
             topic="t",
             device_id=d,
             received_at=now,
@@ -265,7 +268,7 @@ def tick_scale(db_url: str, executions: int) -> tuple[float, float]:
     ]
     with db.begin() as conn:
         for i in range(0, len(reports), 5000):
-            store.write_messages(conn, reports[i : i + 5000])
+            write_messages(conn, reports[i : i + 5000])
     engine.tick()  # queued → in_progress: every row written once
     times = []
     for _ in range(3):
@@ -273,7 +276,7 @@ def tick_scale(db_url: str, executions: int) -> tuple[float, float]:
         engine.tick()
         times.append(time.perf_counter() - t0)
     with db.connect() as conn:
-        assert rstore.status_counts(conn, [r.id])[r.id] == {"in_progress": executions}
+        assert status_counts(conn, [r.id])[r.id] == {"in_progress": executions}
     db.dispose()
     return min(times), assign
 

@@ -8,7 +8,6 @@ checks the structure and hashes; ``verify_signature`` checks the ed25519 signatu
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import tarfile
@@ -19,17 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.atomic import atomic_writer
 from controller.errors import ControllerError
-from controller.keys import key_id
 from protocol import Manifest, ProtocolError, decode_manifest, encode_manifest
+from protocol import bundle as bundle_format
+from protocol.bundle import MANIFEST_NAME, SIGNATURE_NAME, BundleFormatError, sign_manifest
 from protocol.manifest import check_relative_path
 
-MANIFEST_MEMBER = "manifest.json"
-SIGNATURE_MEMBER = "manifest.sig"
 _CHUNK = 1 << 20
 
 
@@ -75,7 +72,9 @@ def _member_kind(m: tarfile.TarInfo) -> str | None:
         return "a hard link"
     if m.isdev() or m.isfifo():
         return "a device or fifo"
-    if not (m.isfile() or m.isdir()):
+    if m.isdir():
+        return "a directory"
+    if not m.isfile():
         return "not a regular file"
     return None
 
@@ -97,7 +96,7 @@ def _open_tar(path: Path) -> Iterator[tarfile.TarFile]:
         tar.close()
 
 
-def read_bundle(path: Path) -> BundleInfo:  # noqa: PLR0912, PLR0915 - one check per rule of the format
+def read_bundle(path: Path) -> BundleInfo:  # noqa: PLR0912 - one check per rule of the format
     """Check ``path`` against docs/bundles.md; raise BundleError naming the first problem."""
     seen: set[str] = set()
     hashes: dict[str, tuple[str, int]] = {}
@@ -108,56 +107,39 @@ def read_bundle(path: Path) -> BundleInfo:  # noqa: PLR0912, PLR0915 - one check
             for m in tar:
                 name = m.name
                 try:
-                    check_relative_path(name)
-                except ProtocolError as err:
-                    raise BundleError(
-                        f"unsafe member name {name!r} in {path}: absolute paths and '..' are "
-                        "not allowed; rebuild the bundle with `edgefleet model package`"
-                    ) from err
+                    bundle_format.check_member_name(name)
+                except BundleFormatError as err:
+                    raise BundleError(f"{path}: {err}") from err
                 kind = _member_kind(m)
                 if kind is not None:
                     raise BundleError(
                         f"member {name!r} of {path} is {kind}; bundles hold regular files only"
                     )
-                if m.isdir():
-                    continue
                 if name in seen:
                     raise BundleError(f"member {name!r} appears twice in {path}")
                 seen.add(name)
                 f = tar.extractfile(m)
                 if f is None:  # pragma: no cover - regular files always have data
                     raise BundleError(f"cannot read member {name!r} of {path}")
-                if name == MANIFEST_MEMBER:
+                if name == MANIFEST_NAME:
                     manifest_bytes = f.read()
-                elif name == SIGNATURE_MEMBER:
+                elif name == SIGNATURE_NAME:
                     signature = f.read().decode("ascii", errors="replace").strip()
                 else:
                     hashes[name] = _stream_sha256(f)
         except (tarfile.TarError, OSError, EOFError) as err:
             raise BundleError(f"{path} is truncated or corrupt: {err}") from err
     if manifest_bytes is None:
-        raise BundleError(
-            f"{path} has no {MANIFEST_MEMBER}; build it with `edgefleet model package`"
-        )
+        raise BundleError(f"{path} has no {MANIFEST_NAME}; build it with `edgefleet model package`")
     try:
         manifest = decode_manifest(manifest_bytes)
     except ProtocolError as err:
-        raise BundleError(f"{MANIFEST_MEMBER} in {path}: {err}") from err
-    listed = {f.path: f for f in manifest.files}
-    if manifest.model not in listed:
-        raise BundleError(f"the manifest's model {manifest.model!r} is not listed in its files")
-    for g in manifest.golden:
-        if g.image not in listed:
-            raise BundleError(f"golden image {g.image!r} is not listed in the manifest's files")
-    for name in sorted(hashes):
-        if name not in listed:
-            raise BundleError(
-                f"member {name!r} is not listed in the manifest; every file of a bundle must "
-                "be listed with its sha256 and size"
-            )
+        raise BundleError(f"{MANIFEST_NAME} in {path}: {err}") from err
+    try:
+        bundle_format.check_listing(manifest, hashes)
+    except BundleFormatError as err:
+        raise BundleError(str(err)) from err
     for entry in manifest.files:
-        if entry.path not in hashes:
-            raise BundleError(f"file {entry.path!r} is listed in the manifest but missing")
         digest, size = hashes[entry.path]
         if size != entry.size:
             raise BundleError(
@@ -173,35 +155,14 @@ def read_bundle(path: Path) -> BundleInfo:  # noqa: PLR0912, PLR0915 - one check
     return BundleInfo(manifest=manifest, signature=signature, sha256=digest, size=size)
 
 
-def sign_manifest(manifest: Manifest, key: Ed25519PrivateKey) -> str:
-    return base64.b64encode(key.sign(encode_manifest(manifest))).decode("ascii")
-
-
 def verify_signature(info: BundleInfo, keys: Sequence[Ed25519PublicKey]) -> str:
     """Return the key id of the trusted key that verifies ``info``; raise BundleError if none."""
     if not keys:
         raise BundleError("no trusted public keys given to verify the signature against")
-    if info.signature is None:
-        raise BundleError(
-            f"the bundle is not signed (no {SIGNATURE_MEMBER}); sign it with "
-            "`edgefleet model sign FILE --key signing.key`"
-        )
     try:
-        raw = base64.b64decode(info.signature, validate=True)
-    except ValueError as err:
-        raise BundleError(f"{SIGNATURE_MEMBER} is not valid base64: {err}") from err
-    payload = encode_manifest(info.manifest)
-    for key in keys:
-        try:
-            key.verify(raw, payload)
-        except InvalidSignature:
-            continue
-        return key_id(key)
-    ids = ", ".join(key_id(k) for k in keys)
-    raise BundleError(
-        f"the signature does not verify with any trusted key ({ids}): the manifest was "
-        "modified after signing or it was signed with another key"
-    )
+        return bundle_format.verify_signature(info.manifest, info.signature, keys)
+    except BundleFormatError as err:
+        raise BundleError(str(err)) from err
 
 
 def _add(tar: tarfile.TarFile, name: str, data: IO[bytes], size: int) -> None:
@@ -226,10 +187,10 @@ def write_bundle(
 
     def fill(tar: tarfile.TarFile) -> None:
         body = encode_manifest(manifest)
-        _add(tar, MANIFEST_MEMBER, io.BytesIO(body), len(body))
+        _add(tar, MANIFEST_NAME, io.BytesIO(body), len(body))
         if signature is not None:
             sig = (signature + "\n").encode("ascii")
-            _add(tar, SIGNATURE_MEMBER, io.BytesIO(sig), len(sig))
+            _add(tar, SIGNATURE_NAME, io.BytesIO(sig), len(sig))
         for entry in manifest.files:
             src = members[entry.path]
             with src.open("rb") as f:
@@ -254,12 +215,12 @@ def sign_bundle(path: Path, key: Ed25519PrivateKey) -> BundleInfo:
 
     def fill(out_tar: tarfile.TarFile) -> None:
         body = encode_manifest(info.manifest)
-        _add(out_tar, MANIFEST_MEMBER, io.BytesIO(body), len(body))
+        _add(out_tar, MANIFEST_NAME, io.BytesIO(body), len(body))
         sig = (signature + "\n").encode("ascii")
-        _add(out_tar, SIGNATURE_MEMBER, io.BytesIO(sig), len(sig))
+        _add(out_tar, SIGNATURE_NAME, io.BytesIO(sig), len(sig))
         with _open_tar(path) as src:
             for m in src:
-                if m.isdir() or m.name in (MANIFEST_MEMBER, SIGNATURE_MEMBER):
+                if m.isdir() or m.name in (MANIFEST_NAME, SIGNATURE_NAME):
                     continue
                 f = src.extractfile(m)
                 assert f is not None
@@ -395,7 +356,7 @@ def package_model(  # noqa: PLR0912, PLR0915 - linear steps, each with its own e
                 dest = stage / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(p, dest)
-            staged_manifest = stage / MANIFEST_MEMBER
+            staged_manifest = stage / MANIFEST_NAME
             staged_manifest.write_bytes(encode_manifest(manifest))
             results = run_local_inference(staged_manifest, [stage / rel for rel in golden_names])
         samples = [

@@ -1,9 +1,10 @@
 """Controller configuration: one TOML file, validated strictly.
 
-Unknown keys are rejected with their name; relative paths are resolved against the
-config file's folder (or the working directory without a file); secrets can come from
-the environment (``EDGEFLEET_DB_URL``, ``EDGEFLEET_BROKER_PASSWORD``,
-``EDGEFLEET_EMBEDDED_BROKER_PASSWORD``).
+Unknown keys and values out of bounds are rejected with their name and line (the bounds
+are declared on the fields, so docs/config/controller.schema.json carries them); relative
+paths are resolved against the config file's folder (or the working directory without a
+file); secrets can come from the environment (``EDGEFLEET_DB_URL``,
+``EDGEFLEET_BROKER_PASSWORD``, ``EDGEFLEET_EMBEDDED_BROKER_PASSWORD``).
 """
 
 from __future__ import annotations
@@ -11,20 +12,33 @@ from __future__ import annotations
 import os
 import re
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
+from msgspec import Meta
 
 from controller.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+from protocol.config_file import (
+    BrokerClientSection,
+    ConfigSection,
+    ConfigSource,
+    check_broker_table,
+    parse_toml,
+    schema_document,
+    to_struct,
+)
+from protocol.constraints import (
+    Count,
+    ListenPort,
+    PositiveInt,
+    PositiveSeconds,
+    Seconds,
+    WholeSeconds,
+)
+from protocol.errors import ProtocolError
 
 CONFIG_VERSION: Literal[1] = 1
 DB_URL_ENV = "EDGEFLEET_DB_URL"
@@ -33,45 +47,36 @@ EMBEDDED_PASSWORD_ENV = "EDGEFLEET_EMBEDDED_BROKER_PASSWORD"  # noqa: S105 - a v
 CONFIG_ENV = "EDGEFLEET_CONFIG"
 DEFAULT_DATA_DIR = "edgefleet-data"
 SQLITE_FILE = "controller.db"
+DOCS = "docs/controller.md, 'Configuration'"
+
+SharedGroup = Annotated[
+    str, Meta(pattern=r"^[^/+#]+$", description="plain name without '/', '+' or '#'")
+]
 
 
-class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class DatabaseConfig(_Section, frozen=True, kw_only=True):
+class DatabaseConfig(ConfigSection, frozen=True, kw_only=True):
     url: str | None = None
     """SQLAlchemy URL; default ``sqlite:///{data_dir}/controller.db``. PostgreSQL:
     ``postgresql+psycopg://user@host:5432/db`` (prefer the EDGEFLEET_DB_URL variable for passwords)."""
     echo: bool = False
     """Log every SQL statement (debugging only)."""
-    pool_size: int = 5
+    pool_size: PositiveInt = 5
     """PostgreSQL connection pool size."""
 
 
-class BrokerConfig(_Section, frozen=True, kw_only=True):
+class BrokerConfig(BrokerClientSection, frozen=True, kw_only=True):
     url: str | None = None
     """``mqtt://host:port`` or ``mqtts://host:port``; unset = start the embedded broker."""
-    username: str | None = None
-    password: str | None = None
-    """Prefer the EDGEFLEET_BROKER_PASSWORD environment variable."""
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    client_id: str | None = None
-    """Defaults to ``edgefleet-controller-{hostname}``; must be unique per replica."""
-    keepalive_s: int = 30
-    connect_timeout_s: float = 10.0
-    session_expiry_s: int = 3600
+    session_expiry_s: WholeSeconds = 3600
     """How long the broker keeps the controller's session (and queues QoS 1 messages) while it is down."""
-    shared_group: str | None = None
+    shared_group: SharedGroup | None = None
     """Subscribe with MQTT v5 shared subscriptions (``$share/{group}/...``) so replicas split the load."""
 
 
-class EmbeddedBrokerConfig(_Section, frozen=True, kw_only=True):
+class EmbeddedBrokerConfig(ConfigSection, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     """Listen address; keep loopback unless agents on other machines must connect."""
-    port: int = 1883
+    port: ListenPort = 1883
     """0 = any free port (printed on start)."""
     username: str = "edgefleet"
     password: str | None = None
@@ -80,33 +85,35 @@ class EmbeddedBrokerConfig(_Section, frozen=True, kw_only=True):
     """Path of the mosquitto executable; unset = search PATH, /usr/sbin, /usr/local/sbin."""
 
 
-class IngestConfig(_Section, frozen=True, kw_only=True):
-    queue_size: int = 100_000
+class IngestConfig(ConfigSection, frozen=True, kw_only=True):
+    queue_size: PositiveInt = 100_000
     """Bound of the in-memory queue between the MQTT thread and the database writer."""
-    batch_size: int = 2000
+    batch_size: PositiveInt = 2000
     """Write a batch when this many messages are waiting ..."""
-    flush_interval_s: float = 0.1
+    flush_interval_s: PositiveSeconds = 0.1
     """... or when the oldest waiting message is this old."""
-    enqueue_timeout_s: float = 2.0
+    enqueue_timeout_s: Seconds = 2.0
     """When the queue is full, block the MQTT thread this long (back-pressure), then drop and count."""
 
 
-class RetentionConfig(_Section, frozen=True, kw_only=True):
-    telemetry_raw_s: float = 2 * 86400
+class RetentionConfig(ConfigSection, frozen=True, kw_only=True):
+    telemetry_raw_s: PositiveSeconds = 2 * 86400
     """Keep raw telemetry samples this long ..."""
-    telemetry_downsample_s: int = 300
+    telemetry_downsample_s: Annotated[
+        WholeSeconds, Meta(description="bucket in seconds; 0 = delete old raw samples")
+    ] = 300
     """... then average them into buckets of this many seconds (0 = delete them instead) ..."""
-    telemetry_downsampled_s: float = 30 * 86400
+    telemetry_downsampled_s: PositiveSeconds = 30 * 86400
     """... and keep the averaged samples this long."""
-    events_s: float = 30 * 86400
+    events_s: PositiveSeconds = 30 * 86400
     """Keep device events this long."""
-    interval_s: float = 600
+    interval_s: PositiveSeconds = 600
     """How often the retention job runs."""
 
 
-class ApiConfig(_Section, frozen=True, kw_only=True):
+class ApiConfig(ConfigSection, frozen=True, kw_only=True):
     bind: str = "127.0.0.1"
-    port: int = 8080
+    port: ListenPort = 8080
     """0 = any free port (printed on start)."""
     public_url: str | None = None
     """URL printed for operators; defaults to ``http://{bind}:{port}`` (``https://`` with TLS)."""
@@ -116,31 +123,33 @@ class ApiConfig(_Section, frozen=True, kw_only=True):
     """The certificate's private key (PEM, unencrypted); together with ``tls_cert_file``."""
     tls_client_ca_file: str | None = None
     """mTLS: require a client certificate signed by this CA (PEM); needs ``tls_cert_file``."""
-    auth_max_failures: int = 10
+    auth_max_failures: Annotated[
+        Count, Meta(description="failed attempts; 0 = no limit on failed token attempts")
+    ] = 10
     """Failed bearer-token attempts from one client address within ``auth_window_s`` before
     that address gets 429 for ``auth_window_s`` (0 = no limit)."""
-    auth_window_s: float = 60.0
+    auth_window_s: PositiveSeconds = 60.0
     """The window for counting failed token attempts, and how long an address stays blocked."""
 
 
-class ModelsConfig(_Section, frozen=True, kw_only=True):
+class ModelsConfig(ConfigSection, frozen=True, kw_only=True):
     blob_dir: str | None = None
     """Where uploaded bundles are stored; default ``{data_dir}/blobs``."""
-    max_bundle_bytes: int = 2 * 1024**3
+    max_bundle_bytes: Annotated[int, Meta(ge=1, description="bytes")] = 2 * 1024**3
     """Largest accepted upload (``POST /api/v1/models``); larger ones get 413."""
     trusted_keys: list[str] = msgspec.field(default_factory=list)
     """Ed25519 public keys (PEM files); when set, uploads must carry a signature one of them verifies."""
 
 
-class RolloutsConfig(_Section, frozen=True, kw_only=True):
+class RolloutsConfig(ConfigSection, frozen=True, kw_only=True):
     enabled: bool = True
     """Drive rollouts and publish desired states from this controller (PostgreSQL: only the
     replica holding the rollout lock does, the others stand by)."""
-    tick_interval_s: float = 1.0
+    tick_interval_s: PositiveSeconds = 1.0
     """How often the rollout engine looks at every live rollout."""
 
 
-class ControllerConfig(_Section, frozen=True, kw_only=True):
+class ControllerConfig(ConfigSection, frozen=True, kw_only=True):
     config_version: Literal[1] = CONFIG_VERSION
     data_dir: str = DEFAULT_DATA_DIR
     """SQLite database, embedded broker files and the dev token live here."""
@@ -197,117 +206,74 @@ def hide_password(url: str) -> str:
     return _USERINFO_PASSWORD.sub(r"\1:***@", url)
 
 
-_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
-_AT = re.compile(r"at `(\$[^`]*)`")
-
-
 def parse_config(text: str, *, source: str = "<config>") -> ControllerConfig:
-    """Parse and validate TOML text; raise ConfigError naming the key."""
+    """Parse and validate TOML text; raise ConfigError naming the file, line and key."""
+    src = ConfigSource(source, text)
     try:
-        raw: dict[str, Any] = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{source}: not valid TOML: {err}") from err
-    return convert_config(raw, source=source)
+        raw = parse_toml(src)
+    except ProtocolError as err:
+        raise ConfigError(str(err)) from err
+    return _convert(raw, src)
 
 
 def convert_config(raw: dict[str, Any], *, source: str = "<config>") -> ControllerConfig:
     """Validate an already parsed mapping (TOML table or dict built in code)."""
+    return _convert(raw, ConfigSource(source))
+
+
+def _convert(raw: dict[str, Any], src: ConfigSource) -> ControllerConfig:
     try:
-        config = msgspec.convert(raw, ControllerConfig)
-    except msgspec.ValidationError as err:
-        msg = str(err)
-        at = _AT.search(msg)
-        json_path = at.group(1) if at else "$"
-        unknown = _UNKNOWN.search(msg)
-        if unknown:
-            section = json_path.removeprefix("$").lstrip(".") or "top level"
-            raise ConfigError(
-                f"{source}: unknown key {unknown.group(1)!r} in {section}; check the spelling "
-                "against the documented keys (docs/controller.md, 'Configuration')"
-            ) from err
-        raise ConfigError(f"{source}: {msg}") from err
-    check_config(config, source=source)
+        config = to_struct(raw, ControllerConfig, src, docs=DOCS)
+        url = config.broker.url
+        if url is not None:
+            _refuse_credentials(url, src)
+        check_broker_table(config.broker, url, src)
+    except ProtocolError as err:
+        raise ConfigError(str(err)) from err
+    _check(config, src)
     return config
 
 
-def _check_mqtt_url(url: str, key: str, fail: Any) -> None:
+def _refuse_credentials(url: str, src: ConfigSource) -> None:
+    """A password in ``broker.url`` would be logged: refuse it before anything shows the URL."""
     parts = urlsplit(url)
-    shown = hide_password(url)
     if parts.username is not None or parts.password is not None:
-        fail(
-            f"{key} {shown!r}: put no credentials in the URL (it is logged): use "
-            "broker.username and broker.password (or EDGEFLEET_BROKER_PASSWORD)"
+        raise ConfigError(
+            f"{src.at('broker', 'url')}: broker.url {hide_password(url)!r}: put no credentials "
+            "in the URL (it is logged): use broker.username and broker.password (or "
+            "EDGEFLEET_BROKER_PASSWORD)"
         )
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        fail(f"{key} {shown!r}: use mqtt://host:port or mqtts://host:port")
-    try:
-        _ = parts.port
-    except ValueError:
-        fail(f"{key} {shown!r}: the port is not a number in 1-65535")
 
 
-def check_config(config: ControllerConfig, *, source: str = "<config>") -> None:  # noqa: PLR0912
+def _check(config: ControllerConfig, src: ConfigSource) -> None:
     """Cross-field checks msgspec cannot express; raise ConfigError saying what to fix."""
-
-    def fail(msg: str) -> None:
-        raise ConfigError(f"{source}: {msg}")
-
     db_url = config.database.url
     if db_url is not None and not db_url.startswith(("sqlite", "postgresql")):
-        fail(
-            f"database.url {hide_password(db_url)!r}: use sqlite:///PATH or "
-            "postgresql+psycopg://user@host/db (or leave it unset for SQLite under data_dir)"
+        raise ConfigError(
+            f"{src.at('database', 'url')}: database.url {hide_password(db_url)!r}: use "
+            "sqlite:///PATH or postgresql+psycopg://user@host/db (or leave it unset for SQLite "
+            "under data_dir)"
         )
-    if config.database.pool_size < 1:
-        fail("database.pool_size must be >= 1")
-    if config.broker.url is not None:
-        _check_mqtt_url(config.broker.url, "broker.url", fail)
-    if (config.broker.cert_file is None) != (config.broker.key_file is None):
-        fail("broker.cert_file and broker.key_file go together: set both or neither")
-    if config.broker.keepalive_s < 5:
-        fail("broker.keepalive_s must be at least 5")
-    if config.broker.session_expiry_s < 0:
-        fail("broker.session_expiry_s must be >= 0")
-    group = config.broker.shared_group
-    if group is not None and (not group or any(c in group for c in "/+#")):
-        fail(f"broker.shared_group {group!r}: use a plain name without '/', '+' or '#'")
-    if not 0 <= config.embedded_broker.port < 65536:
-        fail("embedded_broker.port must be in 0-65535 (0 = any free port)")
     api = config.api
-    if not 0 <= api.port < 65536:
-        fail("api.port must be in 0-65535 (0 = any free port)")
     if (api.tls_cert_file is None) != (api.tls_key_file is None):
-        fail(
-            "api.tls_cert_file and api.tls_key_file go together: set both to serve HTTPS "
-            "(`edgefleet certs issue NAME --kind server` writes a pair) or neither for HTTP"
+        raise ConfigError(
+            f"{src.at('api', 'tls_cert_file' if api.tls_key_file is None else 'tls_key_file')}: "
+            "api.tls_cert_file and api.tls_key_file go together: set both to "
+            "serve HTTPS (`edgefleet certs issue NAME --kind server` writes a pair) or neither "
+            "for HTTP"
         )
     if api.tls_client_ca_file is not None and api.tls_cert_file is None:
-        fail(
-            "api.tls_client_ca_file (client certificates) needs HTTPS: set api.tls_cert_file "
-            "and api.tls_key_file too"
+        raise ConfigError(
+            f"{src.at('api', 'tls_client_ca_file')}: api.tls_client_ca_file (client "
+            "certificates) needs HTTPS: set api.tls_cert_file and api.tls_key_file too"
         )
-    if api.auth_max_failures < 0:
-        fail("api.auth_max_failures must be >= 0 (0 = no limit on failed token attempts)")
-    if api.auth_window_s <= 0:
-        fail("api.auth_window_s must be > 0")
-    ingest = config.ingest
-    if ingest.queue_size < 1 or ingest.batch_size < 1:
-        fail("ingest.queue_size and ingest.batch_size must be >= 1")
-    if ingest.flush_interval_s <= 0:
-        fail("ingest.flush_interval_s must be > 0")
-    if ingest.enqueue_timeout_s < 0:
-        fail("ingest.enqueue_timeout_s must be >= 0")
-    if not config.rollouts.tick_interval_s > 0:
-        fail("rollouts.tick_interval_s must be > 0")
-    if config.models.max_bundle_bytes < 1:
-        fail("models.max_bundle_bytes must be >= 1")
-    r = config.retention
-    if r.telemetry_raw_s <= 0 or r.telemetry_downsampled_s <= 0 or r.events_s <= 0:
-        fail("retention periods (telemetry_raw_s, telemetry_downsampled_s, events_s) must be > 0")
-    if r.telemetry_downsample_s < 0:
-        fail("retention.telemetry_downsample_s must be >= 0 (0 = delete old raw samples)")
-    if r.interval_s <= 0:
-        fail("retention.interval_s must be > 0")
+
+
+def config_schema() -> dict[str, Any]:
+    """JSON Schema of the controller's TOML file (docs/config/controller.schema.json)."""
+    return schema_document(
+        ControllerConfig, name="controller", title="edgefleet controller configuration"
+    )
 
 
 def _with_env(config: ControllerConfig, env: dict[str, str] | os._Environ[str]) -> ControllerConfig:
@@ -336,7 +302,6 @@ def load_config(
     command line; they win over the file and the environment.
     """
     environ = os.environ if env is None else env
-    raw: dict[str, Any] = {}
     p: Path | None = None
     source = "<defaults>"
     if path is not None:
@@ -351,11 +316,10 @@ def load_config(
             ) from None
         except OSError as err:
             raise ConfigError(f"cannot read config file {p}: {err.strerror}") from err
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{p}: not valid TOML: {err}") from err
-    config = _with_env(convert_config(raw, source=source), environ)
+        config = parse_config(text, source=source)
+    else:
+        config = convert_config({}, source=source)
+    config = _with_env(config, environ)
     if overrides:
         merged = msgspec.to_builtins(config)
         for dotted, value in overrides.items():

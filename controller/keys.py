@@ -6,7 +6,6 @@ key id is the first 16 hex digits of sha256 over the raw 32-byte public key.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from controller.errors import ControllerError
+from protocol.bundle import key_id
 
 PRIVATE_NAME = "signing.key"
 PUBLIC_NAME = "signing.pub"
@@ -21,11 +21,6 @@ PUBLIC_NAME = "signing.pub"
 
 class SigningKeyError(ControllerError):
     """A signing key is missing, unreadable or not an ed25519 key."""
-
-
-def key_id(public: Ed25519PublicKey) -> str:
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def generate_keys(out_dir: Path) -> tuple[Path, Path, str]:

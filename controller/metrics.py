@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from controller import store
 from controller.db.session import Database
-from controller.ingest import IngestSnapshot
-from controller.rollouts import store as rollout_store
+from controller.fleet.devices import device_counts, model_counts
+from controller.ingest.stats import IngestSnapshot
+from controller.rollouts import records
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ class FleetCollector(Collector):
         up = GaugeMetricFamily("edgefleet_database_up", "1 if the last database query worked")
         try:
             with self.db.connect() as conn:
-                counts = store.device_counts(conn)
-                per_model = store.model_counts(conn)
+                counts = device_counts(conn)
+                per_model = model_counts(conn)
         except Exception as err:  # noqa: BLE001 - a scrape must answer even when the DB is down
             log.warning("metrics: cannot read the fleet from the database: %s", err)
             up.add_metric([], 0)
@@ -78,20 +78,16 @@ class RolloutCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         try:
             with self.db.connect() as conn:
-                by_state = rollout_store.state_counts(conn)
-                live = rollout_store.list_rollouts(
-                    conn, states=rollout_store.LIVE_STATES, limit=None
-                )
-                counts = rollout_store.status_counts(conn, [r.id for r in live])
+                by_state = records.state_counts(conn)
+                live = records.list_rollouts(conn, states=records.LIVE_STATES, limit=None)
+                counts = records.status_counts(conn, [r.id for r in live])
         except Exception as err:  # noqa: BLE001 - a scrape must answer even when the DB is down
             log.warning("metrics: cannot read the rollouts from the database: %s", err)
             return
         rollouts = GaugeMetricFamily(
             "edgefleet_rollouts", "Rollouts known to the controller, by state", labels=["state"]
         )
-        for state, n in _with_zeros(
-            rollout_store.LIVE_STATES + rollout_store.ENDED_STATES, by_state
-        ):
+        for state, n in _with_zeros(records.LIVE_STATES + records.ENDED_STATES, by_state):
             rollouts.add_metric([state], n)
         yield rollouts
         labels = ["rollout", "model", "stream"]
@@ -108,7 +104,7 @@ class RolloutCollector(Collector):
         )
         for r in sorted(live, key=lambda r: r.id):
             key = [str(r.id), r.model, r.stream]
-            for status, n in _with_zeros(rollout_store.DEVICE_STATUSES, counts.get(r.id, {})):
+            for status, n in _with_zeros(records.DEVICE_STATUSES, counts.get(r.id, {})):
                 executions.add_metric([*key, status], n)
             stage.add_metric(key, r.current_stage + 1)
             stages.add_metric(key, len(r.stages))

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from controller import store
 from controller.api import create_app
 from controller.api.auth import AuthLimiter
 from controller.blobstore import hosting_from_config
@@ -26,7 +25,10 @@ from controller.broker import EmbeddedBroker
 from controller.config import ControllerConfig, LoadedConfig, convert_config
 from controller.db.session import Database
 from controller.errors import ConfigError, ControllerError
-from controller.ingest import INGESTED_KINDS, Ingestor
+from controller.fleet.retention import RetentionResult, apply_retention
+from controller.fleet.tokens import create_token, revoke_tokens_named
+from controller.ingest.decode import INGESTED_KINDS
+from controller.ingest.writer import Ingestor
 from controller.mqtt import MqttSettings, MqttSubscriber
 from controller.rollouts.engine import RolloutEngine
 from controller.rollouts.publisher import DesiredPublisher
@@ -216,8 +218,8 @@ class Controller:
         """Replace the ``dev`` admin token; the new one is returned and kept in {data_dir}/dev-token."""
         now = self.clock()
         with self.db.begin() as conn:
-            store.revoke_tokens_named(conn, DEV_TOKEN_NAME, now=now)
-            _, token = store.create_token(conn, name=DEV_TOKEN_NAME, role="admin", now=now)
+            revoke_tokens_named(conn, DEV_TOKEN_NAME, now=now)
+            _, token = create_token(conn, name=DEV_TOKEN_NAME, role="admin", now=now)
         _write_private(self.loaded.data_dir / DEV_TOKEN_FILE, token + "\n")
         return token
 
@@ -378,9 +380,9 @@ class Controller:
         self._server = uvicorn.Server(config)
         return self._server
 
-    def run_retention(self) -> store.RetentionResult:
+    def run_retention(self) -> RetentionResult:
         r = self.config.retention
-        return store.apply_retention(
+        return apply_retention(
             self.db.begin,
             now=self.clock(),
             telemetry_raw_s=r.telemetry_raw_s,
@@ -416,7 +418,7 @@ def _restore_signals(previous: dict[int, Any]) -> None:
         signal.signal(sig, handler)
 
 
-def _any(result: store.RetentionResult) -> bool:
+def _any(result: RetentionResult) -> bool:
     return any(
         (
             result.downsampled_rows,

@@ -13,7 +13,7 @@ from protocol.messages import MESSAGE_TYPES
 from protocol.topics import TOPIC_ROOT
 
 
-def _clean_descriptions(node: Any) -> Any:
+def clean_descriptions(node: Any) -> Any:
     """Docstring-derived descriptions without their source indentation.
 
     Whether msgspec dedents docstrings depends on its and Python's version (3.13 dedents at
@@ -23,11 +23,11 @@ def _clean_descriptions(node: Any) -> Any:
         return {
             k: inspect.cleandoc(v)
             if k == "description" and isinstance(v, str)
-            else _clean_descriptions(v)
+            else clean_descriptions(v)
             for k, v in node.items()
         }
     if isinstance(node, list):
-        return [_clean_descriptions(v) for v in node]
+        return [clean_descriptions(v) for v in node]
     return node
 
 
@@ -35,7 +35,7 @@ def schemas() -> dict[str, dict[str, Any]]:
     """File name (``status.schema.json`` …) to JSON Schema document."""
     out: dict[str, dict[str, Any]] = {}
     for kind, message_type in [*MESSAGE_TYPES.items(), ("manifest", Manifest)]:
-        doc = _clean_descriptions(msgspec.json.schema(message_type))
+        doc = clean_descriptions(msgspec.json.schema(message_type))
         doc = {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
             "$id": f"https://edgefleet.dev/schemas/v1/{kind}.schema.json",

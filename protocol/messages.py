@@ -195,12 +195,20 @@ DeploymentPhase = Literal[
 ]
 
 
-DEPLOYING_PHASES: frozenset[str] = frozenset(
+DEPLOYING_PHASES: frozenset[DeploymentPhase] = frozenset(
     {"downloading", "verifying", "staging", "shadow", "switching", "probation"}
 )
 """Phases of a deployment in progress (docs/ota.md)."""
-OUTCOME_PHASES: frozenset[str] = frozenset({"committed", "failed", "rolled_back"})
+OUTCOME_PHASES: frozenset[DeploymentPhase] = frozenset({"committed", "failed", "rolled_back"})
 """Phases that end a deployment."""
+FAILED_PHASES: frozenset[DeploymentPhase] = frozenset({"failed", "rolled_back"})
+"""Outcomes where the new model did not stay: it never went live, or was rolled back."""
+
+EventLevel = Literal["info", "warning", "error"]
+"""How much an event matters: ``info`` (progress), ``warning`` (degraded, recovered by
+itself or rolled back), ``error`` (needs an operator)."""
+EVENT_LEVELS: tuple[EventLevel, ...] = ("info", "warning", "error")
+"""The levels, least severe first."""
 
 GateVerdict = Literal["pass", "fail", "undecided"]
 
@@ -277,7 +285,7 @@ class Event(_Message, frozen=True, kw_only=True):
     device_id: str
     ts: float
     code: str
-    level: Literal["info", "warning", "error"]
+    level: EventLevel
     message: str
     stream: str | None = None
     phase: DeploymentPhase | None = None

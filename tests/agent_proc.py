@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tests.waiting import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 VIDEO = REPO / "inference" / "assets" / "face-walk-640x480.mp4"
@@ -75,12 +76,6 @@ def start_agent(
 def stop_agent(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> tuple[int, float]:
     """SIGTERM; return (exit code, seconds it took)."""
     started = time.monotonic()
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        code = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise
-    return code, time.monotonic() - started
+    if not stop_process(proc, timeout=timeout):
+        raise AssertionError(f"the agent did not stop within {timeout}s of SIGTERM (killed)")
+    return proc.returncode, time.monotonic() - started

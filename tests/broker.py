@@ -10,8 +10,9 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
+
+from tests.waiting import stop_process, wait_for
 
 
 def find_mosquitto() -> str:
@@ -23,6 +24,32 @@ def find_mosquitto() -> str:
             "mosquitto is not installed: run `make test` (it installs it) or apt-get install mosquitto"
         )
     return found
+
+
+def wait_listening(proc: subprocess.Popen[bytes], port: int, *, timeout: float, log: Path) -> None:
+    """Wait until the mosquitto ``proc`` accepts connections on ``port``.
+
+    Fails at once (RuntimeError, with the end of its stderr and ``log``) if it exits; one that
+    does not listen in time is killed before the AssertionError.
+    """
+
+    def listening() -> bool:
+        if proc.poll() is not None:
+            text = log.read_text() if log.exists() else ""
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"mosquitto exited with {proc.returncode}: {err}{text[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(listening, timeout=timeout, what=f"mosquitto to listen on port {port}")
+    except AssertionError:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def free_port() -> int:
@@ -78,26 +105,11 @@ class Mosquitto:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                log = self.log_path.read_text() if self.log_path.exists() else ""
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {log[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not listen on port {self.port} within {timeout}s")
+        wait_listening(self.proc, self.port, timeout=timeout, log=self.log_path)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, timeout=10)
         self.proc = None
 
     def restart(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,12 +12,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from tests.waiting import wait_for
+
 
 @dataclass(frozen=True)
 class Received:
     topic: str
     payload: bytes
     retain: bool
+    dup: bool
 
 
 class Subscriber:
@@ -40,7 +42,7 @@ class Subscriber:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if persistent:
             props.SessionExpiryInterval = 3600
-        self.client.reconnect_delay_set(1, 2)
+        self.client.reconnect_delay_set(1, 1)
         self.client.connect(
             "127.0.0.1", port, keepalive=10, clean_start=not persistent, properties=props
         )
@@ -53,27 +55,48 @@ class Subscriber:
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         with self._cond:
-            self.messages.append(Received(msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self.messages.append(
+                Received(msg.topic, bytes(msg.payload), bool(msg.retain), bool(msg.dup))
+            )
             self._cond.notify_all()
 
     def wait_for(
         self, predicate: Callable[[list[Received]], bool], timeout: float = 20.0
     ) -> list[Received]:
-        deadline = time.monotonic() + timeout
+        """Wait until ``predicate(messages)`` holds; returns the messages at that moment."""
         with self._cond:
-            while not predicate(self.messages):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(
-                        f"condition not met within {timeout}s; got {len(self.messages)} messages, "
-                        f"last topics {[m.topic for m in self.messages[-5:]]}"
-                    )
-                self._cond.wait(left)
+            wait_for(
+                lambda: predicate(self.messages),
+                timeout=timeout,
+                what=lambda: (
+                    f"the messages to match; got {len(self.messages)}, "
+                    f"last topics {[m.topic for m in self.messages[-5:]]}"
+                ),
+                condition=self._cond,
+            )
             return list(self.messages)
 
     def on(self, suffix: str) -> list[Received]:
         with self._cond:
             return [m for m in self.messages if m.topic.endswith(suffix)]
+
+    def payloads(self, topic: str) -> list[bytes]:
+        """Payloads on ``topic`` in arrival order, without the broker's own re-deliveries.
+
+        When the BROKER restarts, it re-sends (with DUP set) the messages it had sent to this
+        subscriber but whose PUBACK it had not processed yet: subscriber-side QoS 1
+        duplicates, unrelated to the publisher. Those are left out; any other duplicate or any
+        reordering stays in.
+        """
+        with self._cond:
+            seen: set[bytes] = set()
+            out: list[bytes] = []
+            for m in self.messages:
+                if m.topic != topic or (m.dup and m.payload in seen):
+                    continue
+                seen.add(m.payload)
+                out.append(m.payload)
+            return out
 
     def close(self) -> None:
         self.client.disconnect()

@@ -9,8 +9,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +18,11 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 import paho.mqtt.client as mqtt
-import skimage.data
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from protocol import SCHEMA_VERSION, Desired, Manifest, ModelRef, desired_topic, encode
+from tests import images
 from tests.bundle_factory import (
     ASSETS,
     blazeface_files,
@@ -38,6 +36,10 @@ FACE = ("face", 0.905, (0.348, 0.159, 0.536, 0.346))
 """What the shipped INT8 BlazeFace finds on the astronaut."""
 VIDEO = ASSETS / "face-walk-640x480.mp4"
 BASELINE_REF = "blazeface-short-int8@1.0.0"
+UPDATE_PHASES = (
+    "downloading", "verifying", "staging", "shadow", "switching", "probation", "committed",
+)  # fmt: skip
+"""The phases of an update that is committed, in order; each one's event is ``ota.<phase>``."""
 
 
 def _png(image: npt.NDArray[Any]) -> bytes:
@@ -49,12 +51,12 @@ def _png(image: npt.NDArray[Any]) -> bytes:
 
 @functools.cache
 def astronaut_png() -> bytes:
-    return _png(getattr(skimage.data, "astronaut")())  # noqa: B009 - untyped module
+    return _png(images.astronaut())
 
 
 @functools.cache
 def coffee_png() -> bytes:
-    return _png(getattr(skimage.data, "coffee")())  # noqa: B009
+    return _png(images.coffee())
 
 
 def face_golden() -> list[dict[str, object]]:
@@ -180,14 +182,6 @@ def publish_desired(port: int, device_id: str, message: Desired) -> None:
     finally:
         client.disconnect()
         client.loop_stop()
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class FakeClock:

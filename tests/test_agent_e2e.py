@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tests.agent_proc import (
 )
 from tests.broker import Mosquitto, free_port
 from tests.mqtt_sub import Received, Subscriber
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -88,10 +90,11 @@ def test_agent_replays_spool_after_broker_outage_exactly_once_in_order(
         mosquitto.stop()
         # The agent keeps inferring for several seconds with no broker: detections go to its spool.
         spool = tmp_path / "state" / "spool"
-        deadline_ok = _wait_until(lambda: proc.poll() is None and _dir_bytes(spool) > 0, 10)
-        assert deadline_ok, "nothing reached the on-disk spool while the broker was down"
-        import time
-
+        wait_for(
+            lambda: proc.poll() is None and _dir_bytes(spool) > 0,
+            timeout=10,
+            what="detections in the on-disk spool while the broker is down",
+        )
         time.sleep(3)
         mosquitto.start()
         before = len(sub.messages)
@@ -133,18 +136,6 @@ def _consume_by_seq(messages: list[Received]) -> tuple[list[Detections], list[De
 
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
-
-
-def _wait_until(pred: object, timeout: float) -> bool:
-    import time
-
-    assert callable(pred)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_telemetry_metrics_and_sigterm(mosquitto: Mosquitto, tmp_path: Path) -> None:
@@ -248,15 +239,16 @@ def test_unreachable_camera_is_reported_and_other_streams_keep_running(
         sub.close()
 
 
+def _agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``edgefleet-agent ARGS`` to its end (at most 60 s), with its output captured."""
+    return subprocess.run(
+        agent_command(*args), cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+
+
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     config = write_config(tmp_path, port=1, extra='colour = "red"')
-    result = subprocess.run(
-        agent_command("run", "--config", str(config)),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _agent_cli("run", "--config", str(config))
     assert result.returncode == 2
     assert "unknown key 'colour'" in result.stderr and "agent.toml:" in result.stderr
     assert "Traceback" not in result.stderr
@@ -268,13 +260,7 @@ def test_missing_model_file_exits_2_with_clear_error(tmp_path: Path) -> None:
     (tmp_path / "m.json").write_text(json.dumps(manifest))
     streams = stream_block("front", source=str(VIDEO), model=str(tmp_path / "m.json"))
     config = write_config(tmp_path, port=1, streams=streams)
-    result = subprocess.run(
-        agent_command("run", "--config", str(config)),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _agent_cli("run", "--config", str(config))
     assert result.returncode == 2, result.stderr
     assert "gone.tflite" in result.stderr
     assert "Traceback" not in result.stderr
@@ -282,23 +268,11 @@ def test_missing_model_file_exits_2_with_clear_error(tmp_path: Path) -> None:
 
 def test_check_config_accepts_good_and_names_problems(tmp_path: Path) -> None:
     config = write_config(tmp_path, port=1883)
-    ok = subprocess.run(
-        agent_command("check-config", str(config)),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    ok = _agent_cli("check-config", str(config))
     assert ok.returncode == 0, ok.stderr
     assert "blazeface-short-int8@1.0.0" in ok.stdout
     bad = write_config(
         tmp_path, port=1883, streams=stream_block("front", source="x.mp4", model="nope.json")
     )
-    result = subprocess.run(
-        agent_command("check-config", str(bad)),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _agent_cli("check-config", str(bad))
     assert result.returncode == 2 and "nope.json does not exist" in result.stderr

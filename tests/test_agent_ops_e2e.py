@@ -16,6 +16,7 @@ from protocol import Telemetry, decode
 from tests.agent_proc import VIDEO, start_agent, stop_agent, stream_block, write_config
 from tests.broker import Mosquitto, free_port
 from tests.mqtt_sub import Subscriber
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -30,18 +31,18 @@ def notify_socket(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
 
 
 def _datagrams(sock: socket.socket, until: str, timeout: float = 30.0) -> list[str]:
-    import time
-
+    """What arrives on ``sock`` (0.2 s receive timeout) up to the first datagram with ``until``."""
     got: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def arrived() -> bool:
         try:
             got.append(sock.recv(4096).decode())
         except TimeoutError:
-            continue
-        if any(until in g for g in got):
-            return got
-    raise AssertionError(f"no {until!r} within {timeout}s; got {got}")
+            return False
+        return any(until in g for g in got)
+
+    wait_for(arrived, timeout=timeout, interval=0, what=lambda: f"{until!r}; got {got}")
+    return got
 
 
 def test_agent_under_systemd_with_home_assistant_and_drift(

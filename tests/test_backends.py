@@ -19,7 +19,6 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 import pytest
-import skimage.data
 
 from inference.backends import BACKENDS, create_backend
 from inference.decoders import make_decoder
@@ -27,6 +26,7 @@ from inference.decoders.nms import iou
 from inference.detector import Detector, load_detector
 from inference.errors import BackendUnavailableError, ModelError
 from protocol import BlazeFaceDecoder
+from tests import images
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "inference" / "assets"
@@ -46,7 +46,7 @@ NON_FACE_IMAGES = ["coffee", "rocket", "chelsea"]
 
 
 def bgr_image(name: str) -> npt.NDArray[Any]:
-    rgb = np.ascontiguousarray(getattr(skimage.data, name)()[..., :3])
+    rgb = np.ascontiguousarray(images.image(name)[..., :3])
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
 
 

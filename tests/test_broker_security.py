@@ -6,11 +6,9 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +22,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from controller.certs import init_ca, issue
 from controller.enroll import enroll, set_password
 from tests.agent_proc import REPO, VIDEO, start_agent, stop_agent
-from tests.broker import find_mosquitto, free_port
+from tests.broker import find_mosquitto, free_port, wait_listening
+from tests.waiting import stop_process, wait_for
 
 PACKAGING = REPO / "packaging" / "mosquitto"
 CONTROLLER_PASSWORD = "controller-secret"
@@ -74,28 +73,12 @@ def _start_broker(tmp: Path, *, client_certs: bool) -> Broker:
     proc = subprocess.Popen(
         [find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log = (tmp / "mosquitto.log").read_text() if (tmp / "mosquitto.log").exists() else ""
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise RuntimeError(f"mosquitto exited: {err}{log[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return Broker(port=port, dir=tmp, ca=tmp / "ca" / "ca.pem", proc=proc)
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("mosquitto did not listen within 10 s")
+    wait_listening(proc, port, timeout=10, log=tmp / "mosquitto.log")
+    return Broker(port=port, dir=tmp, ca=tmp / "ca" / "ca.pem", proc=proc)
 
 
 def _stop(broker: Broker) -> None:
-    broker.proc.terminate()
-    try:
-        broker.proc.wait(10)
-    except subprocess.TimeoutExpired:
-        broker.proc.kill()
-        broker.proc.wait()
+    stop_process(broker.proc, timeout=10)
     if broker.proc.stderr is not None:
         broker.proc.stderr.close()
 
@@ -161,9 +144,12 @@ class Client:
             self._cond.notify_all()
 
     def wait(self, predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-        with self._cond:
-            if not self._cond.wait_for(predicate, timeout):
-                raise AssertionError(f"timed out; messages so far: {self.messages}")
+        wait_for(
+            predicate,
+            timeout=timeout,
+            what=lambda: f"the client's state to match; messages so far: {self.messages}",
+            condition=self._cond,
+        )
 
     def connack_code(self) -> ReasonCode:
         """Wait for the CONNACK and return its reason code."""
@@ -205,12 +191,15 @@ class Fleet:
 
 def _connect_enrolled(broker: Broker, username: str, password: str) -> Client:
     """Connect with an enrolled password; the SIGHUP reload is asynchronous, so retry."""
-    deadline = time.monotonic() + 10
-    while True:
+
+    def attempt() -> Client | None:
         c = Client(broker.port, ca=broker.ca, username=username, password=password)
-        if not c.connack_code().is_failure or time.monotonic() > deadline:
-            return c.connected()
+        if not c.connack_code().is_failure:
+            return c
         c.close()
+        return None
+
+    return wait_for(attempt, timeout=10, what=f"the broker to accept {username}'s password")
 
 
 @pytest.fixture

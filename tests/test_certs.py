@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controller.certs import CertificateError, init_ca, issue
-from controller.cli_security import certs
+from controller.cli.security import certs
 from controller.errors import ControllerError
 
 

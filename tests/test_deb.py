@@ -1,18 +1,23 @@
 """The edgefleet-agent .deb: built for real, inspected, installed into a throwaway root.
 
-Building downloads the agent's dependencies from PyPI (or pip's cache) and takes well
-under a minute here; the package is built once per module.
+Building installs the agent's locked dependencies (requirements/agent.txt, hash-checked)
+from PyPI or pip's cache and takes a minute or two here; the package is built once per module.
 """
 
 from __future__ import annotations
 
 import os
+import platform
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from packaging.utils import canonicalize_name
+
+from tests.scripts import load
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = "opt/edgefleet"
@@ -104,6 +109,21 @@ def test_deb_contains_the_unit_the_conffile_and_the_venv_entry_point(deb: Path) 
     assert conffiles == ["/etc/edgefleet/agent.toml"]
     for script in ("postinst", "prerm", "postrm"):
         assert _run("dpkg-deb", "--info", deb, script).stdout.startswith("#!/bin/sh")
+
+
+def test_deb_venv_holds_exactly_the_locked_versions(deb: Path) -> None:
+    """Nothing outside requirements/agent.txt got in, and every pin for this target did."""
+    check = load("requirements/check.py")
+    listing = _run("dpkg-deb", "--contents", deb).stdout
+    found = set(
+        re.findall(r"/lib/python(3\.\d+)/site-packages/([^/\s]+)-([^-/\s]+)\.dist-info/", listing)
+    )
+    (pyver,) = {python for python, _, _ in found}
+    installed = {(canonicalize_name(name), version) for _, name, version in found}
+    target = check.Target(pyver, platform.machine())
+    pins = check.read_lock(REPO / "requirements" / "agent.txt")
+    locked = {(pin.name, pin.version) for pin in pins if pin.applies(target)}
+    assert installed == locked | {("edgefleet", "0.1.0")}
 
 
 def test_deb_installs_runs_removes_and_purges_in_a_throwaway_root(

@@ -11,7 +11,6 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 import pytest
-import skimage.data
 
 from inference.backends import Backend, TensorInfo, create_backend, dequantize
 from inference.decoders import RawDetection, make_decoder
@@ -19,14 +18,14 @@ from inference.decoders.blazeface import ssd_anchors
 from inference.decoders.nms import batched_nms, iou, nms, nms_list, nms_numpy
 from inference.errors import ModelError
 from protocol import BlazeFaceDecoder, SsdPostprocessDecoder, YoloDecoder
+from tests import images
 
 ASSETS = Path(__file__).resolve().parent.parent / "inference" / "assets"
 F32 = np.dtype(np.float32)
 
 
 def _image(name: str) -> npt.NDArray[Any]:
-    image: npt.NDArray[Any] = getattr(skimage.data, name)()
-    return image
+    return images.image(name)
 
 
 def info(name: str, shape: tuple[int, ...], dtype: Any = F32, **quant: Any) -> TensorInfo:

@@ -1,4 +1,4 @@
-"""`make demo` runs `python -m controller.demo`: the whole story, checked end to end."""
+"""`make demo` runs `python -m tools.demo`: the whole story, checked end to end."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_demo_tells_the_rollout_and_the_automatic_rollback(tmp_path: Path) -> No
         [
             sys.executable,
             "-m",
-            "controller.demo",
+            "tools.demo",
             "--dir",
             str(tmp_path / "demo"),
             "--seconds",

@@ -1,8 +1,8 @@
 """Controller container image, compose stack and Kubernetes manifests (packaging/).
 
 No container engine runs here: the Containerfile and compose.yaml are checked as text
-and YAML; the Kubernetes manifests are validated offline against the Kubernetes JSON
-schemas shipped in the kubernetes-validate wheel.
+and YAML (offline only: the image is never built here); the Kubernetes manifests are
+validated offline against the Kubernetes JSON schemas shipped in the kubernetes-validate wheel.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import yaml
 
 from controller import config as controller_config
 from controller.cli import main as cli_main
+from tests.scripts import load
 
 REPO = Path(__file__).resolve().parent.parent
 CONTAINER = REPO / "packaging" / "container"
@@ -78,12 +79,47 @@ def _check_serve_args(args: list[str]) -> None:
 # --- Containerfile -------------------------------------------------------------------------
 
 
-def test_image_builds_from_python_slim_and_installs_the_controller_extra() -> None:
+def _controller_lock() -> Any:
+    (lock,) = [
+        lock for lock in load("requirements/check.py").LOCKS if lock.name == "controller.txt"
+    ]
+    return lock
+
+
+def test_image_base_is_python_slim_pinned_to_the_locks_python_and_debian_release() -> None:
+    instructions = _containerfile()
+    (arg,) = _instruction(instructions, "ARG")
+    name, _, image = arg.partition("=")
+    assert name == "PYTHON_IMAGE"
+    # Every stage builds on that image, the final one included.
+    froms = _instruction(instructions, "FROM")
+    assert len(froms) == 2 and all(f.split()[0] == "${PYTHON_IMAGE}" for f in froms)
+    ref, _, digest = image.partition("@")
+    repo, _, tag = ref.partition(":")
+    assert repo == "python"
+    # A digest pins the image bit for bit; the tag must name the Python minor and the Debian
+    # release either way (a bare python:3.11-slim moves to the next Debian release).
+    assert digest == "" or re.fullmatch(r"sha256:[0-9a-f]{64}", digest)
+    assert re.fullmatch(r"3\.\d+(\.\d+)?-slim-(bookworm|trixie)", tag), tag
+    pythons = {target.python for target in _controller_lock().targets}
+    assert pythons == {re.sub(r"^(3\.\d+).*", r"\1", tag)}, "the lock is for another Python"
+
+
+def test_image_installs_the_controller_lock_with_hashes_then_the_project_without_deps() -> None:
     stage = _final_stage()
-    assert stage[0].split()[1] in ("${PYTHON_IMAGE}", "python:3.11-slim")
-    assert any("ARG PYTHON_IMAGE=python:3.11-slim" in ln for ln in _containerfile())
-    runs = " ".join(_instruction(stage, "RUN"))
-    assert re.search(r"pip install \"\$\{wheel\}\[controller\]\"", runs)
+    lock = _controller_lock()
+    assert lock.extras == ("controller", "postgres")  # PostgreSQL is how the image runs
+    copies = [c.split() for c in _instruction(stage, "COPY")]
+    (dest,) = [c[-1] for c in copies if c[0] == f"requirements/{lock.name}"]
+    runs = [part.strip() for run in _instruction(stage, "RUN") for part in run.split(";")]
+    installs = [r for r in runs if r.startswith("pip install")]
+    assert installs == [
+        f"pip install --require-hashes --no-deps -r {dest}",
+        "pip install --no-deps /tmp/wheels/edgefleet-*.whl",
+    ]
+    after = runs[runs.index(installs[-1]) + 1 :]
+    assert after[0] == "pip check"
+    assert any(r.startswith("rm -rf") and dest in r.split() for r in after)
 
 
 def test_image_runs_as_a_numeric_non_root_user() -> None:

@@ -16,13 +16,13 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 import pytest
-import skimage.data
 
 from inference.backends import TensorInfo
 from inference.detector import Detector, load_detector
 from inference.errors import ModelError
 from inference.preprocess import Prepared, Preprocessor, quantize_pixels
 from protocol import InputSpec
+from tests import images
 
 ASSETS = Path(__file__).resolve().parent.parent / "inference" / "assets"
 INT8 = ASSETS / "blazeface-short-int8.json"
@@ -32,7 +32,7 @@ VIDEO = ASSETS / "face-walk-640x480.mp4"
 
 
 def astronaut_bgr() -> npt.NDArray[Any]:
-    rgb: npt.NDArray[Any] = getattr(skimage.data, "astronaut")()  # noqa: B009 - untyped module
+    rgb = images.astronaut()
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
 
 

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from controller.certs import init_ca
-from controller.cli_security import devices_enroll
+from controller.cli.security import devices_enroll
 from controller.enroll import EnrollError, enroll, set_password
 from tests.agent_proc import REPO
 

@@ -23,15 +23,17 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.metrics import AgentCollector, AgentMetrics, StreamMetrics
-from controller import store
 from controller.db.session import Database
-from controller.ingest import IngestSnapshot
+from controller.fleet.registry import add_model
+from controller.fleet.writes import Received, write_messages
+from controller.ingest.stats import IngestSnapshot
 from controller.metrics import build_registry
 from controller.rollouts import commands
 from protocol import SCHEMA_VERSION, Status, StreamStatus, status_topic
 
 REPO = Path(__file__).resolve().parent.parent
 ALERTS = REPO / "packaging" / "prometheus" / "alerts.yml"
+ALERTS_TEST = REPO / "packaging" / "prometheus" / "alerts_test.yml"
 DASHBOARD = REPO / "packaging" / "grafana" / "edgefleet-fleet.json"
 
 # Metrics the rules and the dashboard may use before the code exports them, with their
@@ -48,6 +50,22 @@ _MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 _LEGEND = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")
 _LABEL_REF = re.compile(r"\$labels\.([a-zA-Z_][a-zA-Z0-9_]*)")
+_ALERTS_QUERY = re.compile(r'ALERTS\{alertname="([A-Za-z0-9_]+)",alertstate="firing"\}')
+_LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"]*)"')
+
+SUMMARIES = {
+    "DeviceOffline": "1 edgefleet device(s) offline",
+    "RolloutAborted": "1 edgefleet rollout(s) aborted in the last 10 minutes",
+    "IngestLagHigh": "Controller ingest lag p95 is 9s",
+    "IngestDroppingMessages": "Controller dropped 5 MQTT messages in 10 min",
+    "ControllerDatabaseDown": "Controller ctl cannot query its database",
+    "ControllerMqttDisconnected": "Controller ctl is not connected to the MQTT broker",
+    "StreamDown": "Stream front on cam delivers no results",
+    "AgentInferenceLatencyHigh": "Inference p95 250ms on cam/front",
+    "SpoolGrowing": "Detections spool of cam keeps growing (1000 messages waiting)",
+    "DetectionRateDrift": "Detection scores drifted on cam/front (PSI 400m)",
+}
+"""Each alert's summary where it first fires in alerts_test.yml."""
 
 
 def _names_in(expr: str) -> set[str]:
@@ -121,11 +139,9 @@ def _controller_metrics(tmp: Path) -> dict[str, set[str]]:
             streams=[StreamStatus(name="front", source_state="running", model="blazeface@1")],
         )
         with db.begin() as conn:
-            store.write_messages(
-                conn, [store.Received(status_topic("cam-01"), "cam-01", status, 1000.0)]
-            )
+            write_messages(conn, [Received(status_topic("cam-01"), "cam-01", status, 1000.0)])
             # a live rollout, so the per-rollout series (and their labels) are exported
-            store.add_model(
+            add_model(
                 conn,
                 name="blazeface",
                 version="2",
@@ -329,135 +345,97 @@ def test_dashboard_panels_are_well_formed_and_do_not_overlap() -> None:
         assert topic in titles, f"dashboard has no panel about {topic}"
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
-def test_promtool_accepts_the_rules() -> None:
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed"
+)
+
+
+def _promtool(*args: str | Path) -> str:
+    """Run promtool; assert it succeeded and return its standard output."""
     result = subprocess.run(
-        ["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
+        ["promtool", *map(str, args)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{len(_rules())} rules found" in result.stdout
+    return result.stdout
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
-def test_promtool_unit_tests_fire_the_alerts_on_synthetic_series(tmp_path: Path) -> None:
-    ctl = 'instance="ctl",job="edgefleet-controller"'
-    ctl_2 = 'instance="ctl-2",job="edgefleet-controller"'
-    ctl_3 = 'instance="ctl-3",job="edgefleet-controller"'
-    rule = {r["alert"]: r for r in _rules()}
-    aborted = {
-        "exp_labels": {"severity": "warning", "job": "edgefleet-controller"},
-        "exp_annotations": {
-            "summary": "1 edgefleet rollout(s) aborted in the last 10 minutes",
-            "description": rule["RolloutAborted"]["annotations"]["description"],
-        },
-    }
-    tests = {
-        "rule_files": [str(ALERTS)],
-        "evaluation_interval": "1m",
-        "tests": [
+def _write_yaml(path: Path, data: object) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _unit_tests() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(ALERTS_TEST.read_text(encoding="utf-8"))
+    return data
+
+
+def _firing(test: dict[str, Any]) -> dict[str, tuple[str, dict[str, str]]]:
+    """Each alert's first case in one test of alerts_test.yml where it fires alone: the
+    evaluation time and the alert's labels (those of its ALERTS sample)."""
+    found: dict[str, tuple[str, dict[str, str]]] = {}
+    for case in test.get("promql_expr_test", []):
+        if len(case["exp_samples"]) != 1:
+            continue
+        labels = dict(_LABEL_PAIR.findall(case["exp_samples"][0]["labels"]))
+        if labels.pop("alertstate", None) == "firing" and "alertname" in labels:
+            found.setdefault(labels.pop("alertname"), (case["eval_time"], labels))
+    return found
+
+
+@needs_promtool
+def test_promtool_accepts_the_rules() -> None:
+    assert f"{len(_rules())} rules found" in _promtool("check", "rules", ALERTS)
+
+
+@needs_promtool
+def test_promtool_unit_tests_fire_the_alerts_on_synthetic_series() -> None:
+    _promtool("test", "rules", ALERTS_TEST)
+
+
+def test_every_alert_has_a_unit_test_where_it_fires_and_one_where_it_does_not() -> None:
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for test in _unit_tests()["tests"]:
+        for case in test.get("promql_expr_test", []):
+            alert = _ALERTS_QUERY.fullmatch(case["expr"])
+            if alert is not None:
+                (fires if case["exp_samples"] else quiet).add(alert[1])
+        for case in test.get("alert_rule_test", []):
+            (fires if case.get("exp_alerts") else quiet).add(case["alertname"])
+    names = {r["alert"] for r in _rules()}
+    assert not names - fires, f"alerts_test.yml never has {sorted(names - fires)} firing"
+    assert not names - quiet, f"alerts_test.yml never has {sorted(names - quiet)} quiet"
+    unknown = sorted((fires | quiet) - names)
+    assert not unknown, f"alerts_test.yml tests alerts alerts.yml does not have: {unknown}"
+
+
+@needs_promtool
+def test_alert_summaries_show_the_value_and_labels(tmp_path: Path) -> None:
+    """The summaries rendered on alerts_test.yml's series (descriptions, prose, are only
+    checked for presence: the rules are tested here without them)."""
+    rules = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule["annotations"] = {"summary": rule["annotations"]["summary"]}
+    _write_yaml(tmp_path / "alerts.yml", rules)
+    unit = _unit_tests()
+    checked: set[str] = set()
+    for test in unit["tests"]:
+        firing = _firing(test)
+        test["alert_rule_test"] = [
             {
-                "interval": "1m",
-                "input_series": [
-                    {"series": 'edgefleet_devices{state="offline",instance="ctl"}', "values": "0 1x30"},
-                    {"series": 'edgefleet_stream_score_psi{instance="cam",stream="front"}', "values": "0.05x10 0.4x30"},
-                    {"series": 'edgefleet_agent_spool_messages{instance="cam"}', "values": "0+50x40"},
-                    {"series": 'edgefleet_ingest_lag_seconds{quantile="0.95",instance="ctl"}', "values": "0.1x5 9x30"},
-                    # 2 rollouts aborted long ago, a third at 11m. Replicas read the same
-                    # database: ctl-2 (up from 5m) sees the abort too but adds no second
-                    # alert; ctl-3, started at 15m, finds 3 aborted and raises nothing
-                    {"series": f'edgefleet_rollouts{{state="aborted",{ctl}}}', "values": "2x10 3x30"},
-                    {"series": f'edgefleet_rollouts{{state="aborted",{ctl_2}}}', "values": "_x5 2x5 3x30"},
-                    {"series": f'edgefleet_rollouts{{state="aborted",{ctl_3}}}', "values": "_x15 3x25"},
-                    {"series": f'edgefleet_rollouts{{state="active",{ctl}}}', "values": "1x10 0x30"},
-                    # within the 50 ms budget, over it but under twice it from 11m, far over from 21m
-                    {"series": 'edgefleet_stream_inference_p95_seconds{instance="cam",stream="front"}', "values": "0.03x10 0.09x10 0.25x30"},
-                ],
-                "alert_rule_test": [
-                    {"eval_time": "3m", "alertname": "DeviceOffline", "exp_alerts": []},
-                    {
-                        "eval_time": "10m",
-                        "alertname": "DeviceOffline",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"severity": "warning", "state": "offline", "instance": "ctl"},
-                                "exp_annotations": {
-                                    "summary": "1 edgefleet device(s) offline",
-                                    "description": "The controller counts 1 device(s) whose retained status is offline (clean stop or the broker's last will). List them with `edgefleet devices list --offline`.",
-                                },
-                            }
-                        ],
-                    },
-                    {"eval_time": "20m", "alertname": "DetectionRateDrift", "exp_alerts": []},
-                    {
-                        "eval_time": "30m",
-                        "alertname": "DetectionRateDrift",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"severity": "info", "instance": "cam", "stream": "front"},
-                                "exp_annotations": {
-                                    "summary": "Detection scores drifted on cam/front (PSI 400m)",
-                                    "description": "The distribution of detection scores differs significantly (population stability index > 0.25) from the baseline learned when the model became active: the scene, the camera or the model changed. Review samples before trusting the detections.",
-                                },
-                            }
-                        ],
-                    },
-                    {"eval_time": "12m", "alertname": "IngestLagHigh", "exp_alerts": []},
-                    {
-                        "eval_time": "20m",
-                        "alertname": "IngestLagHigh",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"severity": "warning", "quantile": "0.95", "instance": "ctl"},
-                                "exp_annotations": {
-                                    "summary": "Controller ingest lag p95 is 9s",
-                                    "description": "MQTT messages take more than 5 s from receipt to database commit. Check the database (slow disk, locks) and edgefleet_ingest_queue_depth; add controller replicas with broker.shared_group to split the load.",
-                                },
-                            }
-                        ],
-                    },
-                    {"eval_time": "10m", "alertname": "RolloutAborted", "exp_alerts": []},
-                    {"eval_time": "12m", "alertname": "RolloutAborted", "exp_alerts": [aborted]},
-                    {"eval_time": "18m", "alertname": "RolloutAborted", "exp_alerts": [aborted]},
-                    {"eval_time": "22m", "alertname": "RolloutAborted", "exp_alerts": []},
-                    {"eval_time": "20m", "alertname": "AgentInferenceLatencyHigh", "exp_alerts": []},
-                    {"eval_time": "28m", "alertname": "AgentInferenceLatencyHigh", "exp_alerts": []},
-                    {
-                        "eval_time": "35m",
-                        "alertname": "AgentInferenceLatencyHigh",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"severity": "warning", "instance": "cam", "stream": "front"},
-                                "exp_annotations": {
-                                    "summary": "Inference p95 250ms on cam/front",
-                                    "description": "The model's 95th percentile invoke time is over twice the 50 ms budget: the device is throttling (temperature), overloaded, or the model is too big for it.",
-                                },
-                            }
-                        ],
-                    },
-                    {"eval_time": "10m", "alertname": "SpoolGrowing", "exp_alerts": []},
-                    {
-                        "eval_time": "20m",
-                        "alertname": "SpoolGrowing",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"severity": "warning", "instance": "cam"},
-                                "exp_annotations": {
-                                    "summary": "Detections spool of cam keeps growing (1000 messages waiting)",
-                                    "description": "The agent cannot deliver detections to the broker and stores them on disk; once the spool is full the oldest are dropped (edgefleet_agent_spool_dropped_total). Check the device's network and broker credentials.",
-                                },
-                            }
-                        ],
-                    },
+                "eval_time": eval_time,
+                "alertname": name,
+                "exp_alerts": [
+                    {"exp_labels": labels, "exp_annotations": {"summary": SUMMARIES[name]}}
                 ],
             }
-        ],
-    }  # fmt: skip
-    path = tmp_path / "alerts_test.yml"
-    path.write_text(yaml.safe_dump(tests, sort_keys=False), encoding="utf-8")
-    result = subprocess.run(
-        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+            for name, (eval_time, labels) in firing.items()
+        ]
+        test.pop("promql_expr_test", None)
+        checked |= firing.keys()
+    assert checked == SUMMARIES.keys()
+    _promtool("test", "rules", _write_yaml(tmp_path / "alerts_test.yml", unit))
 
 
 def _promql(expr: str) -> str:
@@ -473,7 +451,7 @@ def _panel_exprs(title: str) -> dict[str, str]:
     return {t["refId"]: _promql(t["expr"]) for t in panel["targets"]}
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+@needs_promtool
 def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
     exprs = [_promql(t["expr"]) for t in _dashboard_targets()]
     rules = {
@@ -486,16 +464,11 @@ def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
             }
         ]
     }
-    path = tmp_path / "dashboard_rules.yml"
-    path.write_text(yaml.safe_dump(rules, sort_keys=False), encoding="utf-8")
-    result = subprocess.run(
-        ["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{len(exprs)} rules found" in result.stdout
+    out = _promtool("check", "rules", _write_yaml(tmp_path / "dashboard_rules.yml", rules))
+    assert f"{len(exprs)} rules found" in out
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+@needs_promtool
 def test_rollout_panels_count_each_rollout_once_with_two_controller_replicas(
     tmp_path: Path,
 ) -> None:
@@ -547,9 +520,4 @@ def test_rollout_panels_count_each_rollout_once_with_two_controller_replicas(
             }
         ],
     }
-    path = tmp_path / "dashboard_test.yml"
-    path.write_text(yaml.safe_dump(tests, sort_keys=False), encoding="utf-8")
-    result = subprocess.run(
-        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    _promtool("test", "rules", _write_yaml(tmp_path / "dashboard_test.yml", tests))

@@ -28,13 +28,14 @@ from tests.bundle_factory import write_public_key
 from tests.mqtt_sub import Subscriber
 from tests.ota_support import (
     BASELINE_REF,
+    UPDATE_PHASES,
     Bundle,
     desired,
     make_bundle,
     publish_desired,
-    wait_until,
 )
 from tests.range_server import RangeServerState, range_server
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -91,17 +92,20 @@ class Agent:
         return [decode(m.payload, Reported).streams["front"] for m in self.sub.on("/reported")]
 
     def wait_report(self, timeout: float = 30.0, **want: object) -> StreamReport:
-        def match() -> bool:
-            return any(all(getattr(r, k) == v for k, v in want.items()) for r in self.reports())
+        def match() -> StreamReport | None:
+            return next(
+                (
+                    r
+                    for r in reversed(self.reports())
+                    if all(getattr(r, k) == v for k, v in want.items())
+                ),
+                None,
+            )
 
-        try:
-            wait_until(match, timeout, f"a reported state with {want}")
-        except AssertionError:
-            raise AssertionError(
-                f"{want} not reported; got {self.reports()[-3:]}\n{self.tail()}"
-            ) from None
-        return next(
-            r for r in reversed(self.reports()) if all(getattr(r, k) == v for k, v in want.items())
+        return wait_for(
+            match,
+            timeout=timeout,
+            what=lambda: f"{want} to be reported; got {self.reports()[-3:]}\n{self.tail()}",
         )
 
     def events(self) -> list[Event]:
@@ -163,7 +167,7 @@ def _contiguous(frames: list[Detections]) -> None:
 
 
 def _wait_frames(agent: Agent, ref: str, n: int) -> None:
-    wait_until(lambda: agent.count_model(ref) >= n, 30, f"{n} detections from {ref}")
+    wait_for(lambda: agent.count_model(ref) >= n, timeout=30, what=f"{n} detections from {ref}")
 
 
 def test_signed_update_is_committed_with_no_frame_lost_at_the_swap(agent: Agent) -> None:
@@ -192,15 +196,7 @@ def test_signed_update_is_committed_with_no_frame_lost_at_the_swap(agent: Agent)
     for phase in ("downloading", "verifying", "staging", "shadow", "probation", "committed"):
         assert phase in phases
     ota = [e for e in agent.events() if e.code.startswith("ota.")]
-    assert [e.code for e in ota] == [
-        "ota.downloading",
-        "ota.verifying",
-        "ota.staging",
-        "ota.shadow",
-        "ota.switching",
-        "ota.probation",
-        "ota.committed",
-    ]
+    assert [e.code for e in ota] == [f"ota.{phase}" for phase in UPDATE_PHASES]
     assert all(e.stream == "front" and e.phase == e.code[4:] for e in ota)
     assert ota[-1].details["rev"] == 1 and ota[-1].details["target"] == bundle.name
     assert isinstance(ota[-1].details["live_fps"], float) and ota[-1].details["live_fps"] > 10
@@ -286,11 +282,15 @@ def test_kill_9_in_each_step_restarts_on_a_verified_model(agent: Agent, point: s
     part = agent.tmp / "state" / "ota" / "downloads" / f"{ref.sha256}.efb.part"
     expected = "switching" if point == "activated" else point
     if point == "downloading":
-        wait_until(
-            lambda: part.exists() and part.stat().st_size >= 131072, 30, "a partial download"
+        wait_for(
+            lambda: part.exists() and part.stat().st_size >= 131072,
+            timeout=30,
+            what="a partial download",
         )
     else:
-        wait_until(lambda: agent.phase_on_disk() == expected, 30, f"phase {expected} on disk")
+        wait_for(
+            lambda: agent.phase_on_disk() == expected, timeout=30, what=f"phase {expected} on disk"
+        )
     if point == "probation":
         _wait_frames(agent, bundle.name, 20)  # the candidate is live when the agent dies
     agent.kill()

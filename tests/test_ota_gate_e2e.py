@@ -26,8 +26,9 @@ from tests.agent_proc import VIDEO, start_agent, stop_agent, stream_block, write
 from tests.broker import Mosquitto
 from tests.bundle_factory import write_public_key
 from tests.mqtt_sub import Subscriber
-from tests.ota_support import desired, make_bundle, publish_desired, wait_until
+from tests.ota_support import desired, make_bundle, publish_desired
 from tests.range_server import RangeServerState, range_server
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -84,10 +85,7 @@ class Device:
                     return r
             return None
 
-        wait_until(done, timeout, f"an outcome for {target}")
-        found = done()
-        assert found is not None
-        return found
+        return wait_for(done, timeout=timeout, what=f"an outcome for {target}")
 
     def events(self) -> list[Event]:
         return [decode(m.payload, Event) for m in self.sub.on("/events")]
@@ -111,7 +109,7 @@ def device(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[object]:
         def make(baseline: str) -> Device:
             name = f"cam-{len(made) + 1:02d}"
             made.append(Device(tmp_path / name, mosquitto, baseline, stack, name))
-            wait_until(made[-1].reports, 30, "the first reported state")
+            wait_for(made[-1].reports, timeout=30, what="the first reported state")
             return made[-1]
 
         try:
@@ -163,7 +161,9 @@ def test_bad_models_are_refused_before_they_publish_a_single_detection(
     device: object, busy_core: None, kind: str, reason: str
 ) -> None:
     d = device(FP16)  # type: ignore[operator]
-    wait_until(lambda: d.published_by("blazeface-short-fp16@1.0.0") >= 30, 30, "live frames")
+    wait_for(
+        lambda: d.published_by("blazeface-short-fp16@1.0.0") >= 30, timeout=30, what="live frames"
+    )
     start = time.monotonic()
     target = d.deploy(1, kind, "2.0.0")
     report = d.outcome(target, timeout=60)

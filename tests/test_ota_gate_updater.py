@@ -1,7 +1,7 @@
 """The health gate in the updater: shadow phase, paired probation, tolerances per rollout.
 
 Real models on frames of the shipped video, a simulated 30 fps stream on a fake clock (the
-rig of tests/test_ota_updater.py). Faults a real bundle cannot show on demand (boxes shifted
+rig of tests/ota_rig.py). Faults a real bundle cannot show on demand (boxes shifted
 by half a box, a 10x slower model) are injected into the loaded candidate on purpose.
 """
 
@@ -18,10 +18,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from inference.detector import Detector, InferenceResult, Prepared
 from protocol import Detection, Gate
+from tests.ota_rig import FRAMES, Rig, make_rig
 from tests.ota_support import BASELINE_REF, desired
-from tests.test_ota_updater import FRAMES, make_rig
 
 CANDIDATE = "blazeface-short-int8@2.0.0"
+EMPTY = FRAMES[8]
+"""The background without a face (a black frame "has" a face)."""
 
 
 def shifted(detector: Detector) -> None:
@@ -82,8 +84,7 @@ def test_bad_candidates_are_refused_in_the_shadow_within_30_s(
     rig.sim.faults[CANDIDATE] = fault
     _, ref, _ = served(golden=[])  # no golden sample: only live frames can tell
     start = rig.sim.clock.t
-    rig.send(desired(1, {"front": ref}))
-    rig.settle()
+    rig.apply(desired(1, {"front": ref}))
     front = rig.last.streams["front"]
     assert (front.phase, front.reason) == ("failed", reason)
     assert rig.sim.swaps == [] and rig.sim.active() == BASELINE_REF  # never went live
@@ -96,16 +97,14 @@ def test_a_scene_change_during_the_shadow_does_not_refuse_the_identical_model(
 ) -> None:
     """The room empties for 20 s: no evidence either way, then faces come back."""
     rig = make_rig(tmp_path, key)
-    empty = FRAMES[8]  # the background without a face (a black frame "has" a face)
 
     def scene(n: int) -> Any:
         since = rig.sim.shadow_from
-        return empty if since is None or n - since < 600 else FRAMES[n % len(FRAMES)]
+        return EMPTY if since is None or n - since < 600 else FRAMES[n % len(FRAMES)]
 
     rig.sim.scene = scene
     _, ref, _ = served()
-    rig.send(desired(1, {"front": ref}))
-    rig.settle()
+    rig.apply(desired(1, {"front": ref}))
     front = rig.last.streams["front"]
     assert (front.phase, front.reason) == ("committed", None), front
     gate = front.gate
@@ -113,15 +112,19 @@ def test_a_scene_change_during_the_shadow_does_not_refuse_the_identical_model(
     assert gate.pairs > gate.informative_pairs + 90  # 20 s of nothing to compare
 
 
+def _empty_camera(root: Path, key: Ed25519PrivateKey) -> Rig:
+    """A rig whose camera sees the empty background only."""
+    rig = make_rig(root, key)
+    rig.sim.scene = lambda n: EMPTY
+    return rig
+
+
 def test_an_empty_camera_leaves_the_gate_undecided_and_the_default_refuses(
     tmp_path: Path, key: Ed25519PrivateKey, served: Any
 ) -> None:
-    rig = make_rig(tmp_path, key)
-    empty = FRAMES[8]  # the background without a face (a black frame "has" a face)
-    rig.sim.scene = lambda n: empty
+    rig = _empty_camera(tmp_path, key)
     _, ref, _ = served()
-    rig.send(desired(1, {"front": ref}))
-    rig.settle(timeout=120)
+    rig.apply(desired(1, {"front": ref}), timeout=120)
     front = rig.last.streams["front"]
     assert (front.phase, front.reason) == ("failed", "shadow_inconclusive")
     assert front.gate is not None and front.gate.verdict == "undecided"
@@ -133,20 +136,19 @@ def test_an_empty_camera_leaves_the_gate_undecided_and_the_default_refuses(
 def test_a_rollout_can_commit_when_undecided_and_replace_without_comparing(
     tmp_path: Path, key: Ed25519PrivateKey, served: Any
 ) -> None:
-    rig = make_rig(tmp_path, key)
-    empty = FRAMES[8]  # the background without a face (a black frame "has" a face)
-    rig.sim.scene = lambda n: empty
+    rig = _empty_camera(tmp_path, key)
     _, ref, _ = served()
-    rig.send(desired(1, {"front": msgspec.structs.replace(ref, gate=Gate(undecided="commit"))}))
-    rig.settle(timeout=120)
+    rig.apply(
+        desired(1, {"front": msgspec.structs.replace(ref, gate=Gate(undecided="commit"))}),
+        timeout=120,
+    )
     assert rig.last.streams["front"].phase == "committed"
     # "Replace, do not compare": a blind model with other labels would pass; no shadow phase.
     rig2 = make_rig(tmp_path / "two", key)
     rig2.sim.faults[CANDIDATE] = shifted
     _, ref2, _ = served(version="3.0.0", golden=[])
     rig2.sim.faults["blazeface-short-int8@3.0.0"] = shifted
-    rig2.send(desired(1, {"front": msgspec.structs.replace(ref2, gate=Gate(compare=False))}))
-    rig2.settle()
+    rig2.apply(desired(1, {"front": msgspec.structs.replace(ref2, gate=Gate(compare=False))}))
     assert rig2.last.streams["front"].phase == "committed"
     assert "ota.shadow" not in rig2.codes()
 
@@ -157,8 +159,9 @@ def test_a_per_rollout_tolerance_overrides_the_device_default(
     rig = make_rig(tmp_path, key)
     rig.sim.faults[CANDIDATE] = ten_times_slower
     _, ref, _ = served()
-    rig.send(desired(1, {"front": msgspec.structs.replace(ref, gate=Gate(max_latency_ratio=20.0))}))
-    rig.settle()
+    rig.apply(
+        desired(1, {"front": msgspec.structs.replace(ref, gate=Gate(max_latency_ratio=20.0))})
+    )
     front = rig.last.streams["front"]
     assert front.phase == "committed", front
     assert front.gate is not None and front.gate.latency_ratio is not None

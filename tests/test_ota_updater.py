@@ -1,258 +1,54 @@
 """agent.ota.updater + manager in one process: real bundles, HTTP, store, detectors, golden.
 
-The stream side is a small stand-in (:class:`SimStream`): it keeps the live detector and, on a
-fake clock, runs it on real frames of the shipped video at 30 fps whenever the updater waits,
-feeding a real HealthRecorder. So probation sees real detections in fake time and each test
-takes well under a second of probation. Crashes are simulated with the fault hook: it blocks
-the worker for good (like a process frozen before ``kill -9``) and a fresh manager is built on
-the same state folder, as a restarted agent would.
+The stream side is the rig of tests/ota_rig.py: a simulated 30 fps stream of real frames on a
+fake clock, so probation sees real detections in fake time and each test takes well under a
+second of probation. Crashes are simulated with the fault hook: it blocks the worker for good
+(like a process frozen before ``kill -9``) and a fresh manager is built on the same state
+folder, as a restarted agent would.
 """
 
 from __future__ import annotations
 
-import platform
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy.typing as npt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import __version__
 from agent.config import OtaConfig
-from agent.ota.bundle import VerifiedBundle, open_bundle
-from agent.ota.download import download
 from agent.ota.health import HealthRecorder
-from agent.ota.manager import NO_KEYS, OtaManager, build_services
-from agent.ota.services import Services, StreamIO
-from agent.ota.shadow import ShadowRunner
-from agent.ota.state import load_stream_state
-from agent.ota.store import ModelStore
-from common.backoff import Backoff
-from inference.detector import Detector, load_detector
-from inference.golden import check_golden
-from protocol import Desired, Event, ModelRef, Reported, decode, encode
-from tests.bundle_factory import ASSETS, write_public_key
+from agent.ota.manager import OtaManager
+from agent.ota.model_store import ModelStore
+from agent.ota.services import StreamIO
+from agent.ota.wiring import build_services
+from inference.detector import load_detector
+from protocol import ModelRef, Reported, decode, encode
+from tests.bundle_factory import write_public_key
+from tests.ota_rig import (
+    BASELINE,
+    FRAMES,
+    Rig,
+    SimStream,
+    make_rig,
+    rig_services,
+    stream_io,
+)
 from tests.ota_support import (
     BASELINE_REF,
+    UPDATE_PHASES,
     VIDEO,
     FakeClock,
     desired,
 )
-
-BASELINE = ASSETS / "blazeface-short-int8.json"
-FPS = 30.0
+from tests.waiting import wait_for
 
 
-def _video_frames(step: int = 5) -> list[npt.NDArray[Any]]:
-    cap = cv2.VideoCapture(str(VIDEO))
-    frames = []
-    index = 0
-    while True:
-        ok, image = cap.read()
-        if not ok:
-            break
-        if index % step == 0:
-            frames.append(image)
-        index += 1
-    cap.release()
-    return frames
-
-
-FRAMES = _video_frames()  # 30 frames, 18 with a face
-
-
-class SimStream:
-    """The live side of one stream: current detector, frames at 30 fps on a fake clock."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.health = HealthRecorder(clock=clock)
-        self.detector: Detector | None = None
-        self.failing: set[str] = set()
-        """Models whose every inference raises (an injected fault)."""
-        self.swaps: list[str] = []
-        self.shadow: ShadowRunner | None = None
-        self.scene: Callable[[int], npt.NDArray[Any]] = lambda n: FRAMES[n % len(FRAMES)]
-        """Frame ``n`` of the live scene (tests change it)."""
-        self.faults: dict[str, Callable[[Detector], None]] = {}
-        """``name@version`` to a fault applied to that model when it is loaded."""
-        self.shadow_from: int | None = None
-        """Frame number at which a shadow model was first attached."""
-        self._n = 0
-
-    def load(self, manifest: Path) -> Detector:
-        detector = load_detector(manifest)
-        fault = self.faults.get(detector.ref)
-        if fault is not None:
-            fault(detector)
-        return detector
-
-    def set_shadow(self, runner: ShadowRunner | None) -> None:
-        if runner is not None and self.shadow_from is None:
-            self.shadow_from = self._n
-        self.shadow = runner
-
-    @property
-    def frames(self) -> int:
-        return self._n
-
-    def swap(self, new: Detector) -> Detector:
-        assert self.detector is not None
-        old, self.detector = self.detector, new
-        self.swaps.append(new.ref)
-        return old
-
-    def active(self) -> str | None:
-        return self.detector.ref if self.detector else None
-
-    def run(self, seconds: float) -> None:
-        for _ in range(max(1, round(seconds * FPS))):
-            self.clock.advance(1 / FPS)
-            detector = self.detector
-            assert detector is not None
-            if detector.ref in self.failing:
-                self.health.error(detector.ref)
-                continue
-            image = self.scene(self._n)
-            prepared = detector.preprocess(image)
-            result = detector.infer(prepared)
-            self._n += 1
-            self.health.frame(detector.ref, result.infer_ms, [d.score for d in result.detections])
-            if self.shadow is not None and self.shadow.due():
-                self.shadow.pair(image, detector, prepared, result)
-
-    def wait(self, seconds: float, stop: threading.Event) -> bool:
-        if not stop.is_set():
-            self.run(seconds)
-        return stop.is_set()
-
-
-@dataclass
-class Rig:
-    """A manager on ``root`` with one stream ``front`` and what it published."""
-
-    root: Path
-    key: Ed25519PrivateKey
-    sim: SimStream
-    manager: OtaManager
-    store: ModelStore
-    reports: list[Reported] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-
-    @property
-    def state_dir(self) -> Path:
-        return self.root / "state"
-
-    def send(self, message: Desired) -> None:
-        self.manager.handle_desired(encode(message))
-
-    def settle(self, timeout: float = 30.0) -> None:
-        time.sleep(0.05)
-        assert self.manager.wait_idle(timeout), "the updater did not finish"
-
-    @property
-    def last(self) -> Reported:
-        return self.reports[-1]
-
-    def codes(self) -> list[str]:
-        return [e.code for e in self.events]
-
-    def phase(self) -> str:
-        return load_stream_state(self.state_dir / "ota", "front").phase
-
-
-def _services(
-    root: Path,
-    key: Ed25519PrivateKey,
-    sim: SimStream,
-    *,
-    trusted: list[Ed25519PrivateKey] | None,
-    fault: Callable[[str], None],
-    probation_s: float,
-) -> Services:
-    keys = [k.public_key() for k in (trusted if trusted is not None else [key])]
-
-    def fetch(ref: ModelRef, dest: Path, stop: threading.Event) -> Path:
-        return download(
-            ref.url,
-            dest,
-            sha256=ref.sha256,
-            size=ref.size,
-            retries=3,
-            backoff=Backoff(0.01, 0.02, jitter=0),
-            stop=stop,
-        )
-
-    def verify(path: Path) -> VerifiedBundle:
-        return open_bundle(
-            path,
-            trusted_keys=keys,
-            agent_version=__version__,
-            runtimes={"litert"},
-            arch=platform.machine(),
-        )
-
-    return Services(
-        ota_dir=root / "state" / "ota",
-        store=ModelStore(root / "state" / "models"),
-        download=fetch,
-        verify=verify,
-        golden=lambda det, folder, manifest: check_golden(det, folder, manifest, latency_runs=3),
-        probation_s=probation_s,
-        keys_problem=NO_KEYS if not keys else None,
-        monotonic=sim.clock,
-        wait=sim.wait,
-        fault=fault,
-    )
-
-
-def _stream_io(sim: SimStream) -> StreamIO:
-    """The stream "front" of the simulated pipeline, on the baseline model."""
-    return StreamIO(
-        name="front",
-        baseline_manifest=BASELINE,
-        baseline_ref=BASELINE_REF,
-        load=sim.load,
-        swap=sim.swap,
-        active=sim.active,
-        health=sim.health,
-        shadow=sim.set_shadow,
-    )
-
-
-def make_rig(
-    root: Path,
-    key: Ed25519PrivateKey,
-    *,
-    trusted: list[Ed25519PrivateKey] | None = None,
-    fault: Callable[[str], None] = lambda point: None,
-    probation_s: float = 2.0,
-    warm_s: float = 3.0,
-) -> Rig:
-    """Build (or rebuild after a 'crash') the manager on ``root`` and start it like the app."""
-    clock = FakeClock()
-    sim = SimStream(clock)
-    services = _services(root, key, sim, trusted=trusted, fault=fault, probation_s=probation_s)
-    reports: list[Reported] = []
-    events: list[Event] = []
-    manager = OtaManager(
-        device_id="cam-01",
-        services=services,
-        streams=[_stream_io(sim)],
-        publish_reported=lambda payload: reports.append(decode(payload, Reported)),
-        publish_event=lambda payload: events.append(decode(payload, Event)),
-    )
-    installed = manager.recover()["front"]
-    sim.detector = load_detector(installed or BASELINE)
-    sim.run(warm_s)  # the old model's baseline; from here on only the worker runs models
-    manager.start()
-    return Rig(root, key, sim, manager, services.store, reports, events)
+@pytest.fixture
+def rig(tmp_path: Path, key: Ed25519PrivateKey) -> Rig:
+    """A manager on ``tmp_path`` that trusts ``key``, started on the baseline model."""
+    return make_rig(tmp_path, key)
 
 
 def _fronts(rig: Rig) -> list[tuple[str, str | None, str | None]]:
@@ -265,35 +61,15 @@ def _fronts(rig: Rig) -> list[tuple[str, str | None, str | None]]:
 # --- happy path and the baseline ------------------------------------------------------------
 
 
-def test_signed_bundle_goes_through_every_phase_and_is_committed(
-    tmp_path: Path, key: Ed25519PrivateKey, served: Any
-) -> None:
-    rig = make_rig(tmp_path, key)
+def test_signed_bundle_goes_through_every_phase_and_is_committed(rig: Rig, served: Any) -> None:
     bundle, ref, _ = served()
     assert rig.last.streams["front"].active == BASELINE_REF and rig.last.desired_rev is None
     old = rig.sim.detector
-    rig.send(desired(1, {"front": ref}))
-    rig.settle()
-    assert rig.codes() == [
-        "ota.downloading",
-        "ota.verifying",
-        "ota.staging",
-        "ota.shadow",
-        "ota.switching",
-        "ota.probation",
-        "ota.committed",
-    ]
+    rig.apply(desired(1, {"front": ref}))
+    assert rig.codes() == [f"ota.{phase}" for phase in UPDATE_PHASES]
     phases = [p for p, _, _ in _fronts(rig)]
     changes = [p for i, p in enumerate(phases) if i == 0 or p != phases[i - 1]]
-    assert changes[-7:] == [
-        "downloading",
-        "verifying",
-        "staging",
-        "shadow",
-        "switching",
-        "probation",
-        "committed",
-    ]
+    assert tuple(changes[-7:]) == UPDATE_PHASES
     report = rig.last
     front = report.streams["front"]
     assert report.desired_rev == 1
@@ -326,16 +102,12 @@ def test_signed_bundle_goes_through_every_phase_and_is_committed(
     current = rig.store.current("front")
     assert current is not None and '"version": "2.0.0"' in current.read_text()
     assert rig.store.slots("front")[1] is None
-    assert list((tmp_path / "state" / "ota" / "downloads").iterdir()) == []
+    assert list((rig.state_dir / "ota" / "downloads").iterdir()) == []
 
 
-def test_same_or_lower_rev_is_ignored_and_the_rev_survives_a_restart(
-    tmp_path: Path, key: Ed25519PrivateKey, served: Any
-) -> None:
-    rig = make_rig(tmp_path, key)
+def test_same_or_lower_rev_is_ignored_and_the_rev_survives_a_restart(rig: Rig, served: Any) -> None:
     _, ref, server = served()
-    rig.send(desired(5, {"front": ref}))
-    rig.settle()
+    rig.apply(desired(5, {"front": ref}))
     requests = server.requests
     n_events = len(rig.events)
     _, other, _ = served(version="3.0.0")
@@ -344,53 +116,39 @@ def test_same_or_lower_rev_is_ignored_and_the_rev_survives_a_restart(
     rig.settle()
     assert len(rig.events) == n_events and server.requests == requests
     assert rig.last.desired_rev == 5
-    again = make_rig(tmp_path, key)  # a restart: rev 5 is remembered
+    again = rig.restart()  # a restart: rev 5 is remembered
     assert again.last.desired_rev == 5
     assert again.last.streams["front"].active == "blazeface-short-int8@2.0.0"
-    again.send(desired(5, {"front": other}))
-    again.settle()
+    again.apply(desired(5, {"front": other}))
     assert again.events == []
 
 
-def test_stream_absent_from_desired_goes_back_to_the_baseline(
-    tmp_path: Path, key: Ed25519PrivateKey, served: Any
-) -> None:
-    rig = make_rig(tmp_path, key)
+def test_stream_absent_from_desired_goes_back_to_the_baseline(rig: Rig, served: Any) -> None:
     bundle, ref, _ = served()
-    rig.send(desired(1, {"front": ref}))
-    rig.settle()
+    rig.apply(desired(1, {"front": ref}))
     assert rig.sim.active() == bundle.name
-    rig.send(desired(2, {}, rollout_id=None))
-    rig.settle()
+    rig.apply(desired(2, {}, rollout_id=None))
     front = rig.last.streams["front"]
     assert (front.active, front.target, front.phase) == (BASELINE_REF, BASELINE_REF, "committed")
     assert front.previous == bundle.name
     assert rig.store.slots("front")[0] is None
     assert rig.codes()[-2:] == ["ota.switching", "ota.committed"]
     # And a restart stays on the baseline.
-    assert make_rig(tmp_path, key).sim.active() == BASELINE_REF
+    assert rig.restart().sim.active() == BASELINE_REF
 
 
-def test_desired_naming_the_active_model_is_committed_without_work(
-    tmp_path: Path, key: Ed25519PrivateKey, served: Any
-) -> None:
-    rig = make_rig(tmp_path, key)
+def test_desired_naming_the_active_model_is_committed_without_work(rig: Rig, served: Any) -> None:
     _, ref, server = served(version="1.0.0")  # the baseline's own name@version
-    rig.send(desired(1, {"front": ref}))
-    rig.settle()
+    rig.apply(desired(1, {"front": ref}))
     assert server.requests == 0
     assert rig.last.streams["front"].phase == "committed"
     assert rig.codes() == ["ota.committed"]
 
 
-def test_unknown_stream_and_garbage_desired_are_reported_not_fatal(
-    tmp_path: Path, key: Ed25519PrivateKey, served: Any
-) -> None:
-    rig = make_rig(tmp_path, key)
+def test_unknown_stream_and_garbage_desired_are_reported_not_fatal(rig: Rig, served: Any) -> None:
     _, ref, _ = served()
     rig.manager.handle_desired(b'{"schema": 1, "rev": "x"}')
-    rig.send(desired(1, {"back": ref}))
-    rig.settle()
+    rig.apply(desired(1, {"back": ref}))
     assert rig.codes() == ["ota.bad_desired", "ota.unknown_stream"]
     assert rig.last.desired_rev == 1 and rig.last.streams["front"].phase == "idle"
 
@@ -426,8 +184,7 @@ def test_bad_bundles_fail_before_anything_is_loaded(
     elif kind == "http_404":
         server.status = 404
     old = rig.sim.detector
-    rig.send(desired(1, {"front": ref}))
-    rig.settle()
+    rig.apply(desired(1, {"front": ref}))
     front = rig.last.streams["front"]
     assert (front.phase, front.reason, front.target) == ("failed", reason, bundle.name)
     assert front.active == BASELINE_REF and rig.sim.detector is old and rig.sim.swaps == []
@@ -459,56 +216,46 @@ def _fields(ref: ModelRef) -> dict[str, Any]:
     ],
 )
 def test_models_that_fail_staging_never_go_live(
-    tmp_path: Path, key: Ed25519PrivateKey, served: Any, kind: str, reason: str
+    rig: Rig, served: Any, kind: str, reason: str
 ) -> None:
-    rig = make_rig(tmp_path, key)
     _, ref, _ = served(kind=kind)
-    rig.send(desired(1, {"front": ref}))
-    rig.settle()
+    rig.apply(desired(1, {"front": ref}))
     front = rig.last.streams["front"]
     assert (front.phase, front.reason, front.active) == ("failed", reason, BASELINE_REF)
     assert rig.codes()[-2:] == ["ota.staging", "ota.failed"]
     assert rig.sim.swaps == []
     assert rig.store.slots("front") == (None, None)
-    assert not list((tmp_path / "state" / "models" / "front").glob("staging-*"))
-    assert not list((tmp_path / "state" / "ota" / "work").iterdir())
+    assert not list((rig.state_dir / "models" / "front").glob("staging-*"))
+    assert not list((rig.state_dir / "ota" / "work").iterdir())
 
 
 def test_a_failed_bundle_is_not_retried_by_a_later_rev_but_a_download_failure_is(
-    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+    rig: Rig, served: Any
 ) -> None:
-    rig = make_rig(tmp_path, key)
     _, blind, blind_server = served(kind="blind")
-    rig.send(desired(1, {"front": blind}))
-    rig.settle()
-    rig.send(desired(2, {"front": blind}))
-    rig.settle()
+    rig.apply(desired(1, {"front": blind}))
+    rig.apply(desired(2, {"front": blind}))
     assert blind_server.requests == 1 and rig.last.streams["front"].reason == "golden_mismatch"
     _, good, server = served(version="3.0.0")
     server.status = 503
-    rig.send(desired(3, {"front": good}))
-    rig.settle()
+    rig.apply(desired(3, {"front": good}))
     assert rig.last.streams["front"].reason == "download_failed"
     server.status = None
-    rig.send(desired(4, {"front": good}))
-    rig.settle()
+    rig.apply(desired(4, {"front": good}))
     front = rig.last.streams["front"]
     assert (front.phase, front.active) == ("committed", "blazeface-short-int8@3.0.0")
 
 
 def test_a_retried_bundle_is_reported_as_taken_up_not_with_its_old_failure(
-    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+    rig: Rig, served: Any
 ) -> None:
-    rig = make_rig(tmp_path, key)
     _, good, server = served(version="3.0.0")
     server.status = 503
-    rig.send(desired(1, {"front": good}))
-    rig.settle()
+    rig.apply(desired(1, {"front": good}))
     assert rig.last.streams["front"].reason == "download_failed"
     server.status = None
     seen = len(rig.reports)
-    rig.send(desired(2, {"front": good}))
-    rig.settle()
+    rig.apply(desired(2, {"front": good}))
     at_rev_2 = [r.streams["front"] for r in rig.reports[seen:] if r.desired_rev == 2]
     # The controller reads the first report of rev 2 as this rev's progress, not as a failure.
     assert (at_rev_2[0].phase, at_rev_2[0].reason) == ("idle", None)
@@ -517,18 +264,50 @@ def test_a_retried_bundle_is_reported_as_taken_up_not_with_its_old_failure(
     assert (at_rev_2[-1].phase, at_rev_2[-1].active) == ("committed", "blazeface-short-int8@3.0.0")
 
 
+def test_a_job_the_worker_has_taken_is_reported_idle_until_its_first_phase(
+    rig: Rig, served: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report right after a desired state must not show the previous outcome, even
+    when the worker thread takes the job before the report is built (a race seen in CI)."""
+    _, good, server = served(version="3.0.0")
+    server.status = 503
+    rig.apply(desired(1, {"front": good}))
+    assert rig.last.streams["front"].reason == "download_failed"
+    server.status = None
+    updater = rig.manager.updaters["front"]
+    deployment = updater._deployment
+    taken, release = threading.Event(), threading.Event()
+    real_run = deployment.run
+
+    def held_run(job: Any) -> None:
+        taken.set()
+        assert release.wait(30), "the test never released the worker"
+        real_run(job)
+
+    monkeypatch.setattr(deployment, "run", held_run)
+    seen = len(rig.reports)
+    rig.send(desired(2, {"front": good}))
+    assert taken.wait(10), "the worker did not take the job"
+    assert updater.queued is not None and updater.queued.rev == 2  # running, no phase yet
+    now = rig.manager.report().streams["front"]
+    assert (now.phase, now.reason, now.target) == ("idle", None, "blazeface-short-int8@3.0.0")
+    release.set()
+    rig.settle()
+    at_rev_2 = [r.streams["front"] for r in rig.reports[seen:] if r.desired_rev == 2]
+    assert all(r.phase != "failed" for r in at_rev_2)
+    assert at_rev_2[-1].phase == "committed"
+
+
 # --- probation -----------------------------------------------------------------------------
 
 
 def test_model_blind_on_live_video_is_refused_in_the_shadow_before_it_goes_live(
-    tmp_path: Path, key: Ed25519PrivateKey, served: Any
+    rig: Rig, served: Any
 ) -> None:
-    rig = make_rig(tmp_path, key)
     bundle, ref, _ = served(kind="live_blind")
     old = rig.sim.detector
     start = rig.sim.clock.t
-    rig.send(desired(1, {"front": ref}))
-    rig.settle()
+    rig.apply(desired(1, {"front": ref}))
     front = rig.last.streams["front"]
     assert (front.phase, front.reason, front.target) == ("failed", "shadow_agreement", bundle.name)
     assert front.active == BASELINE_REF and rig.sim.detector is old
@@ -552,8 +331,7 @@ def test_inference_errors_roll_back_at_once(
     bundle, ref, _ = served()
     rig.sim.failing.add(bundle.name)
     start = rig.sim.clock.t
-    rig.send(desired(1, {"front": ref}))
-    rig.settle()
+    rig.apply(desired(1, {"front": ref}))
     assert rig.last.streams["front"].reason == "probation_errors"
     probation = next(e for e in rig.events if e.code == "ota.probation")
     assert rig.sim.clock.t - start < 45.0  # shadow, then far less than the 30 s of probation
@@ -590,15 +368,11 @@ def test_new_desired_during_probation_supersedes_the_candidate(
 # --- download resume and restarts ------------------------------------------------------------
 
 
-def test_cut_download_resumes_from_the_byte_it_reached(
-    tmp_path: Path, key: Ed25519PrivateKey, served: Any
-) -> None:
-    rig = make_rig(tmp_path, key)
+def test_cut_download_resumes_from_the_byte_it_reached(rig: Rig, served: Any) -> None:
     _, ref, server = served()
     cut = len(server.body) // 3
     server.cut_after = [cut]
-    rig.send(desired(1, {"front": ref}))
-    rig.settle()
+    rig.apply(desired(1, {"front": ref}))
     assert rig.last.streams["front"].phase == "committed"
     assert server.ranges[0] is None and len(server.ranges) == 2
     resumed_at = int(str(server.ranges[1]).removeprefix("bytes=").rstrip("-"))
@@ -638,8 +412,7 @@ def test_restart_in_each_phase_resumes_or_rolls_back(
     # First a committed 2.0.0, so "previous" is a real installed model, not the baseline.
     rig = make_rig(tmp_path, key)
     v2, ref2, _ = served()
-    rig.send(desired(1, {"front": ref2}))
-    rig.settle()
+    rig.apply(desired(1, {"front": ref2}))
     frozen = Frozen(point)
     crashed = make_rig(tmp_path, key, fault=frozen)
     v3, ref3, _ = served(version="3.0.0")
@@ -684,18 +457,14 @@ def test_restart_rolls_back_to_the_baseline_when_the_first_candidate_was_in_prob
     assert restarted.store.slots("front")[0] is None
 
 
-def test_restart_refuses_an_installed_model_whose_files_changed(
-    tmp_path: Path, key: Ed25519PrivateKey, served: Any
-) -> None:
-    rig = make_rig(tmp_path, key)
+def test_restart_refuses_an_installed_model_whose_files_changed(rig: Rig, served: Any) -> None:
     bundle, ref, _ = served()
-    rig.send(desired(1, {"front": ref}))
-    rig.settle()
+    rig.apply(desired(1, {"front": ref}))
     current = rig.store.current("front")
     assert current is not None
     model = current.parent / "blazeface-short-int8.tflite"
     model.write_bytes(model.read_bytes()[:-10])
-    restarted = make_rig(tmp_path, key)
+    restarted = rig.restart()
     front = restarted.last.streams["front"]
     assert restarted.sim.active() == BASELINE_REF
     assert (front.phase, front.reason, front.target) == ("failed", "install_invalid", bundle.name)
@@ -759,15 +528,23 @@ def test_hot_swap_in_a_real_pipeline_loses_no_frame(
     pipeline.start()
     source.start()
     try:
-        while pipeline.stats.frames_processed < 200:
-            time.sleep(0.01)
+        wait_for(
+            lambda: pipeline.stats.frames_processed >= 200,
+            timeout=60,
+            interval=0.01,
+            what="200 frames on the baseline model",
+        )
         manager.start()
         manager.handle_desired(encode(desired(1, {"front": ref})))
         time.sleep(0.05)
         assert manager.wait_idle(90)
         done = pipeline.stats.frames_processed
-        while pipeline.stats.frames_processed < done + 100:
-            time.sleep(0.01)
+        wait_for(
+            lambda: pipeline.stats.frames_processed >= done + 100,
+            timeout=60,
+            interval=0.01,
+            what="100 frames after the swap",
+        )
     finally:
         manager.stop()
         source.stop()
@@ -784,21 +561,19 @@ def test_hot_swap_in_a_real_pipeline_loses_no_frame(
     assert any(f.detections for f in frames[switch:])
 
 
-def test_disabled_ota_ignores_desired_and_the_store(
-    tmp_path: Path, key: Ed25519PrivateKey, served: Any
-) -> None:
-    rig = make_rig(tmp_path, key)
+def test_disabled_ota_ignores_desired_and_the_store(rig: Rig, served: Any) -> None:
     _, ref, _ = served()
-    rig.send(desired(1, {"front": ref}))
-    rig.settle()
+    rig.apply(desired(1, {"front": ref}))
     assert rig.store.current("front") is not None
     sim = SimStream(FakeClock())
     sim.detector = load_detector(BASELINE)
     reports: list[Reported] = []
     manager = OtaManager(
         device_id="cam-01",
-        services=_services(tmp_path, key, sim, trusted=None, fault=lambda p: None, probation_s=1),
-        streams=[_stream_io(sim)],
+        services=rig_services(
+            rig.root, rig.key, sim, trusted=None, fault=lambda p: None, probation_s=1
+        ),
+        streams=[stream_io(sim)],
         publish_reported=lambda payload: reports.append(decode(payload, Reported)),
         publish_event=lambda payload: pytest.fail("no events when disabled"),
         enabled=False,
@@ -814,7 +589,7 @@ def test_disabled_ota_ignores_desired_and_the_store(
 
 def test_fault_hook_env_is_strict() -> None:
     from agent.errors import ConfigError
-    from agent.ota.manager import fault_hook_from_env
+    from agent.ota.wiring import fault_hook_from_env
 
     fault_hook_from_env(None)("staging")  # unset: a no-op
     fault_hook_from_env("pause:probation")("staging")  # another point: no-op

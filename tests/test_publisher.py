@@ -7,25 +7,23 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.config import BrokerConfig
 from agent.errors import PublishError
 from agent.mqtt_client import InboundMessage, MqttConnection, parse_broker_url
 from agent.publisher import Publisher
-from agent.spool import Spool, encode_record
+from agent.spool.queue import Spool
+from agent.spool.records import encode_record
 from protocol import desired_topic, detections_topic, reported_topic, status_topic
 from tests.broker import Mosquitto
+from tests.mqtt_sub import Subscriber
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICE = "dev1"
@@ -38,82 +36,9 @@ pytestmark = pytest.mark.slow
 # persistence file in the test's folder: sessions would not survive a broker restart.
 
 
-@dataclass(frozen=True)
-class Got:
-    topic: str
-    payload: bytes
-    dup: bool
-    retain: bool
-
-
-class Subscriber:
-    """QoS 1 subscriber with a persistent session, collecting messages under a condition."""
-
-    def __init__(self, port: int, topic_filter: str = f"edgefleet/v1/{DEVICE}/#") -> None:
-        self.messages: list[Got] = []
-        self._cond = threading.Condition()
-        self._filter = topic_filter
-        self._subscribed = threading.Event()
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"test-sub-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
-        )
-        self.client.on_connect = lambda c, *_: c.subscribe(self._filter, qos=1)
-        self.client.on_subscribe = lambda *_: self._subscribed.set()
-        self.client.on_message = self._on_message
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 3600
-        self.client.reconnect_delay_set(1, 1)
-        self.client.connect("127.0.0.1", port, keepalive=10, clean_start=False, properties=props)
-        self.client.loop_start()
-        assert self._subscribed.wait(10), "test subscriber did not subscribe"
-
-    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        with self._cond:
-            self.messages.append(
-                Got(msg.topic, bytes(msg.payload), bool(msg.dup), bool(msg.retain))
-            )
-            self._cond.notify_all()
-
-    def wait_for(self, predicate: Callable[[list[Got]], bool], timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not predicate(self.messages):
-                left = deadline - time.monotonic()
-                assert left > 0, (
-                    f"timed out; got {len(self.messages)} messages: {self.messages[-3:]}"
-                )
-                self._cond.wait(left)
-
-    def payloads(self, topic: str) -> list[bytes]:
-        """Payloads on ``topic`` in arrival order, without the broker's own re-deliveries.
-
-        When the BROKER restarts, it re-sends (with DUP set) the messages it had sent to this
-        subscriber but whose PUBACK it had not processed yet: subscriber-side QoS 1
-        duplicates, unrelated to the publisher. Those are left out; any other duplicate or any
-        reordering stays in and fails the test.
-        """
-        with self._cond:
-            seen: set[bytes] = set()
-            out: list[bytes] = []
-            for m in self.messages:
-                if m.topic != topic or (m.dup and m.payload in seen):
-                    continue
-                seen.add(m.payload)
-                out.append(m.payload)
-            return out
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or predicate}"
-        time.sleep(0.02)
+def subscriber(port: int, topic_filter: str = f"edgefleet/v1/{DEVICE}/#") -> Subscriber:
+    """A QoS 1 subscriber with a persistent session on ``topic_filter``."""
+    return Subscriber(port, [topic_filter])
 
 
 def runs(payloads: list[bytes]) -> list[tuple[int, int]]:
@@ -156,7 +81,7 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
 @pytest.fixture
 def offline_broker(broker: Mosquitto) -> Iterator[tuple[Mosquitto, Subscriber]]:
     """A subscriber with a persistent session on a broker that is then stopped (down)."""
-    sub = Subscriber(broker.port)
+    sub = subscriber(broker.port)
     broker.stop()  # SIGTERM: mosquitto saves the session to its persistence file
     yield broker, sub
     sub.close()
@@ -216,9 +141,11 @@ def test_status_is_retained_and_reported_is_retained(broker: Mosquitto, tmp_path
     try:
         pub.publish_status(b"online")
         pub.publish_reported(b'{"r": 1}')
-        wait_until(lambda: pub.published >= 2, what="status and reported acknowledged")
-        late = Subscriber(broker.port)  # subscribes after: gets them only if retained
-        late.wait_for(lambda ms: {m.topic for m in ms} >= {STATUS, reported_topic(DEVICE)})
+        wait_for(lambda: pub.published >= 2, timeout=30, what="status and reported acknowledged")
+        late = subscriber(broker.port)  # subscribes after: gets them only if retained
+        late.wait_for(
+            lambda ms: {m.topic for m in ms} >= {STATUS, reported_topic(DEVICE)}, timeout=30
+        )
         assert all(m.retain for m in late.messages)
         late.close()
     finally:
@@ -230,21 +157,23 @@ import sys, time
 from pathlib import Path
 from agent.config import BrokerConfig
 from agent.publisher import Publisher
-from agent.spool import Spool
+from agent.spool.queue import Spool
+from tests.waiting import wait_for
 pub = Publisher(device_id="dev1", broker=BrokerConfig(url=sys.argv[1]),
                 spool=Spool(Path(sys.argv[2]), max_bytes=1 << 20), will_payload=b"offline")
 pub.start()
 pub.publish_status(b"online")
-deadline = time.monotonic() + 20
-while pub.published < 1 and time.monotonic() < deadline:
-    time.sleep(0.01)
-print("ready" if pub.published else "not acknowledged", flush=True)
+try:
+    wait_for(lambda: pub.published >= 1, timeout=20, interval=0.01, what="the status acknowledged")
+    print("ready", flush=True)
+except AssertionError as timed_out:
+    print(timed_out, flush=True)
 time.sleep(120)
 """
 
 
 def test_will_marks_a_killed_agent_offline(broker: Mosquitto, tmp_path: Path) -> None:
-    sub = Subscriber(broker.port)
+    sub = subscriber(broker.port)
     proc = subprocess.Popen(
         [sys.executable, "-c", _KILLED_AGENT, broker.url, str(tmp_path / "spool")],
         cwd=REPO,
@@ -254,19 +183,22 @@ def test_will_marks_a_killed_agent_offline(broker: Mosquitto, tmp_path: Path) ->
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
-        sub.wait_for(lambda ms: [m.payload for m in ms if m.topic == STATUS] == [b"online"])
+        sub.wait_for(
+            lambda ms: [m.payload for m in ms if m.topic == STATUS] == [b"online"], timeout=30
+        )
         os.kill(proc.pid, signal.SIGKILL)  # no DISCONNECT: the broker must send the will
         proc.wait(10)
         sub.wait_for(
-            lambda ms: [m.payload for m in ms if m.topic == STATUS] == [b"online", b"offline"]
+            lambda ms: [m.payload for m in ms if m.topic == STATUS] == [b"online", b"offline"],
+            timeout=30,
         )
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         sub.close()
-    late = Subscriber(broker.port)
-    late.wait_for(lambda ms: any(m.topic == STATUS for m in ms))
+    late = subscriber(broker.port)
+    late.wait_for(lambda ms: any(m.topic == STATUS for m in ms), timeout=30)
     assert [(m.payload, m.retain) for m in late.messages if m.topic == STATUS] == [
         (b"offline", True)
     ]
@@ -274,19 +206,19 @@ def test_will_marks_a_killed_agent_offline(broker: Mosquitto, tmp_path: Path) ->
 
 
 def test_clean_close_publishes_final_status_and_no_will(broker: Mosquitto, tmp_path: Path) -> None:
-    sub = Subscriber(broker.port)
+    sub = subscriber(broker.port)
     pub = make_publisher(broker.url, tmp_path / "spool")
     pub.start()
     pub.publish_status(b"online")
-    wait_until(lambda: pub.published >= 1, what="status acknowledged")
+    wait_for(lambda: pub.published >= 1, timeout=30, what="status acknowledged")
     for i in range(50):
         pub.publish_detections(DET, seq_payload(i))
     pub.close(final_status=b"stopping-then-offline", timeout=5)
-    sub.wait_for(lambda ms: any(m.payload == b"stopping-then-offline" for m in ms))
+    sub.wait_for(lambda ms: any(m.payload == b"stopping-then-offline" for m in ms), timeout=30)
     assert sub.payloads(DET) == [seq_payload(i) for i in range(50)]
     # Give a will every chance to show up: a later retained read must still be the final status.
-    late = Subscriber(broker.port, STATUS)
-    late.wait_for(lambda ms: len(ms) >= 1)
+    late = subscriber(broker.port, STATUS)
+    late.wait_for(lambda ms: len(ms) >= 1, timeout=30)
     assert late.messages[-1].payload == b"stopping-then-offline"
     assert b"offline" not in [m.payload for m in sub.messages]
     late.close()
@@ -298,12 +230,12 @@ def test_clean_close_publishes_final_status_and_no_will(broker: Mosquitto, tmp_p
 def test_detections_survive_broker_outage_exactly_once_in_order(
     broker: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    sub = Subscriber(broker.port)
+    sub = subscriber(broker.port)
     changes: list[bool] = []
     pub = make_publisher(broker.url, tmp_path / "spool", on_connection_change=changes.append)
     pub.start()
     pub.publish_status(b"online")
-    wait_until(lambda: pub.connected, what="connected")
+    wait_for(lambda: pub.connected, timeout=30, what="connected")
     stop = threading.Event()
     sent: list[int] = []
 
@@ -318,17 +250,23 @@ def test_detections_survive_broker_outage_exactly_once_in_order(
     producer = threading.Thread(target=produce)
     producer.start()
     try:
-        wait_until(lambda: len(sent) > 200, what="some detections before the outage")
+        wait_for(lambda: len(sent) > 200, timeout=30, what="some detections before the outage")
         broker.stop()
-        wait_until(lambda: not pub.connected, what="disconnect seen")
+        wait_for(lambda: not pub.connected, timeout=30, what="disconnect seen")
         outage_start = len(sent)
         stop.wait(3.0)  # the outage: the agent keeps producing for 3 s
         assert len(sent) > outage_start + 100
-        wait_until(lambda: pub.spool_depth > 0, what="detections spooled during the outage")
+        wait_for(
+            lambda: pub.spool_depth > 0, timeout=30, what="detections spooled during the outage"
+        )
         spooled = pub.spool_depth
         broker.start()
-        wait_until(lambda: pub.connected, what="reconnected")
-        wait_until(lambda: len(sent) > outage_start + 900, what="live detections after the outage")
+        wait_for(lambda: pub.connected, timeout=30, what="reconnected")
+        wait_for(
+            lambda: len(sent) > outage_start + 900,
+            timeout=30,
+            what="live detections after the outage",
+        )
     finally:
         stop.set()
         producer.join()
@@ -336,7 +274,7 @@ def test_detections_survive_broker_outage_exactly_once_in_order(
     sub.wait_for(lambda _: len(sub.payloads(DET)) >= len(expected), timeout=60)
     got = sub.payloads(DET)
     assert got == expected, f"received runs of seq: {runs(got)}"  # every seq once, in order
-    wait_until(lambda: pub.spool_depth == 0, what="spool drained")
+    wait_for(lambda: pub.spool_depth == 0, timeout=30, what="spool drained")
     assert spooled > 100
     assert changes[:3] == [True, False, True]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -344,7 +282,9 @@ def test_detections_survive_broker_outage_exactly_once_in_order(
     assert not any("cannot reach" in m for m in warnings)
     # The status was published again after the reconnect (a broker shutting down publishes
     # the wills of its clients, so the retained status may have become `offline`).
-    sub.wait_for(lambda ms: [m.payload for m in ms if m.topic == STATUS].count(b"online") >= 2)
+    sub.wait_for(
+        lambda ms: [m.payload for m in ms if m.topic == STATUS].count(b"online") >= 2, timeout=30
+    )
     assert [m.payload for m in sub.messages if m.topic == STATUS][-1] == b"online"
     pub.close()
     sub.close()
@@ -354,37 +294,37 @@ def test_unacknowledged_messages_are_resent_before_the_spool_after_a_broker_cras
     broker: Mosquitto, tmp_path: Path
 ) -> None:
     """In flight at the crash → re-sent first (DUP), then the spool in order, then live ones."""
-    sub = Subscriber(broker.port)
+    sub = subscriber(broker.port)
     db = broker.workdir / "persist" / "mosquitto.db"
     assert broker.proc is not None
     broker.proc.send_signal(signal.SIGUSR1)  # save the subscriber's session to disk now
-    wait_until(db.exists, what="broker database saved")
+    wait_for(db.exists, timeout=30, what="broker database saved")
     pub = make_publisher(broker.url, tmp_path / "spool", queue_size=20)
     pub.start()
-    wait_until(lambda: pub.connected, what="connected")
+    wait_for(lambda: pub.connected, timeout=30, what="connected")
     for i in range(10):
         pub.publish_detections(DET, seq_payload(i))
-    sub.wait_for(lambda _: len(sub.payloads(DET)) == 10)
+    sub.wait_for(lambda _: len(sub.payloads(DET)) == 10, timeout=30)
     broker.proc.send_signal(signal.SIGSTOP)  # hangs: what is sent now is never processed
     for i in range(10, 30):
         pub.publish_detections(DET, seq_payload(i))
-    wait_until(lambda: pub.in_flight == 16, what="16 handed over, unacknowledged")
+    wait_for(lambda: pub.in_flight == 16, timeout=30, what="16 handed over, unacknowledged")
     broker.proc.kill()  # crash: its socket buffers, with those 16 PUBLISH packets, are gone
     broker.proc.wait()
     broker.proc = None
-    wait_until(lambda: not pub.connected, what="disconnect seen")
+    wait_for(lambda: not pub.connected, timeout=30, what="disconnect seen")
     for i in range(30, 200):
         pub.publish_detections(DET, seq_payload(i))  # offline: to the spool
-    wait_until(lambda: pub.spool_depth == 170 + 4, what="offline messages spooled")
+    wait_for(lambda: pub.spool_depth == 170 + 4, timeout=30, what="offline messages spooled")
     assert pub.in_flight == 16  # paho still holds them
     broker.start()
-    wait_until(lambda: pub.connected, what="reconnected")
+    wait_for(lambda: pub.connected, timeout=30, what="reconnected")
     for i in range(200, 300):
         pub.publish_detections(DET, seq_payload(i))  # live again
-    sub.wait_for(lambda _: len(sub.payloads(DET)) >= 300)
+    sub.wait_for(lambda _: len(sub.payloads(DET)) >= 300, timeout=30)
     got = sub.payloads(DET)
     assert got == [seq_payload(i) for i in range(300)], f"received runs of seq: {runs(got)}"
-    wait_until(lambda: pub.spool_depth == 0 and pub.in_flight == 0, what="all settled")
+    wait_for(lambda: pub.spool_depth == 0 and pub.in_flight == 0, timeout=30, what="all settled")
     pub.close()
     sub.close()
 
@@ -398,16 +338,16 @@ def test_broker_unreachable_at_start_spools_then_delivers_in_order(
     try:
         for i in range(500):
             pub.publish_detections(DET, seq_payload(i))
-        wait_until(lambda: pub.spool_depth == 500, what="everything on disk")
+        wait_for(lambda: pub.spool_depth == 500, timeout=30, what="everything on disk")
         assert not pub.connected
         segments = list((tmp_path / "spool").glob("seg*.log"))
         assert segments and sum(p.stat().st_size for p in segments) > 500 * len(seq_payload(0))
         unreachable = [r for r in caplog.records if "cannot reach MQTT broker" in r.getMessage()]
         assert len(unreachable) == 1  # logged once per state change, not per retry
         broker.start()
-        sub.wait_for(lambda _: len(sub.payloads(DET)) >= 500)
+        sub.wait_for(lambda _: len(sub.payloads(DET)) >= 500, timeout=30)
         assert sub.payloads(DET) == [seq_payload(i) for i in range(500)]
-        wait_until(lambda: pub.spool_depth == 0, what="spool drained")
+        wait_for(lambda: pub.spool_depth == 0, timeout=30, what="spool drained")
     finally:
         pub.close()
 
@@ -418,17 +358,17 @@ def test_close_with_broker_down_persists_everything_for_the_next_publisher(
     spool_dir = tmp_path / "spool"
     pub = make_publisher(broker.url, spool_dir, max_inflight=20, queue_size=30)
     pub.start()
-    wait_until(lambda: pub.connected, what="connected")
+    wait_for(lambda: pub.connected, timeout=30, what="connected")
     for i in range(10):
         pub.publish_detections(DET, seq_payload(i))
-    wait_until(lambda: pub.published == 10, what="first 10 acknowledged")
+    wait_for(lambda: pub.published == 10, timeout=30, what="first 10 acknowledged")
     assert broker.proc is not None
     broker.proc.send_signal(signal.SIGSTOP)  # the broker hangs: TCP stays up, no acks come
     try:
         for i in range(10, 26):
             pub.publish_detections(DET, seq_payload(i))
         # 16 = Mosquitto's Receive Maximum (20) minus the slots kept for retained messages.
-        wait_until(lambda: pub.in_flight == 16, what="16 handed over, unacknowledged")
+        wait_for(lambda: pub.in_flight == 16, timeout=30, what="16 handed over, unacknowledged")
         for i in range(26, 100):
             pub.publish_detections(DET, seq_payload(i))  # live queue of 30, spills to the spool
         assert pub.queued == 90
@@ -443,12 +383,12 @@ def test_close_with_broker_down_persists_everything_for_the_next_publisher(
     fresh = Mosquitto(tmp_path / "broker2")
     fresh.start()
     try:
-        sub = Subscriber(fresh.port)
+        sub = subscriber(fresh.port)
         second = make_publisher(fresh.url, spool_dir)
         second.start()
-        sub.wait_for(lambda _: len(sub.payloads(DET)) >= 90)
+        sub.wait_for(lambda _: len(sub.payloads(DET)) >= 90, timeout=30)
         assert sub.payloads(DET) == [seq_payload(i) for i in range(10, 100)]
-        wait_until(lambda: second.spool_depth == 0, what="spool drained")
+        wait_for(lambda: second.spool_depth == 0, timeout=30, what="spool drained")
         second.close()
         sub.close()
     finally:
@@ -465,11 +405,11 @@ def test_spool_full_while_offline_drops_oldest_with_exact_count(
     try:
         for i in range(200):
             pub.publish_detections(DET, seq_payload(i))
-        wait_until(lambda: pub.spool_depth == 50 and pub.queued == 50, what="spool full")
+        wait_for(lambda: pub.spool_depth == 50 and pub.queued == 50, timeout=30, what="spool full")
         assert pub.spool_dropped == 150
         broker.start()
-        sub.wait_for(lambda _: len(sub.payloads(DET)) >= 50)
-        wait_until(lambda: pub.spool_depth == 0, what="spool drained")
+        sub.wait_for(lambda _: len(sub.payloads(DET)) >= 50, timeout=30)
+        wait_for(lambda: pub.spool_depth == 0, timeout=30, what="spool drained")
         assert sub.payloads(DET) == [seq_payload(i) for i in range(150, 200)]
         assert pub.spool_dropped == 150
     finally:
@@ -479,25 +419,27 @@ def test_spool_full_while_offline_drops_oldest_with_exact_count(
 def test_telemetry_is_dropped_while_offline_and_sent_while_online(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
-    sub = Subscriber(broker.port)
+    sub = subscriber(broker.port)
     pub = make_publisher(broker.url, tmp_path / "spool")
     pub.start()
-    wait_until(lambda: pub.connected, what="connected")
+    wait_for(lambda: pub.connected, timeout=30, what="connected")
     pub.publish_telemetry(b"t1")
-    sub.wait_for(lambda ms: any(m.payload == b"t1" for m in ms))
+    sub.wait_for(lambda ms: any(m.payload == b"t1" for m in ms), timeout=30)
     sent_before = pub.published
     broker.stop()
-    wait_until(lambda: not pub.connected, what="disconnect seen")
+    wait_for(lambda: not pub.connected, timeout=30, what="disconnect seen")
     pub.publish_telemetry(b"t-offline")
     broker.start()
     # QoS 0 is not queued for an offline subscriber: wait until both are back.
-    wait_until(lambda: pub.connected and sub.client.is_connected(), what="both reconnected")
+    wait_for(
+        lambda: pub.connected and sub.client.is_connected(), timeout=30, what="both reconnected"
+    )
     pub.publish_telemetry(b"t2")
-    sub.wait_for(lambda ms: any(m.payload == b"t2" for m in ms))
+    sub.wait_for(lambda ms: any(m.payload == b"t2" for m in ms), timeout=30)
     assert b"t-offline" not in [m.payload for m in sub.messages]
     # t2 only: t-offline was dropped, not kept. The count is bumped by the publisher thread
     # right after paho took t2, which can be just after the subscriber got it.
-    wait_until(lambda: pub.published >= sent_before + 1, what="t2 counted")
+    wait_for(lambda: pub.published >= sent_before + 1, timeout=30, what="t2 counted")
     assert pub.published == sent_before + 1
     assert pub.spool_depth == 0
     pub.close()
@@ -523,7 +465,7 @@ def test_subscribe_survives_handler_errors_reconnects_and_unsubscribes(
     pub.subscribe(desired, failing)
     unsubscribe = pub.subscribe(desired, collect)
     pub.start()
-    wait_until(lambda: pub.connected, what="connected")
+    wait_for(lambda: pub.connected, timeout=30, what="connected")
 
     sender = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
 
@@ -541,7 +483,7 @@ def test_subscribe_survives_handler_errors_reconnects_and_unsubscribes(
     send(b"d1")
     wait_got(1)  # the failing handler did not stop the other one
     broker.restart()
-    wait_until(lambda: pub.connected, what="reconnected")
+    wait_for(lambda: pub.connected, timeout=30, what="reconnected")
     send(b"d2")
     wait_got(2)
     assert got == [b"d1", b"d2"]
@@ -550,7 +492,7 @@ def test_subscribe_survives_handler_errors_reconnects_and_unsubscribes(
     send(b"d3")
     assert pub.connected
     pub.publish_status(b"probe")  # a round trip after d3 to be sure it would have arrived
-    wait_until(lambda: pub.published >= 1, what="probe acknowledged")
+    wait_for(lambda: pub.published >= 1, timeout=30, what="probe acknowledged")
     with cond:
         assert got == [b"d1", b"d2"]
     pub.close()

@@ -19,6 +19,7 @@ from agent.errors import AgentError, SourceError
 from agent.sources import QUEUE_DEPTH, Frame, FrameSource
 from common.backoff import Backoff
 from tests.mjpeg_server import MjpegServer, encode_video
+from tests.waiting import wait_for
 
 VIDEO_FRAMES = 150
 VIDEO_FPS = 15.0
@@ -44,35 +45,30 @@ class States:
 
     def wait_for(self, state: str, *, after: int = 0, timeout: float = 10.0) -> str | None:
         """Wait until ``state`` was entered (at position >= ``after``); returns its error."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for s, err in self.seen[after:]:
-                    if s == state:
-                        return err
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"state {state!r} not reached in {timeout} s: {self.seen}")
-                self._cond.wait(remaining)
-
-
-def eventually(predicate: Callable[[], bool], *, timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout} s: {what}")
-        time.sleep(0.01)
+        (error,) = wait_for(
+            lambda: next(((err,) for s, err in self.seen[after:] if s == state), None),
+            timeout=timeout,
+            what=lambda: f"state {state!r}; seen {self.seen}",
+            condition=self._cond,
+        )
+        return error
 
 
 def take(source: FrameSource, n: int, *, timeout: float = 10.0) -> list[Frame]:
     frames: list[Frame] = []
-    deadline = time.monotonic() + timeout
-    while len(frames) < n:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"only {len(frames)} of {n} frames in {timeout} s: {source.stats()}"
-        frame = source.get(timeout=remaining)
+
+    def enough() -> bool:
+        frame = source.get(timeout=0.1)
         if frame is not None:
             frames.append(frame)
+        return len(frames) >= n
+
+    wait_for(
+        enough,
+        timeout=timeout,
+        interval=0,
+        what=lambda: f"{n} frames; got {len(frames)}: {source.stats()}",
+    )
     return frames
 
 
@@ -279,7 +275,7 @@ def test_file_as_fast_as_possible_waits_for_the_consumer_and_stops_promptly(
     video: Path, make_source: Callable[..., FrameSource]
 ) -> None:
     source = make_source(uri=str(video), realtime=False, loop=True)
-    eventually(lambda: source.stats().frames_captured == QUEUE_DEPTH, what="queue filled")
+    wait_for(lambda: source.stats().frames_captured == QUEUE_DEPTH, timeout=10, what="queue filled")
     time.sleep(0.3)  # room for a (wrong) read-ahead past the bound to show up
     assert source.stats().frames_captured == QUEUE_DEPTH
     assert source.stats().state == "running"
@@ -441,7 +437,7 @@ def test_absent_camera_keeps_retrying_with_a_clear_error_and_stops_promptly(
 
 def test_absent_camera_counts_reconnect_attempts(make_source: Callable[..., FrameSource]) -> None:
     source = make_source(uri="/dev/video57", reconnect_min_s=0.01, reconnect_max_s=0.05)
-    eventually(lambda: source.stats().reconnects >= 3, what="three reconnect attempts")
+    wait_for(lambda: source.stats().reconnects >= 3, timeout=10, what="three reconnect attempts")
     assert source.stats().state == "reconnecting"
 
 
@@ -468,7 +464,7 @@ def test_mjpeg_camera_reconnects_after_it_goes_away_and_comes_back(
         error = states.wait_for("reconnecting")
         assert error is not None
         assert url in error
-        eventually(lambda: source.stats().reconnects >= 2, what="reconnect attempts")
+        wait_for(lambda: source.stats().reconnects >= 2, timeout=10, what="reconnect attempts")
         assert source.stats().state == "reconnecting"
         assert "cannot connect to" in (source.stats().error or "")
         assert "check the URL, credentials" in (source.stats().error or "")

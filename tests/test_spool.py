@@ -14,7 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.atomic import StateFileError
-from agent.spool import HEADER, STATE_FILE, Spool, SpoolError, encode_record
+from agent.spool import SpoolError
+from agent.spool.queue import Spool
+from agent.spool.records import encode_record
+from agent.spool.recovery import STATE_FILE
+from agent.spool.segments import HEADER
 
 REPO = Path(__file__).resolve().parent.parent
 TOPIC = "edgefleet/v1/dev1/detections/cam"
@@ -203,7 +207,7 @@ def test_spool_survives_kill_9_without_sync(tmp_path: Path) -> None:
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from agent.spool import Spool\n"
+        "from agent.spool.queue import Spool\n"
         "s = Spool(Path(sys.argv[1]), max_bytes=1 << 20, sync_interval_s=3600)\n"
         "for i in range(500):\n"
         "    s.append('t', b'%d' % i)\n"

@@ -1,11 +1,12 @@
 """Device side of OTA model updates (docs/ota.md).
 
 Building blocks: ``download`` (resumable verified HTTP), ``bundle`` (signature, hashes,
-compatibility, extraction), ``store`` (installed models per stream), ``golden`` (golden
-samples, latency budget), ``probation`` (pure verdicts) and ``health`` (per-frame samples).
-The state machine: ``state`` (persisted files), ``services`` (the injected I/O), ``deploy``
-(the steps of one deployment), ``updater`` (one worker per stream) and ``manager`` (desired
-in, reported and events out, restart recovery).
+compatibility, extraction), ``model_store`` (installed models per stream), ``probation``
+(pure verdicts), ``health`` (per-frame samples), ``shadow``, ``gate`` and ``gate_policy``
+(the paired health gate). The state machine: ``state`` (persisted files), ``services`` (the
+injected I/O), ``deploy`` (the steps of one deployment), ``updater`` (one worker per stream)
+and ``manager`` (desired in, reported and events out, restart recovery); ``wiring`` builds the
+daemon's production services.
 
 Every error raised on purpose is an :class:`OtaError` with a machine-readable ``reason`` (a
 short snake_case code that goes into ``StreamReport.reason`` and events) and a sentence that

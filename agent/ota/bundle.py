@@ -2,19 +2,16 @@
 
 :func:`open_bundle` reads the tar archive (plain or gzip, detected by magic bytes) without
 extracting anything: it rejects unsafe or unexpected members, checks the ed25519 signature
-over the canonical manifest with any trusted key, streams every member's sha256 and size
+over the canonical manifest with any trusted key (the rules are :mod:`protocol.bundle`'s), streams every member's sha256 and size
 against the manifest and checks compatibility. :func:`extract` then writes the files into a
 fresh temporary folder next to the destination, fsyncs them and renames the folder into place.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import logging
 import os
-import re
 import secrets
 import shutil
 import tarfile
@@ -22,30 +19,34 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from agent.ota import OtaError
 from common.atomic import fsync_dir
-from protocol import Manifest, ProtocolError, decode_manifest, encode_manifest
-from protocol.manifest import check_relative_path
+from protocol import Manifest, ProtocolError, decode_manifest
+from protocol import bundle as bundle_format
+from protocol.bundle import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    SIGNATURE_NAME,
+    BundleFormatError,
+    key_id,
+    version_tuple,
+)
 
 __all__ = [
     "BundleError",
     "VerifiedBundle",
     "extract",
+    "key_id",
     "load_trusted_keys",
     "open_bundle",
     "version_tuple",
 ]
 
 log = logging.getLogger(__name__)
-
-MANIFEST_NAME = "manifest.json"
-SIGNATURE_NAME = "manifest.sig"
-_MAX_MANIFEST = 1 << 20
-_VERSION = re.compile(r"\d+(\.\d+)*")
 
 
 class BundleError(OtaError):
@@ -62,14 +63,6 @@ class VerifiedBundle:
     """Base64 ed25519 signature (``manifest.sig``)."""
     key_id: str
     """Id of the trusted key that verified the signature (16 hex digits)."""
-
-
-def key_id(key: Ed25519PublicKey) -> str:
-    """First 16 hex digits of sha256 over the raw 32-byte public key."""
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    raw = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def load_trusted_keys(paths: Iterable[Path]) -> list[Ed25519PublicKey]:
@@ -103,17 +96,6 @@ def load_trusted_keys(paths: Iterable[Path]) -> list[Ed25519PublicKey]:
     return keys
 
 
-def version_tuple(version: str) -> tuple[int, ...]:
-    """``"1.10.2"`` -> ``(1, 10, 2)``; a pre-release/build suffix after ``-``/``+`` is ignored."""
-    core = re.split(r"[-+]", version.strip().lstrip("vV"), maxsplit=1)[0]
-    if not _VERSION.fullmatch(core):
-        raise ValueError(f"not a dotted numeric version: {version!r}")
-    parts = [int(p) for p in core.split(".")]
-    while len(parts) > 1 and parts[-1] == 0:
-        parts.pop()
-    return tuple(parts)
-
-
 def open_bundle(
     path: Path,
     *,
@@ -136,8 +118,11 @@ def open_bundle(
             manifest_bytes = _read_small(tar, by_name, MANIFEST_NAME, path, missing="unsigned")
             sig_text = _read_small(tar, by_name, SIGNATURE_NAME, path, missing="unsigned")
             manifest = _decode(manifest_bytes, path)
-            kid = _check_signature(manifest, sig_text, trusted_keys, path)
-            _check_listing(manifest, by_name, path)
+            try:
+                kid = bundle_format.verify_signature(manifest, sig_text, trusted_keys)
+                bundle_format.check_listing(manifest, by_name)
+            except BundleFormatError as err:
+                raise _format(path, err) from err
             listed = {f.path: f for f in manifest.files}
             for member in members:  # archive order: no backward seeks in a gzip stream
                 entry = listed.get(member.name)
@@ -148,7 +133,12 @@ def open_bundle(
             "bad_archive",
             f"bundle {path} is not a readable tar archive ({err}); download it again",
         ) from err
-    _check_compatibility(manifest, path, agent_version=agent_version, runtimes=runtimes, arch=arch)
+    try:
+        bundle_format.check_compatibility(
+            manifest, agent_version=agent_version, runtimes=runtimes, arch=arch
+        )
+    except BundleFormatError as err:
+        raise _format(path, err) from err
     signature = sig_text.decode("ascii").strip()
     log.info("bundle %s (%s) verified with key %s", path, manifest.ref, kid)
     return VerifiedBundle(
@@ -245,13 +235,9 @@ def _check_members(path: Path, members: list[tarfile.TarInfo]) -> dict[str, tarf
                 "allowed; rebuild the bundle with `edgefleet bundle build`",
             )
         try:
-            check_relative_path(name)
-        except ProtocolError as err:
-            raise BundleError("unsafe_member", f"bundle {path}: {err}") from err
-        if name.startswith("./") or "//" in name or name.endswith("/"):
-            raise BundleError(
-                "unsafe_member", f"bundle {path} has a non-canonical member name {name!r}"
-            )
+            bundle_format.check_member_name(name)
+        except BundleFormatError as err:
+            raise _format(path, err) from err
         if name in by_name:
             raise BundleError(
                 "unsafe_member",
@@ -276,7 +262,7 @@ def _read_small(
             f"bundle {path} has no {name}: only signed bundles are installed; sign it with "
             "`edgefleet bundle build --key`",
         )
-    if member.size > _MAX_MANIFEST:
+    if member.size > MAX_MANIFEST_BYTES:
         raise BundleError("bad_manifest", f"bundle {path}: {name} is too large")
     source = tar.extractfile(member)
     if source is None:
@@ -292,52 +278,8 @@ def _decode(data: bytes, path: Path) -> Manifest:
         raise BundleError("bad_manifest", f"bundle {path}: {err}") from err
 
 
-def _check_signature(
-    manifest: Manifest, sig_text: bytes, keys: list[Ed25519PublicKey], path: Path
-) -> str:
-    try:
-        signature = base64.b64decode(sig_text.strip(), validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise BundleError(
-            "bad_signature", f"bundle {path}: manifest.sig is not base64 ({err})"
-        ) from err
-    message = encode_manifest(manifest)
-    for key in keys:
-        try:
-            key.verify(signature, message)
-        except InvalidSignature:
-            continue
-        return key_id(key)
-    raise BundleError(
-        "bad_signature",
-        f"bundle {path} ({manifest.ref}) is not signed by any of the {len(keys)} trusted "
-        "key(s): sign it with a trusted key or add its public key to [ota] trusted_keys",
-    )
-
-
-def _check_listing(manifest: Manifest, by_name: dict[str, tarfile.TarInfo], path: Path) -> None:
-    listed = {f.path for f in manifest.files}
-    if len(listed) != len(manifest.files):
-        raise BundleError("bad_manifest", f"bundle {path}: manifest lists a file twice")
-    extra = sorted(set(by_name) - listed - {MANIFEST_NAME, SIGNATURE_NAME})
-    if extra:
-        raise BundleError(
-            "unexpected_member",
-            f"bundle {path} contains {extra}, not listed in its manifest: rebuild the bundle",
-        )
-    missing = sorted(listed - set(by_name))
-    if missing:
-        raise BundleError("missing_file", f"bundle {path} lacks {missing}, listed in its manifest")
-    if manifest.model not in listed:
-        raise BundleError(
-            "bad_manifest", f"bundle {path}: model {manifest.model!r} is not listed in files"
-        )
-    for sample in manifest.golden:
-        if sample.image not in listed:
-            raise BundleError(
-                "bad_manifest",
-                f"bundle {path}: golden image {sample.image!r} is not listed in files",
-            )
+def _format(path: Path, err: BundleFormatError) -> BundleError:
+    return BundleError(err.reason, f"bundle {path}: {err}")
 
 
 def _check_file(
@@ -361,46 +303,3 @@ def _check_file(
             f"bundle {path}: sha256 of {member.name} does not match the manifest; the "
             "bundle was corrupted or tampered with, download it again",
         )
-
-
-def _check_compatibility(
-    manifest: Manifest, path: Path, *, agent_version: str, runtimes: set[str], arch: str
-) -> None:
-    compat = manifest.compatibility
-    if compat.min_agent_version is not None:
-        try:
-            too_old = version_tuple(agent_version) < version_tuple(compat.min_agent_version)
-        except ValueError as err:
-            raise BundleError("incompatible", f"bundle {path}: {err}") from err
-        if too_old:
-            raise BundleError(
-                "incompatible",
-                f"{manifest.ref} needs agent {compat.min_agent_version} or newer, this is "
-                f"{agent_version}: upgrade the agent first",
-            )
-    if manifest.runtime not in _families(runtimes):
-        raise BundleError(
-            "incompatible",
-            f"{manifest.ref} needs the {manifest.runtime} runtime, this device has "
-            f"{sorted(runtimes)}: install it or pick another model",
-        )
-    if compat.runtimes and not (set(compat.runtimes) & _families(runtimes)):
-        raise BundleError(
-            "incompatible",
-            f"{manifest.ref} supports runtimes {compat.runtimes}, this device has "
-            f"{sorted(runtimes)}",
-        )
-    if compat.architectures and arch not in compat.architectures:
-        raise BundleError(
-            "incompatible",
-            f"{manifest.ref} supports architectures {compat.architectures}, this device is "
-            f"{arch}: pick a build for {arch}",
-        )
-
-
-def _families(runtimes: set[str]) -> set[str]:
-    """litert and tflite run the same models."""
-    out = set(runtimes)
-    if out & {"litert", "tflite"}:
-        out |= {"litert", "tflite"}
-    return out

@@ -2,9 +2,9 @@
 probation.
 
 :class:`Deployment` runs a :class:`~agent.ota.services.Job` for one stream and records every
-transition through its journal (the :class:`~agent.ota.updater.StreamUpdater`, which persists
-each phase *before* the step runs). Failures before the swap end in ``failed(reason)`` and the
-current model never stops serving; after the swap the old detector stays loaded, so a failed
+transition through its :class:`~agent.ota.services.Journal` (the stream's updater, which persists each phase
+*before* the step runs). Failures before the swap end in ``failed(reason)`` and the current
+model never stops serving; after the swap the old detector stays loaded, so a failed
 probation is an instant swap back (``rolled_back(reason)``).
 """
 
@@ -15,7 +15,6 @@ import logging
 import secrets
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from agent.errors import AgentError
 from agent.ota import OtaError
@@ -23,14 +22,11 @@ from agent.ota.bundle import extract
 from agent.ota.gate import GateResult, GateRules, evaluate
 from agent.ota.gate_policy import GateFailed, evidence_details, gate_message, rules_for
 from agent.ota.probation import WARMUP_FRAMES, Health, Verdict, check_errors, judge
-from agent.ota.services import Cancelled, Details, Job, Services, StreamIO
+from agent.ota.services import Cancelled, Details, Job, Journal, Services, StreamIO
 from agent.ota.shadow import PairLog, ShadowRunner
 from inference.detector import Detector
 from inference.errors import InferenceError
 from protocol import Manifest, ModelRef
-
-if TYPE_CHECKING:
-    from agent.ota.updater import StreamUpdater
 
 __all__ = ["PROBATION_TICK_S", "Deployment"]
 
@@ -47,7 +43,7 @@ EVIDENCE_EVERY_S = 5.0
 class Deployment:
     """Runs jobs for one stream; ``journal`` persists, reports and can cancel."""
 
-    def __init__(self, io: StreamIO, services: Services, journal: StreamUpdater) -> None:
+    def __init__(self, io: StreamIO, services: Services, journal: Journal) -> None:
         self.io = io
         self._svc = services
         self._j = journal

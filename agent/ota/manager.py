@@ -5,31 +5,21 @@ a ``Desired`` message whose ``rev`` is greater than the last one it handled (per
 ``{ota_dir}/_desired.json``), hands each stream its job, and publishes the retained
 ``Reported`` state on every phase change. At start (:meth:`OtaManager.recover`, before the
 streams load their models) it applies the restart rules of docs/ota.md.
-
-Test hook: ``EDGEFLEET_OTA_FAULT`` (comma-separated ``pause:POINT``, POINT a phase name or
-``activated``) makes the agent block forever when a deployment reaches that point, right
-after the phase was persisted, so a test can ``kill -9`` it there. Not for production use.
+:mod:`agent.ota.wiring` builds its production services.
 """
 
 from __future__ import annotations
 
 import logging
-import platform
 import shutil
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent import __version__
-from agent.config import OtaConfig
-from agent.errors import AgentError, ConfigError
-from agent.ota import OtaError
-from agent.ota.bundle import VerifiedBundle, load_trusted_keys, open_bundle
-from agent.ota.download import download
-from agent.ota.gate import GateRules
-from agent.ota.probation import Thresholds
-from agent.ota.services import FaultHook, Job, OtaEvent, Services, StreamIO
+from agent.errors import AgentError
+from agent.ota.model_store import StoreError, verify_installed
+from agent.ota.services import Job, OtaEvent, Services, StreamIO
 from agent.ota.state import (
     IN_PROGRESS,
     StreamState,
@@ -38,15 +28,13 @@ from agent.ota.state import (
     same_model,
     save_desired,
 )
-from agent.ota.store import ModelStore, StoreError, verify_installed
 from agent.ota.updater import StreamUpdater
 from inference.errors import InferenceError
-from inference.golden import check_golden
 from protocol import (
     SCHEMA_VERSION,
     Desired,
     Event,
-    ModelRef,
+    EventLevel,
     ProtocolError,
     Reported,
     StreamReport,
@@ -55,14 +43,10 @@ from protocol import (
     encode,
 )
 
-__all__ = ["FAULT_ENV", "OtaManager", "build_services", "fault_hook_from_env"]
+__all__ = ["OtaManager"]
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "EDGEFLEET_OTA_FAULT"
-FAULT_POINTS = frozenset(
-    {"downloading", "verifying", "staging", "shadow", "switching", "activated", "probation"}
-)
 RETRYABLE = frozenset(
     {
         "download_failed",
@@ -78,96 +62,6 @@ RETRYABLE = frozenset(
 )
 """Failures a new rev (or a restart) retries for the same bundle: they depend on the network
 or on this device, not on the bundle's bytes. ``http_*`` failures are retried too."""
-NO_KEYS = (
-    "no_trusted_keys",
-    "no [ota] trusted_keys configured, so this agent refuses every model update: add the "
-    "controller's signing.pub (`edgefleet keys generate`) to [ota] trusted_keys and restart",
-)
-
-
-def fault_hook_from_env(value: str | None) -> FaultHook:
-    """The ``EDGEFLEET_OTA_FAULT`` test hook; a no-op when unset."""
-    paused: set[str] = set()
-    for item in (value or "").split(","):
-        if not item.strip():
-            continue
-        action, _, point = item.strip().partition(":")
-        if action != "pause" or point not in FAULT_POINTS:
-            raise ConfigError(
-                f"{FAULT_ENV}={value!r}: use pause:POINT with POINT one of "
-                f"{', '.join(sorted(FAULT_POINTS))} (a test hook; unset it in production)"
-            )
-        paused.add(point)
-
-    def hook(point: str) -> None:
-        if point in paused:
-            log.warning("%s: paused at %s for good (test hook)", FAULT_ENV, point)
-            while True:
-                time.sleep(3600)
-
-    return hook
-
-
-def build_services(
-    config: OtaConfig,
-    *,
-    ota_dir: Path,
-    store: ModelStore,
-    key_paths: list[Path],
-    runtimes: set[str],
-    fault: FaultHook,
-) -> Services:
-    """The production :class:`Services`: real download, bundle check, golden check."""
-    keys_problem: tuple[str, str] | None = None
-    keys = []
-    if not key_paths:
-        keys_problem = NO_KEYS
-    else:
-        try:
-            keys = load_trusted_keys(key_paths)
-        except OtaError as err:
-            log.error("%s", err)
-            keys_problem = (err.reason, str(err))
-    arch = platform.machine()
-
-    def fetch(ref: ModelRef, dest: Path, stop: threading.Event) -> Path:
-        return download(
-            ref.url,
-            dest,
-            sha256=ref.sha256,
-            size=ref.size,
-            retries=config.download_retries,
-            stop=stop,
-        )
-
-    def verify(path: Path) -> VerifiedBundle:
-        return open_bundle(
-            path, trusted_keys=keys, agent_version=__version__, runtimes=runtimes, arch=arch
-        )
-
-    return Services(
-        ota_dir=ota_dir,
-        store=store,
-        download=fetch,
-        verify=verify,
-        golden=lambda det, folder, manifest: check_golden(
-            det, folder, manifest, latency_runs=config.golden_latency_runs
-        ),
-        thresholds=Thresholds(fps_factor=config.fps_factor, max_errors=config.max_errors),
-        probation_s=config.probation_s,
-        gate=GateRules(
-            min_agreement=config.min_agreement,
-            max_latency_ratio=config.max_latency_ratio,
-            max_errors=config.max_errors,
-            confidence=config.confidence,
-        ),
-        undecided=config.undecided,
-        shadow_max_s=config.shadow_max_s,
-        shadow_interval_s=config.shadow_interval_s,
-        shadow_cpu_share=config.shadow_cpu_share,
-        keys_problem=keys_problem,
-        fault=fault,
-    )
 
 
 class OtaManager:
@@ -419,7 +313,7 @@ class OtaManager:
             )
         )
 
-    def _emit_device(self, code: str, level: str, message: str) -> None:
+    def _emit_device(self, code: str, level: EventLevel, message: str) -> None:
         self._publish_event(
             encode(
                 Event(
@@ -427,7 +321,7 @@ class OtaManager:
                     device_id=self.device_id,
                     ts=self._clock(),
                     code=code,
-                    level=level,  # type: ignore[arg-type]
+                    level=level,
                     message=message,
                 )
             )

@@ -2,7 +2,8 @@
 
 :class:`Services` is shared by every stream (state folder, model store, download, bundle
 check, golden check, probation policy, clocks, fault hook); :class:`StreamIO` is one stream's
-side (load a model, swap it in, what is active, its health samples).
+side (load a model, swap it in, what is active, its health samples); :class:`Journal` is what
+a deployment records its transitions through (the stream's updater).
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from agent.ota.bundle import VerifiedBundle
 from agent.ota.gate import GateRules
 from agent.ota.health import HealthRecorder
+from agent.ota.model_store import ModelStore
 from agent.ota.probation import Thresholds
 from agent.ota.shadow import ShadowRunner
-from agent.ota.store import ModelStore
+from agent.ota.state import StreamState
 from inference.detector import Detector
 from inference.golden import GoldenReport
-from protocol import Manifest, ModelRef
+from protocol import EventLevel, GateEvidence, Manifest, ModelRef
 from protocol.messages import DeploymentPhase
 
 __all__ = [
@@ -32,8 +34,9 @@ __all__ = [
     "FaultHook",
     "GoldenFn",
     "Job",
-    "Level",
+    "Journal",
     "OtaEvent",
+    "Outcome",
     "Services",
     "StreamIO",
     "VerifyFn",
@@ -54,7 +57,9 @@ FaultHook = Callable[[str], None]
 """Called at each step (a phase name, or ``activated`` right after the store switched);
 tests pause or raise there to simulate a crash at that point."""
 
-Level = Literal["info", "warning", "error"]
+"""An event's level (``protocol.Event.level``)."""
+Outcome = Literal["committed", "failed", "rolled_back"]
+"""The phases that end a deployment."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +67,7 @@ class OtaEvent:
     """One ``ota.*`` event (the manager turns it into a ``protocol.Event``)."""
 
     code: str
-    level: Level
+    level: EventLevel
     message: str
     stream: str
     phase: DeploymentPhase
@@ -145,3 +150,53 @@ class StreamIO:
 
 class Cancelled(Exception):
     """The running job was superseded or the updater is stopping."""
+
+
+class Journal(Protocol):
+    """Where a deployment records its transitions: persisted, reported, and cancellable."""
+
+    @property
+    def state(self) -> StreamState:
+        """The stream's persisted deployment state."""
+        ...
+
+    @property
+    def cancel_event(self) -> threading.Event:
+        """Set when the running job must stop (superseded, or the agent is stopping)."""
+        ...
+
+    @property
+    def cancel_reason(self) -> str:
+        """Why ``cancel_event`` was set: ``superseded`` or ``stopping``."""
+        ...
+
+    def enter(
+        self,
+        job: Job,
+        phase: DeploymentPhase,
+        message: str,
+        *,
+        from_slot: str | None = None,
+        details: Details | None = None,
+    ) -> None:
+        """Persist and report ``phase`` before its step runs; raises Cancelled if cancelled."""
+        ...
+
+    def finish(
+        self,
+        job: Job,
+        phase: Outcome,
+        reason: str | None,
+        message: str,
+        details: Details | None = None,
+    ) -> None:
+        """Persist and report the job's outcome."""
+        ...
+
+    def show_evidence(self, evidence: GateEvidence) -> None:
+        """Persist and report the health gate's evidence so far."""
+        ...
+
+    def check(self) -> None:
+        """Raise Cancelled when the job was cancelled."""
+        ...

@@ -19,43 +19,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Literal
 
 from agent.ota.deploy import Deployment
-from agent.ota.services import (
-    Cancelled,
-    Details,
-    DownloadFn,
-    FaultHook,
-    GoldenFn,
-    Job,
-    Level,
-    OtaEvent,
-    Services,
-    StreamIO,
-    VerifyFn,
-    WaitFn,
-)
+from agent.ota.services import Cancelled, Details, Job, OtaEvent, Outcome, Services, StreamIO
 from agent.ota.state import StreamState, save_stream_state
-from protocol import GateEvidence
+from protocol import EventLevel, GateEvidence
 from protocol.messages import DeploymentPhase
 
-__all__ = [
-    "DownloadFn",
-    "FaultHook",
-    "GoldenFn",
-    "Job",
-    "OtaEvent",
-    "Services",
-    "StreamIO",
-    "StreamUpdater",
-    "VerifyFn",
-    "WaitFn",
-]
+__all__ = ["StreamUpdater"]
 
 log = logging.getLogger(__name__)
 
-_LEVELS: dict[str, Level] = {"committed": "info", "failed": "error", "rolled_back": "warning"}
+_LEVELS: dict[str, EventLevel] = {"committed": "info", "failed": "error", "rolled_back": "warning"}
 
 
 class StreamUpdater:
@@ -94,9 +69,16 @@ class StreamUpdater:
 
     @property
     def queued(self) -> Job | None:
-        """The job taken up but not started yet (reported as phase ``idle`` with its target)."""
+        """The job taken up but not started yet (reported as phase ``idle`` with its target):
+        the pending one, or the running one before its first phase is recorded (until then
+        the state still holds the previous deployment's outcome)."""
         with self._cond:
-            return self._pending
+            if self._pending is not None:
+                return self._pending
+            running = self._running
+            if running is not None and self._state.rev != running.rev:
+                return running
+            return None
 
     @property
     def busy(self) -> bool:
@@ -177,7 +159,7 @@ class StreamUpdater:
 
     def record(
         self,
-        phase: Literal["committed", "failed", "rolled_back"],
+        phase: Outcome,
         reason: str | None,
         message: str,
         *,
@@ -241,7 +223,7 @@ class StreamUpdater:
     def finish(
         self,
         job: Job,
-        phase: Literal["committed", "failed", "rolled_back"],
+        phase: Outcome,
         reason: str | None,
         message: str,
         details: Details | None = None,
@@ -258,7 +240,7 @@ class StreamUpdater:
         self,
         state: StreamState,
         phase: DeploymentPhase,
-        level: Level,
+        level: EventLevel,
         message: str,
         details: Details | None,
     ) -> None:
@@ -282,8 +264,6 @@ class StreamUpdater:
     def check(self) -> None:
         if self.cancel_event.is_set():
             raise Cancelled
-
-    # -- the steps -----------------------------------------------------------------------
 
 
 def _same_target(a: Job, b: Job) -> bool:

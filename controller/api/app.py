@@ -14,7 +14,7 @@ from controller.api.rollouts import router as rollouts_router
 from controller.api.routes import router
 from controller.api.schemas import Health
 from controller.db.session import Database
-from controller.ingest import IngestSnapshot
+from controller.ingest.stats import IngestSnapshot
 from controller.metrics import build_registry
 
 API_VERSION = "0.1.0"

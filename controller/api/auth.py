@@ -22,8 +22,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from controller import store
-from controller.store import Role, TokenInfo
+from controller.fleet.tokens import Role, TokenInfo, role_allows, verify_token
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +189,7 @@ def require(role: Role) -> Callable[..., TokenInfo]:
             )
         db = request.app.state.db
         with db.begin() as conn:
-            info = store.verify_token(conn, creds.credentials, now=request.app.state.clock())
+            info = verify_token(conn, creds.credentials, now=request.app.state.clock())
         if info is None:
             if limiter is not None and limiter.failed(address):
                 log.warning(
@@ -204,7 +203,7 @@ def require(role: Role) -> Callable[..., TokenInfo]:
             raise _unauthorized(
                 "the token is unknown or revoked; " + HOW_TO_CREATE.format(role=role)
             )
-        if not store.role_allows(info.role, role):
+        if not role_allows(info.role, role):
             raise HTTPException(
                 status_code=status.HTTP_403_FORBIDDEN,
                 detail=(

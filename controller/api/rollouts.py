@@ -26,10 +26,9 @@ from controller.api.schemas import (
 )
 from controller.db.session import Database
 from controller.errors import RolloutError
-from controller.rollouts import commands
+from controller.rollouts import commands, records
 from controller.rollouts import gate as gates
-from controller.rollouts import store as rstore
-from controller.rollouts.store import RolloutDetail, RolloutInfo
+from controller.rollouts.records import RolloutDetail, RolloutInfo
 
 router = APIRouter(prefix="/api/v1/rollouts", tags=["rollouts"])
 
@@ -158,8 +157,8 @@ def list_rollouts(
 ) -> RolloutList:
     """Rollouts, newest first, with their executions counted by status."""
     with _db(request).connect() as conn:
-        found = rstore.list_rollouts(conn, states=state, limit=limit)
-        counts = rstore.status_counts(conn, [r.id for r in found])
+        found = records.list_rollouts(conn, states=state, limit=limit)
+        counts = records.status_counts(conn, [r.id for r in found])
     return RolloutList(rollouts=[_out(r, counts[r.id]) for r in found])
 
 

@@ -12,7 +12,6 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
-from controller import store
 from controller.api.auth import Admin, Operator, Viewer, require
 from controller.api.schemas import (
     DeviceList,
@@ -35,6 +34,7 @@ from controller.api.schemas import (
 from controller.blobstore import ModelHosting
 from controller.bundles import BundleError, BundleInfo, read_bundle, verify_signature
 from controller.db.session import Database
+from controller.fleet import devices, history, registry, tokens
 from protocol import Manifest
 
 router = APIRouter(prefix="/api/v1")
@@ -69,7 +69,7 @@ def list_devices(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> DeviceList:
     with _db(request).connect() as conn:
-        found = store.list_devices(
+        found = devices.list_devices(
             conn, tags=tag, online=online, model=model, limit=limit, offset=offset
         )
     return DeviceList(devices=[DeviceOut.model_validate(d) for d in found])
@@ -78,7 +78,7 @@ def list_devices(
 @router.get("/devices/{device_id}", tags=["devices"])
 def get_device(request: Request, device_id: str, _token: Viewer) -> DeviceOut:
     with _db(request).connect() as conn:
-        found = store.get_device(conn, device_id)
+        found = devices.get_device(conn, device_id)
     if found is None:
         raise _no_device(device_id)
     return DeviceOut.model_validate(found)
@@ -88,7 +88,7 @@ def get_device(request: Request, device_id: str, _token: Viewer) -> DeviceOut:
 def change_tags(request: Request, device_id: str, body: TagsIn, _token: Operator) -> TagsOut:
     """Add and remove tags (a tag in both lists is removed)."""
     with _db(request).begin() as conn:
-        tags = store.set_tags(conn, device_id, add=body.add, remove=body.remove)
+        tags = devices.set_tags(conn, device_id, add=body.add, remove=body.remove)
     if tags is None:
         raise _no_device(device_id)
     return TagsOut(device_id=device_id, tags=tags)
@@ -105,9 +105,9 @@ def telemetry_history(
 ) -> TelemetryList:
     """The newest ``limit`` samples in the range, oldest first (raw and averaged)."""
     with _db(request).connect() as conn:
-        if store.get_device(conn, device_id) is None:
+        if devices.get_device(conn, device_id) is None:
             raise _no_device(device_id)
-        rows = store.telemetry_history(conn, device_id, since=since, until=until, limit=limit)
+        rows = history.telemetry_history(conn, device_id, since=since, until=until, limit=limit)
     return TelemetryList(
         device_id=device_id, samples=[TelemetryOut.model_validate(r) for r in rows]
     )
@@ -125,7 +125,7 @@ def list_events(
 ) -> EventList:
     """The newest matching events, newest first."""
     with _db(request).connect() as conn:
-        rows = store.list_events(
+        rows = history.list_events(
             conn, device_id=device, since=since, code=code, level=level, limit=limit
         )
     return EventList(events=[EventOut.model_validate(r) for r in rows])
@@ -140,23 +140,23 @@ def device_events(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> EventList:
     with _db(request).connect() as conn:
-        if store.get_device(conn, device_id) is None:
+        if devices.get_device(conn, device_id) is None:
             raise _no_device(device_id)
-        rows = store.list_events(conn, device_id=device_id, since=since, limit=limit)
+        rows = history.list_events(conn, device_id=device_id, since=since, limit=limit)
     return EventList(events=[EventOut.model_validate(r) for r in rows])
 
 
 @router.get("/tokens", tags=["auth"])
 def list_tokens(request: Request, _token: Admin, include_revoked: bool = False) -> TokenList:
     with _db(request).connect() as conn:
-        rows = store.list_tokens(conn, include_revoked=include_revoked)
+        rows = tokens.list_tokens(conn, include_revoked=include_revoked)
     return TokenList(tokens=[TokenOut.model_validate(r) for r in rows])
 
 
 @router.post("/tokens", tags=["auth"], status_code=status.HTTP_201_CREATED)
 def create_token(request: Request, body: TokenCreateIn, _token: Admin) -> TokenCreated:
     with _db(request).begin() as conn:
-        info, token = store.create_token(
+        info, token = tokens.create_token(
             conn, name=body.name, role=body.role, now=request.app.state.clock()
         )
     return TokenCreated(**TokenOut.model_validate(info).model_dump(), token=token)
@@ -165,12 +165,12 @@ def create_token(request: Request, body: TokenCreateIn, _token: Admin) -> TokenC
 @router.delete("/tokens/{token_id}", tags=["auth"])
 def revoke_token(request: Request, token_id: int, _token: Admin) -> TokenOut:
     with _db(request).begin() as conn:
-        if not store.revoke_token(conn, token_id, now=request.app.state.clock()):
+        if not tokens.revoke_token(conn, token_id, now=request.app.state.clock()):
             raise HTTPException(
                 status_code=status.HTTP_404_NOT_FOUND,
                 detail=f"no active token with id {token_id}; `edgefleet tokens list` shows them",
             )
-        info = next(t for t in store.list_tokens(conn, include_revoked=True) if t.id == token_id)
+        info = next(t for t in tokens.list_tokens(conn, include_revoked=True) if t.id == token_id)
     return TokenOut.model_validate(info)
 
 
@@ -187,7 +187,7 @@ def _hosting(request: Request) -> ModelHosting:
     return hosting
 
 
-def _model_out(m: store.ModelInfo) -> ModelOut:
+def _model_out(m: registry.ModelInfo) -> ModelOut:
     return ModelOut(
         name=m.name,
         version=m.version,
@@ -203,7 +203,7 @@ def _model_out(m: store.ModelInfo) -> ModelOut:
     )
 
 
-def bundle_path(m: store.ModelInfo) -> str:
+def bundle_path(m: registry.ModelInfo) -> str:
     """The device download path of a model's bundle (prefix the controller's public URL)."""
     return f"/api/v1/models/{m.name}/{m.version}/bundle?key={m.download_key}"
 
@@ -307,12 +307,12 @@ def _store_model(
 
     db = _db(request)
     with db.connect() as conn:
-        if store.get_model(conn, m.name, m.version) is not None:
+        if registry.get_model(conn, m.name, m.version) is not None:
             raise _duplicate(m.ref)
     hosting.blobs.commit(tmp, digest)
     try:
         with db.begin() as conn:
-            row = store.add_model(
+            row = registry.add_model(
                 conn,
                 name=m.name,
                 version=m.version,
@@ -324,7 +324,7 @@ def _store_model(
                 key_id=key,
                 now=request.app.state.clock(),
             )
-    except store.DuplicateModelError as err:
+    except registry.DuplicateModelError as err:
         raise _duplicate(m.ref) from err
     return _model_out(row)
 
@@ -333,14 +333,14 @@ def _store_model(
 def list_models(request: Request, _token: Viewer, name: str | None = None) -> ModelList:
     """Uploaded models, newest first."""
     with _db(request).connect() as conn:
-        rows = store.list_models(conn, name=name)
+        rows = registry.list_models(conn, name=name)
     return ModelList(models=[_model_out(r) for r in rows])
 
 
 @router.get("/models/{name}/{version}", tags=["models"])
 def get_model(request: Request, name: str, version: str, _token: Viewer) -> ModelOut:
     with _db(request).connect() as conn:
-        row = store.get_model(conn, name, version)
+        row = registry.get_model(conn, name, version)
     if row is None:
         raise _no_model(name, version)
     return _model_out(row)
@@ -403,7 +403,7 @@ def download_bundle(
     operators may use a viewer token instead.
     """
     with _db(request).connect() as conn:
-        row = store.get_model(conn, name, version)
+        row = registry.get_model(conn, name, version)
     key_ok = row is not None and key is not None and hmac.compare_digest(key, row.download_key)
     if not key_ok:
         _check_viewer(request, authorization)

@@ -57,9 +57,15 @@ def make_engine(url: str, *, echo: bool = False, pool_size: int = 5) -> Engine:
     try:
         engine = create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ImportError) as err:
+        if parsed.get_backend_name() == "postgresql":
+            raise DatabaseError(
+                f"no PostgreSQL driver for {redact(url)} ({err}): install the postgres extra "
+                "(pip install 'edgefleet[controller,postgres]', psycopg 3) and use a "
+                "postgresql+psycopg:// URL"
+            ) from err
         raise DatabaseError(
-            f"no database driver for {redact(url)}: install the controller extra "
-            "(pip install 'edgefleet[controller]'; PostgreSQL uses psycopg 3 via postgresql+psycopg://)"
+            f"no database driver for {redact(url)} ({err}): install the controller extra "
+            "(pip install 'edgefleet[controller]')"
         ) from err
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)

@@ -17,10 +17,11 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from controller import store as fleet
 from controller.errors import RolloutError
-from controller.rollouts import gate, spec, store
-from controller.rollouts.store import (
+from controller.fleet.registry import get_model
+from controller.rollouts import executions, gate, records, spec
+from controller.rollouts.locks import PG_CREATE_LOCK, lock_rollout, pg_lock_sql
+from controller.rollouts.records import (
     FAILURES,
     FINISHED,
     LIVE_STATES,
@@ -57,7 +58,7 @@ def _check_numbers(req: RolloutRequest) -> None:
 
 
 def _targets(conn: Connection, selector: spec.Selector, stream: str) -> list[tuple[str, list[str]]]:
-    found = store.select_devices(
+    found = executions.select_devices(
         conn, everything=selector.all, tags=selector.tags, ids=selector.devices
     )
     missing = [d for d in selector.devices if d not in found]
@@ -95,7 +96,7 @@ def create_rollout(
     stages = spec.parse_stages(req.stages)
     _check_numbers(req)
     overrides = gate.normalize(req.gate)
-    model = fleet.get_model(conn, name, version)
+    model = get_model(conn, name, version)
     if model is None:
         raise RolloutError(
             f"no model {name}@{version} in the registry; upload it first with "
@@ -111,8 +112,8 @@ def create_rollout(
         )
     counts = spec.resolve_stages(stages, len(targets))
     if conn.dialect.name == "postgresql":
-        conn.execute(store.pg_lock_sql("pg_advisory_xact_lock", store.PG_CREATE_LOCK))
-    rollout_id = store.insert_rollout(
+        conn.execute(pg_lock_sql("pg_advisory_xact_lock", PG_CREATE_LOCK))
+    rollout_id = records.insert_rollout(
         conn,
         {
             "model_id": model.id,
@@ -136,10 +137,10 @@ def create_rollout(
     )
     # After the insert: on SQLite this transaction holds the write lock now, on PostgreSQL
     # the advisory lock; a rollout created concurrently is either seen here or sees this one.
-    held = store.live_pairs(conn, [d for d, _ in targets], exclude=rollout_id)
+    held = executions.live_pairs(conn, [d for d, _ in targets], exclude=rollout_id)
     clash = [(d, s) for d, streams in targets for s in streams if (d, s) in held]
     if clash:
-        other = store.get_rollout(conn, held[clash[0]])
+        other = records.get_rollout(conn, held[clash[0]])
         assert other is not None
         raise RolloutError(
             f"{len(clash)} selected (device, stream) pair(s), e.g. {clash[0][0]}/{clash[0][1]}, "
@@ -163,18 +164,18 @@ def create_rollout(
             }
             for s in streams
         ]
-    store.insert_rollout_devices(conn, rows)
-    created = store.get_rollout(conn, rollout_id)
+    executions.insert_rollout_devices(conn, rows)
+    created = records.get_rollout(conn, rollout_id)
     assert created is not None
     return created
 
 
 def _locked(conn: Connection, rollout_id: int) -> RolloutInfo:
-    if not store.lock_rollout(conn, rollout_id):
+    if not lock_rollout(conn, rollout_id):
         raise RolloutError(
             f"no rollout {rollout_id}; `edgefleet rollout list` shows them", kind="not_found"
         )
-    r = store.get_rollout(conn, rollout_id)
+    r = records.get_rollout(conn, rollout_id)
     assert r is not None
     return r
 
@@ -193,7 +194,7 @@ def pause(conn: Connection, rollout_id: int, *, now: float) -> RolloutInfo:
     if r.state != "active":
         hint = f"`edgefleet rollout resume {r.id}` continues it" if r.state == "paused" else ""
         raise _refuse(r, "pause", hint)
-    store.update_rollout(conn, r.id, state="paused", updated_at=now)
+    records.update_rollout(conn, r.id, state="paused", updated_at=now)
     return _get(conn, r.id)
 
 
@@ -201,7 +202,7 @@ def resume(conn: Connection, rollout_id: int, *, now: float) -> RolloutInfo:
     r = _locked(conn, rollout_id)
     if r.state != "paused":
         raise _refuse(r, "resume", "only a paused rollout can be resumed")
-    store.update_rollout(conn, r.id, state="active", updated_at=now)
+    records.update_rollout(conn, r.id, state="active", updated_at=now)
     return _get(conn, r.id)
 
 
@@ -218,7 +219,7 @@ def abort(
         )
         raise _refuse(r, "abort", hint)
     detail = f"aborted by {by or 'an operator'}" + (f": {note}" if note else "")
-    store.update_rollout(
+    records.update_rollout(
         conn,
         r.id,
         state="aborted",
@@ -238,7 +239,7 @@ def rollback(
     if r.state not in (*LIVE_STATES, "completed"):
         raise _refuse(r, "roll back", "its devices already got their previous models back")
     detail = f"rolled back by {by or 'an operator'}" + (f": {note}" if note else "")
-    store.update_rollout(
+    records.update_rollout(
         conn,
         r.id,
         state="rolled_back",
@@ -251,7 +252,7 @@ def rollback(
 
 
 def _get(conn: Connection, rollout_id: int) -> RolloutInfo:
-    r = store.get_rollout(conn, rollout_id)
+    r = records.get_rollout(conn, rollout_id)
     assert r is not None
     return r
 
@@ -278,13 +279,13 @@ def _stage_state(r: RolloutInfo, index: int, counts: dict[str, int], now: float)
 def detail(
     conn: Connection, rollout_id: int, *, now: float, with_devices: bool = True
 ) -> RolloutDetail:
-    r = store.get_rollout(conn, rollout_id)
+    r = records.get_rollout(conn, rollout_id)
     if r is None:
         raise RolloutError(
             f"no rollout {rollout_id}; `edgefleet rollout list` shows them", kind="not_found"
         )
-    by_stage = store.stage_counts(conn, r.id)
-    times = store.stage_times(conn, r.id)
+    by_stage = records.stage_counts(conn, r.id)
+    times = records.stage_times(conn, r.id)
     stages = []
     for i, cumulative in enumerate(r.stages):
         c = by_stage.get(i, {})
@@ -310,7 +311,7 @@ def detail(
     for c in by_stage.values():
         for status, n in c.items():
             totals[status] = totals.get(status, 0) + n
-    devices = store.list_rollout_devices(conn, r.id) if with_devices else []
+    devices = executions.list_rollout_devices(conn, r.id) if with_devices else []
     return RolloutDetail(rollout=r, counts=totals, stages=stages, devices=devices)
 
 

@@ -22,12 +22,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
-from controller import store as fleet
-from controller.db.models import models
 from controller.db.session import Database
-from controller.rollouts import store
+from controller.fleet.registry import ModelInfo, get_model_by_id
+from controller.rollouts import executions, records
+from controller.rollouts.desired import get_desired, write_desired
+from controller.rollouts.executions import Execution
 from controller.rollouts.health import (
     HealthPolicy,
     change_windows,
@@ -36,8 +37,9 @@ from controller.rollouts.health import (
     judge,
     telemetry_queries,
 )
-from controller.rollouts.store import FAILURES, FINISHED, Execution, RolloutInfo
-from protocol.messages import DEPLOYING_PHASES
+from controller.rollouts.locks import lock_rollout
+from controller.rollouts.records import FAILURES, FINISHED, RolloutInfo
+from protocol.messages import DEPLOYING_PHASES, FAILED_PHASES
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +64,11 @@ def derive_status(e: Execution, model: str) -> tuple[str, str | None, str | None
     if not e.has_report:
         return "in_progress", None, None
     phase = e.report_phase
-    if phase in ("failed", "rolled_back") and e.report_target == model:
+    if phase in FAILED_PHASES and e.report_target == model:
         if e.report_is_stale():
             return "in_progress", phase, None
         return "failed", phase, e.report_reason or phase
-    if (
-        e.report_active == model
-        and phase not in _DEPLOYING
-        and phase not in ("failed", "rolled_back")
-    ):
+    if e.report_active == model and phase not in _DEPLOYING and phase not in FAILED_PHASES:
         return "succeeded", phase, None
     return "in_progress", phase, None
 
@@ -143,14 +141,12 @@ def abort_reason(r: RolloutInfo, counts: Mapping[int, Mapping[str, int]]) -> tup
     return None
 
 
-def bundle_url(base_url: str, m: fleet.ModelInfo) -> str:
+def bundle_url(base_url: str, m: ModelInfo) -> str:
     """The device download URL of a model (same path as ``controller.api.routes.bundle_path``)."""
     return f"{base_url.rstrip('/')}/api/v1/models/{m.name}/{m.version}/bundle?key={m.download_key}"
 
 
-def model_ref(
-    m: fleet.ModelInfo, base_url: str, gate: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
+def model_ref(m: ModelInfo, base_url: str, gate: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``protocol.ModelRef`` (as a JSON object) of a registry model, with a rollout's
     health-gate overrides (``gate`` left out when there are none, as older agents expect)."""
     ref: dict[str, Any] = {
@@ -211,7 +207,7 @@ class RolloutEngine:
         at = self.clock() if now is None else now
         report = TickReport()
         with self.db.connect() as conn:
-            ids = store.rollouts_to_tick(conn)
+            ids = records.rollouts_to_tick(conn)
         for rollout_id in ids:
             report.rollouts += 1
             try:
@@ -227,9 +223,9 @@ class RolloutEngine:
     # --- one rollout --------------------------------------------------------------------
 
     def _tick_one(self, conn: Connection, rollout_id: int, now: float, report: TickReport) -> None:
-        if not store.lock_rollout(conn, rollout_id):
+        if not lock_rollout(conn, rollout_id):
             return
-        r = store.get_rollout(conn, rollout_id)
+        r = records.get_rollout(conn, rollout_id)
         if r is None:
             return
         if r.live:
@@ -239,7 +235,7 @@ class RolloutEngine:
 
     def _live(self, conn: Connection, r: RolloutInfo, now: float, report: TickReport) -> None:
         self._refresh(conn, r, now)
-        counts = store.stage_counts(conn, r.id)
+        counts = records.stage_counts(conn, r.id)
         why = abort_reason(r, counts) or self._health_check(conn, r, now, force=False)
         if why is not None:
             self._abort(conn, r, now, *why, report=report)
@@ -255,7 +251,7 @@ class RolloutEngine:
         done_at = r.stage_done_at
         if done_at is None:
             done_at = now
-            store.update_rollout(conn, r.id, stage_done_at=now, updated_at=now)
+            records.update_rollout(conn, r.id, stage_done_at=now, updated_at=now)
             report.events.append(f"rollout {r.id}: stage {stage + 1} done, baking {r.bake_s:g}s")
             log.info(
                 "rollout %d: stage %d/%d done; baking for %gs",
@@ -271,11 +267,11 @@ class RolloutEngine:
             self._abort(conn, r, now, *why, report=report)
             return
         if stage + 1 >= len(r.stages):
-            store.update_rollout(conn, r.id, state="completed", finished_at=now, updated_at=now)
+            records.update_rollout(conn, r.id, state="completed", finished_at=now, updated_at=now)
             report.events.append(f"rollout {r.id}: completed")
             log.info("rollout %d: completed (%s on %d devices)", r.id, r.model, r.device_count)
             return
-        store.update_rollout(
+        records.update_rollout(
             conn,
             r.id,
             current_stage=stage + 1,
@@ -287,7 +283,7 @@ class RolloutEngine:
 
     def _refresh(self, conn: Connection, r: RolloutInfo, now: float) -> None:
         changes = []
-        for e in store.executions_to_watch(conn, r.id):
+        for e in executions.executions_to_watch(conn, r.id):
             status, phase, reason = next_status(e, r.model, now=now, timeout_s=r.timeout_s)
             evidence = e.evidence_for(r.model)
             if (status, phase, reason, evidence) == (e.status, e.phase, e.reason, e.evidence):
@@ -313,7 +309,7 @@ class RolloutEngine:
                 log.warning(
                     "rollout %d: %s/%s %s (%s)", r.id, e.device_id, e.stream, status, reason
                 )
-        store.update_executions(conn, r.id, changes)
+        executions.update_executions(conn, r.id, changes)
 
     def _assign(
         self, conn: Connection, r: RolloutInfo, stage: int, now: float, report: TickReport
@@ -326,9 +322,9 @@ class RolloutEngine:
         if m is None:  # the registry row is referenced by a foreign key: cannot happen
             raise RuntimeError(f"rollout {r.id}: model id {r.model_id} vanished from the registry")
         ref = model_ref(m, base, r.gate)
-        pairs = store.pending_of_stage(conn, r.id, stage)
-        desired = store.get_desired(conn, (d for d, _ in pairs))
-        reports = store.stream_reports(conn, (d for d, _ in pairs))
+        pairs = executions.pending_of_stage(conn, r.id, stage)
+        desired = get_desired(conn, (d for d, _ in pairs))
+        reports = executions.stream_reports(conn, (d for d, _ in pairs))
         changes: dict[str, dict[str, dict[str, Any] | None]] = defaultdict(dict)
         rows: list[dict[str, Any]] = []
         for device_id, stream in pairs:
@@ -339,7 +335,7 @@ class RolloutEngine:
             stale = (
                 before
                 if before is not None
-                and before["phase"] in ("failed", "rolled_back")
+                and before["phase"] in FAILED_PHASES
                 and before["target"] == r.model
                 else None
             )
@@ -353,11 +349,11 @@ class RolloutEngine:
                     "now": now,
                 }
             )
-        revs = store.write_desired(conn, changes, rollout_id=r.id, now=now)
+        revs = write_desired(conn, changes, rollout_id=r.id, now=now)
         for row in rows:
             row["rev"] = revs[row["device_id"]]
-        store.mark_assigned(conn, r.id, rows)
-        store.update_rollout(conn, r.id, stage_started_at=now, updated_at=now)
+        executions.mark_assigned(conn, r.id, rows)
+        records.update_rollout(conn, r.id, stage_started_at=now, updated_at=now)
         report.assigned += len(rows)
         report.desired_written += len(revs)
         report.events.append(f"rollout {r.id}: stage {stage + 1} assigned to {len(revs)} devices")
@@ -381,13 +377,13 @@ class RolloutEngine:
         *,
         report: TickReport,
     ) -> None:
-        failed = store.list_rollout_devices(conn, r.id, statuses=tuple(FAILURES))
+        failed = executions.list_rollout_devices(conn, r.id, statuses=tuple(FAILURES))
         if failed and reason != "health_regression":
             shown = ", ".join(
                 f"{f.device_id}/{f.stream}: {f.reason or f.status}" for f in failed[:5]
             )
             detail += f" ({shown}{', …' if len(failed) > 5 else ''})"
-        store.update_rollout(
+        records.update_rollout(
             conn,
             r.id,
             state="aborted",
@@ -402,10 +398,10 @@ class RolloutEngine:
 
     def _roll_back(self, conn: Connection, r: RolloutInfo, now: float, report: TickReport) -> None:
         """Give every execution the rollout touched its pre-rollout model back (absent = baseline)."""
-        todo = store.to_roll_back(conn, r.id)
+        todo = executions.to_roll_back(conn, r.id)
         devices = [d for d, _, _ in todo]
-        desired = store.get_desired(conn, devices)
-        others = store.live_pairs(conn, devices, exclude=r.id)
+        desired = get_desired(conn, devices)
+        others = executions.live_pairs(conn, devices, exclude=r.id)
         changes: dict[str, dict[str, dict[str, Any] | None]] = defaultdict(dict)
         skipped = []
         for device_id, stream, previous in todo:
@@ -428,7 +424,7 @@ class RolloutEngine:
                 )
                 continue
             changes[device_id][stream] = previous
-        revs = store.write_desired(conn, changes, rollout_id=r.id, now=now)
+        revs = write_desired(conn, changes, rollout_id=r.id, now=now)
         marks = [
             {
                 "device_id": d,
@@ -441,9 +437,9 @@ class RolloutEngine:
             for d, streams in changes.items()
             for s in streams
         ]
-        store.mark_rolled_back(conn, r.id, marks)
-        store.note_executions(conn, r.id, skipped)
-        store.update_rollout(conn, r.id, rolled_back_at=now, updated_at=now)
+        executions.mark_rolled_back(conn, r.id, marks)
+        executions.note_executions(conn, r.id, skipped)
+        records.update_rollout(conn, r.id, rolled_back_at=now, updated_at=now)
         report.rolled_back += len(marks)
         report.desired_written += len(revs)
         report.events.append(f"rollout {r.id}: rolled back {len(marks)} executions")
@@ -465,7 +461,7 @@ class RolloutEngine:
         if not force and last is not None and now - last < policy.every_s:
             return None
         self._health_at[r.id] = now
-        updated, pending = store.succeeded_and_pending(conn, r.id, policy.max_devices)
+        updated, pending = executions.succeeded_and_pending(conn, r.id, policy.max_devices)
         updated = updated[: policy.max_devices]
         if not updated or not pending:
             return None
@@ -477,7 +473,7 @@ class RolloutEngine:
         samples: dict[str, list[tuple[float, list[dict[str, Any]]]]] = defaultdict(list)
         wanted = [(d, w) for d, _, w in canary] + [(d, control) for d, _ in pending]
         for ids, since, until in telemetry_queries(wanted):
-            for d, rows in store.recent_telemetry(conn, ids, since=since, until=until).items():
+            for d, rows in executions.recent_telemetry(conn, ids, since=since, until=until).items():
                 samples[d].extend(rows)
         n = policy.min_samples
         verdict = judge(
@@ -489,8 +485,3 @@ class RolloutEngine:
             log.debug("rollout %d: health %s: %s", r.id, verdict.outcome, verdict.detail)
             return None
         return "health_regression", verdict.detail
-
-
-def get_model_by_id(conn: Connection, model_id: int) -> fleet.ModelInfo | None:
-    row = conn.execute(select(models).where(models.c.id == model_id)).first()
-    return None if row is None else fleet._model_info(row)

@@ -17,8 +17,12 @@ from collections.abc import Callable, Sequence
 import msgspec
 
 from controller.db.session import Database
-from controller.rollouts import store
-from controller.rollouts.store import DesiredRow
+from controller.rollouts.desired import (
+    DesiredRow,
+    mark_all_unpublished,
+    mark_published,
+    unpublished_desired,
+)
 from protocol import Desired, ModelRef, desired_topic, encode
 
 log = logging.getLogger(__name__)
@@ -58,7 +62,7 @@ class DesiredPublisher:
         done = 0
         while True:
             with self.db.connect() as conn:
-                rows = store.unpublished_desired(conn, limit=self.batch_size)
+                rows = unpublished_desired(conn, limit=self.batch_size)
             if not rows:
                 return done
             messages = []
@@ -78,7 +82,7 @@ class DesiredPublisher:
                 if topic and next(it)
             ]
             with self.db.begin() as conn:
-                store.mark_published(conn, acked, now=self.clock())
+                mark_published(conn, acked, now=self.clock())
             done += len(acked)
             self.published += len(acked)
             if len(acked) < len(rows):
@@ -96,7 +100,7 @@ class DesiredPublisher:
         """Mark every desired state unpublished (after a connect without a broker session,
         the broker may have lost its retained messages); the next pass publishes them."""
         with self.db.begin() as conn:
-            n = store.mark_all_unpublished(conn)
+            n = mark_all_unpublished(conn)
         if n:
             log.info("publishing %d desired states again (new MQTT session)", n)
         return n

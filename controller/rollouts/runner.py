@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from controller.db.session import Database
-from controller.rollouts import store
 from controller.rollouts.engine import RolloutEngine
+from controller.rollouts.locks import PG_ENGINE_LOCK, pg_lock_sql
 from controller.rollouts.publisher import DesiredPublisher
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,7 @@ class Leadership:
                 self._drop()
         try:
             conn = self.db.engine.connect()
-            got = bool(
-                conn.execute(
-                    store.pg_lock_sql("pg_try_advisory_lock", store.PG_ENGINE_LOCK)
-                ).scalar()
-            )
+            got = bool(conn.execute(pg_lock_sql("pg_try_advisory_lock", PG_ENGINE_LOCK)).scalar())
             conn.commit()
         except Exception as err:  # noqa: BLE001 - retried on the next pass
             log.warning("cannot try the rollout lock: %s", err)
@@ -68,7 +64,7 @@ class Leadership:
         if self._conn is None:
             return
         try:
-            self._conn.execute(store.pg_lock_sql("pg_advisory_unlock", store.PG_ENGINE_LOCK))
+            self._conn.execute(pg_lock_sql("pg_advisory_unlock", PG_ENGINE_LOCK))
             self._conn.commit()
         except Exception as err:  # noqa: BLE001 - closing the connection releases it anyway
             log.debug("unlocking the rollout lock failed: %s", err)

@@ -274,7 +274,8 @@ class TensorRTBackend(Backend):
             cuda.pop()
 
     def output(self, index: int) -> npt.NDArray[Any]:
-        return self._host_outputs[index].copy()
+        copied: npt.NDArray[Any] = self._host_outputs[index].copy()
+        return copied
 
     def _release(self) -> None:
         cuda = self._cuda

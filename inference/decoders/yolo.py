@@ -82,7 +82,8 @@ class YoloRawDecoder:
         if arr.shape[0] == channels and (self._spec.layout == "v8" or arr.shape[1] != channels):
             return arr
         if arr.shape[1] == channels:
-            return arr.T
+            transposed: npt.NDArray[np.float32] = arr.T
+            return transposed
         raise ModelError(self._shape_error(tuple(raw.shape)))
 
     def decode(self, outputs: Outputs, min_score: float) -> list[RawDetection]:

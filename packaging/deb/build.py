@@ -2,11 +2,14 @@
 """Build the edgefleet-agent Debian package.
 
     python3 packaging/deb/build.py --out dist/ [--version 0.1.0] [--python /usr/bin/python3]
+        [--lock requirements/agent.txt]
 
 Produces ``edgefleet-agent_{version}_{arch}.deb`` holding:
 
-- a self-contained virtual environment at /opt/edgefleet (the project wheel with the
-  ``[agent]`` extra; dependencies come from PyPI or pip's cache at build time),
+- a self-contained virtual environment at /opt/edgefleet: the ``[agent]`` extra's dependencies
+  installed from the hash-pinned lock (``pip install --require-hashes --no-deps -r LOCK``, from
+  PyPI, pip's cache or a wheelhouse given with ``--pip-arg``), then the project wheel with
+  ``--no-deps``; ``pip check`` confirms the lock is complete (requirements/README.md),
 - /etc/edgefleet/agent.toml (conffile, from packaging/agent.example.toml),
 - /lib/systemd/system/edgefleet-agent.service, /usr/bin/edgefleet-agent (symlink),
 - maintainer scripts from this folder (system user, enable unit, purge state).
@@ -37,7 +40,8 @@ REPO = HERE.parent.parent
 PREFIX = "/opt/edgefleet"
 PACKAGE = "edgefleet-agent"
 UNIT = "edgefleet-agent.service"
-SOURCES = ("pyproject.toml", "README.md", "agent", "protocol", "controller")
+SOURCES = ("pyproject.toml", "README.md", "common", "protocol", "inference", "agent", "controller")
+LOCK = REPO / "requirements" / "agent.txt"
 
 
 class BuildError(Exception):
@@ -92,26 +96,36 @@ def target_python_version(python: str) -> str:
     return out.stdout.strip()
 
 
-def make_venv(stage: Path, python: str, wheel: Path, pip_args: list[str]) -> Path:
+def pip_commands(
+    venv_python: Path, lock: Path, wheel: Path, pip_args: list[str]
+) -> list[list[str]]:
+    """The pip runs that fill the venv: the locked dependencies, the project, a check."""
+    pip = [sys.executable, "-m", "pip", "--python", str(venv_python)]
+    install = [
+        *pip,
+        "install",
+        "--quiet",
+        "--no-compile",
+        "--no-warn-script-location",
+        "--disable-pip-version-check",
+        *pip_args,
+    ]
+    return [
+        # Every file's hash is checked; --no-deps: nothing outside the lock comes in.
+        [*install, "--require-hashes", "--no-deps", "-r", str(lock)],
+        # The project's own wheel (built here, so it has no hash to check) and nothing else.
+        [*install, "--no-deps", str(wheel)],
+        # Fails when the lock lacks a dependency of the wheel or of a locked package.
+        [*pip, "check"],
+    ]
+
+
+def make_venv(stage: Path, python: str, wheel: Path, lock: Path, pip_args: list[str]) -> Path:
     venv = stage / PREFIX.lstrip("/")
     venv.parent.mkdir(parents=True)
     run([python, "-m", "venv", "--without-pip", str(venv)])
-    run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            str(venv / "bin" / "python"),
-            "install",
-            "--quiet",
-            "--no-compile",
-            "--no-warn-script-location",
-            "--disable-pip-version-check",
-            *pip_args,
-            f"{wheel}[agent]",
-        ]
-    )
+    for cmd in pip_commands(venv / "bin" / "python", lock, wheel, pip_args):
+        run(cmd)
     # The controller's console script is in the wheel, its dependencies are not.
     (venv / "bin" / "edgefleet").unlink(missing_ok=True)
     return venv
@@ -215,12 +229,15 @@ def build(
     version: str | None = None,
     python: str = "/usr/bin/python3",
     compression: str = "gzip",
+    lock: Path = LOCK,
     pip_args: list[str] | None = None,
 ) -> Path:
     if shutil.which("dpkg-deb") is None:
         raise BuildError("dpkg-deb is not installed (Debian: apt-get install dpkg)")
     if not Path(python).exists():
         raise BuildError(f"target interpreter {python} does not exist; pass --python")
+    if not lock.is_file():
+        raise BuildError(f"lock file {lock} does not exist; run `make lock` or pass --lock")
     version = version or project_version()
     arch = debian_arch()
     pyver = target_python_version(python)
@@ -231,7 +248,7 @@ def build(
         stage.mkdir()
         os.chmod(stage, 0o755)  # noqa: S103 - the package root is the target's /: world-readable
         wheel = build_wheel(work)
-        venv = make_venv(stage, python, wheel, pip_args or [])
+        venv = make_venv(stage, python, wheel, lock.resolve(), pip_args or [])
         relocate(stage, venv, pyver)
         compile_bytecode(stage, venv, python)
         install_files(stage)
@@ -254,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         "--compression", default="gzip", choices=["gzip", "xz", "zstd", "none"], help="dpkg-deb -Z"
     )
     parser.add_argument(
+        "--lock",
+        type=Path,
+        default=LOCK,
+        help="Hash-pinned requirements for the venv [default: requirements/agent.txt].",
+    )
+    parser.add_argument(
         "--pip-arg",
         action="append",
         default=[],
@@ -266,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             version=args.version,
             python=args.python,
             compression=args.compression,
+            lock=args.lock,
             pip_args=args.pip_arg,
         )
     except BuildError as err:

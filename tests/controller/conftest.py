@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,12 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import create_engine, text
 
-from controller import store
 from controller.cli import main
 from controller.db.session import Database
-from controller.store import Received
+from controller.fleet.tokens import ROLES, create_token
+from controller.fleet.writes import Received
 from protocol import Event, Reported, Status, StreamReport, StreamStatus, Telemetry
+from tests.waiting import wait_for
 
 PG_BASE = os.environ.get(
     "EDGEFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -88,8 +88,8 @@ def tokens(database: Database, clock: Clock) -> dict[str, str]:
     """One API token per role, by role name."""
     out: dict[str, str] = {}
     with database.begin() as conn:
-        for role in store.ROLES:
-            _, out[role] = store.create_token(conn, name=f"t-{role}", role=role, now=clock())
+        for role in ROLES:
+            _, out[role] = create_token(conn, name=f"t-{role}", role=role, now=clock())
     return out
 
 
@@ -167,20 +167,6 @@ def received(message: Status | Telemetry | Reported | Event, at: float = 1000.0)
     )
 
 
-def wait_for(
-    condition: Callable[[], object], *, timeout: float = 15.0, what: str = "condition"
-) -> object:
-    """Poll ``condition`` until it returns something truthy; fail with ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 @contextmanager
 def serving(app: Any) -> Iterator[str]:
     """Run ``app`` on a real uvicorn server (127.0.0.1, free port) in a thread; yields its URL."""
@@ -201,15 +187,20 @@ def serving(app: Any) -> Iterator[str]:
         thread.join(10)
 
 
-class Cli:
-    """``edgefleet`` through click's runner, isolated from the user's env and config file."""
+NOWHERE = "http://127.0.0.1:9"
+"""A controller URL nothing listens on: for CLI checks that must refuse before any request."""
 
-    def __init__(self, home: Path) -> None:
+
+class Cli:
+    """``edgefleet`` through click's runner, isolated from the user's env and config file;
+    ``url`` and ``token`` set EDGEFLEET_URL and EDGEFLEET_TOKEN."""
+
+    def __init__(self, home: Path, *, url: str | None = None, token: str | None = None) -> None:
         self.runner = CliRunner()
         self.env: dict[str, str | None] = {
             "XDG_CONFIG_HOME": str(home),
-            "EDGEFLEET_URL": None,
-            "EDGEFLEET_TOKEN": None,
+            "EDGEFLEET_URL": url,
+            "EDGEFLEET_TOKEN": token,
             "EDGEFLEET_CONFIG": None,
             "EDGEFLEET_DB_URL": None,
         }
@@ -221,3 +212,11 @@ class Cli:
         result = self(*args, "--json")
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout)
+
+
+def rollout_create_refused(home: Path, *args: str) -> str:
+    """``edgefleet rollout create m@1 --select all ARGS`` with nothing listening at the
+    controller URL: the CLI must refuse it itself (exit 1). Returns its stderr."""
+    result = Cli(home, url=NOWHERE)("rollout", "create", "m@1", "--select", "all", *args)
+    assert result.exit_code == 1, result.output
+    return result.stderr

@@ -12,12 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from controller import store
 from controller.db.session import Database
+from controller.fleet.devices import set_tags
+from controller.fleet.registry import ModelInfo, add_model
+from controller.fleet.writes import Received, write_messages
 from controller.rollouts import commands
-from controller.rollouts import store as rstore
+from controller.rollouts.desired import DesiredRow, get_desired
 from controller.rollouts.engine import RolloutEngine, TickReport
+from controller.rollouts.executions import list_rollout_devices
 from controller.rollouts.health import HealthPolicy
+from controller.rollouts.records import RolloutDeviceInfo, RolloutInfo, get_rollout
 from protocol import Reported, Status, StreamReport, StreamStatus, StreamTelemetry, Telemetry
 from tests.controller.conftest import Clock
 
@@ -64,12 +68,12 @@ class Fleet:
                     StreamStatus(name=s, source_state="running", model=BASELINE) for s in streams
                 ],
             )
-            items.append(store.Received(topic="t", device_id=d, message=status, received_at=now))
+            items.append(Received(topic="t", device_id=d, message=status, received_at=now))
         with self.db.begin() as conn:
-            store.write_messages(conn, items)
+            write_messages(conn, items)
             for d in ids:
                 if tags:
-                    store.set_tags(conn, d, add=tags)
+                    set_tags(conn, d, add=tags)
         for d in ids:
             self.publish_report(d)
 
@@ -97,8 +101,8 @@ class Fleet:
             streams=streams,
         )
         with self.db.begin() as conn:
-            store.write_messages(
-                conn, [store.Received(topic="t", device_id=device_id, message=rep, received_at=now)]
+            write_messages(
+                conn, [Received(topic="t", device_id=device_id, message=rep, received_at=now)]
             )
 
     def take_up(self, device_id: str, phase: str = "downloading") -> None:
@@ -185,15 +189,15 @@ class Fleet:
             streams=streams,
         )
         with self.db.begin() as conn:
-            store.write_messages(
-                conn, [store.Received(topic="t", device_id=device_id, message=msg, received_at=now)]
+            write_messages(
+                conn, [Received(topic="t", device_id=device_id, message=msg, received_at=now)]
             )
 
     # --- registry and rollouts -----------------------------------------------------------
 
-    def model(self, name: str = "m", version: str = "2") -> store.ModelInfo:
+    def model(self, name: str = "m", version: str = "2") -> ModelInfo:
         with self.db.begin() as conn:
-            return store.add_model(
+            return add_model(
                 conn,
                 name=name,
                 version=version,
@@ -208,7 +212,7 @@ class Fleet:
 
     def create(
         self, model: str = "m@2", select: Sequence[str] = ("all",), **kw: Any
-    ) -> rstore.RolloutInfo:
+    ) -> RolloutInfo:
         req = commands.RolloutRequest(model=model, select=select, **kw)
         with self.db.begin() as conn:
             return commands.create_rollout(conn, req, now=self.clock(), created_by="test")
@@ -219,24 +223,22 @@ class Fleet:
         assert report.errors == 0
         return report
 
-    def rollout(self, rollout_id: int) -> rstore.RolloutInfo:
+    def rollout(self, rollout_id: int) -> RolloutInfo:
         with self.db.connect() as conn:
-            r = rstore.get_rollout(conn, rollout_id)
+            r = get_rollout(conn, rollout_id)
         assert r is not None
         return r
 
-    def rows(self, rollout_id: int) -> dict[tuple[str, str], rstore.RolloutDeviceInfo]:
+    def rows(self, rollout_id: int) -> dict[tuple[str, str], RolloutDeviceInfo]:
         with self.db.connect() as conn:
-            return {
-                (r.device_id, r.stream): r for r in rstore.list_rollout_devices(conn, rollout_id)
-            }
+            return {(r.device_id, r.stream): r for r in list_rollout_devices(conn, rollout_id)}
 
     def statuses(self, rollout_id: int) -> dict[str, str]:
         return {f"{d}/{s}": r.status for (d, s), r in self.rows(rollout_id).items()}
 
-    def desired(self, device_id: str) -> rstore.DesiredRow | None:
+    def desired(self, device_id: str) -> DesiredRow | None:
         with self.db.connect() as conn:
-            return rstore.get_desired(conn, [device_id]).get(device_id)
+            return get_desired(conn, [device_id]).get(device_id)
 
     def desired_model(self, device_id: str, stream: str = "cam0") -> str | None:
         row = self.desired(device_id)
@@ -249,7 +251,7 @@ class Fleet:
         fail: Mapping[str, str] | None = None,
         step: float = 1.0,
         limit: int = 500,
-    ) -> rstore.RolloutInfo:
+    ) -> RolloutInfo:
         """Tick and let devices act until the rollout ended (and its rollback is written)."""
         for _ in range(limit):
             self.tick(step)

@@ -8,16 +8,17 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from controller import store
 from controller.api import create_app
 from controller.db.session import Database
+from controller.fleet.tokens import list_tokens, revoke_token
+from controller.fleet.writes import write_messages
 from tests.controller.conftest import Clock, event, received, reported, serving, status, telemetry
 
 
 @pytest.fixture
 def client(database: Database, clock: Clock) -> Iterator[httpx.Client]:
     with database.begin() as conn:
-        store.write_messages(
+        write_messages(
             conn,
             [
                 received(status("cam-1"), at=clock()),
@@ -50,8 +51,8 @@ def test_wrong_or_revoked_token_gets_401_saying_how_to_create_one(
     assert "unknown or revoked" in resp.json()["detail"]
     assert "edgefleet tokens create --role viewer" in resp.json()["detail"]
     with database.begin() as conn:
-        viewer = next(t for t in store.list_tokens(conn) if t.role == "viewer")
-        store.revoke_token(conn, viewer.id, now=clock())
+        viewer = next(t for t in list_tokens(conn) if t.role == "viewer")
+        revoke_token(conn, viewer.id, now=clock())
     assert client.get("/api/v1/devices", headers=auth(tokens["viewer"])).status_code == 401
 
 

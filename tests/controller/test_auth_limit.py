@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from controller import store
 from controller.api import create_app
 from controller.api.auth import AuthLimiter
 from controller.config import parse_config
 from controller.db.session import Database
 from controller.errors import ConfigError
+from controller.fleet.tokens import create_token
 from controller.service import build_controller
 from tests.controller.conftest import Cli, Clock, serving
 
@@ -25,8 +25,8 @@ WRONG = {"Authorization": "Bearer efc_wrong-token"}
 @pytest.fixture
 def tokens(database: Database, clock: Clock) -> dict[str, str]:
     with database.begin() as conn:
-        _, viewer = store.create_token(conn, name="v", role="viewer", now=clock())
-        _, admin = store.create_token(conn, name="a", role="admin", now=clock())
+        _, viewer = create_token(conn, name="v", role="viewer", now=clock())
+        _, admin = create_token(conn, name="a", role="admin", now=clock())
     return {"viewer": viewer, "admin": admin}
 
 

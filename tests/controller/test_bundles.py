@@ -12,7 +12,6 @@ from pathlib import Path
 import cv2
 import msgspec
 import pytest
-import skimage.data
 
 from controller.bundles import (
     BundleError,
@@ -21,14 +20,10 @@ from controller.bundles import (
     sign_bundle,
     verify_signature,
 )
-from controller.keys import (
-    SigningKeyError,
-    generate_keys,
-    key_id,
-    load_private_key,
-    load_public_key,
-)
+from controller.keys import SigningKeyError, generate_keys, load_private_key, load_public_key
 from protocol import decode_manifest, encode_manifest
+from protocol.bundle import key_id
+from tests import images
 
 ASSETS = Path(__file__).resolve().parents[2] / "inference" / "assets"
 MANIFEST = ASSETS / "blazeface-short-int8.json"
@@ -42,7 +37,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def astronaut(work: Path) -> Path:
     path = work / "astronaut.png"
-    rgb = skimage.data.astronaut()  # type: ignore[no-untyped-call]
+    rgb = images.astronaut()
     cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     return path
 
@@ -230,7 +225,13 @@ def test_bad_members_are_rejected_with_a_specific_message(
 
 
 @pytest.mark.parametrize(
-    ("kind", "message"), [(tarfile.SYMTYPE, "a symlink"), (tarfile.LNKTYPE, "a hard link")]
+    ("kind", "message"),
+    [
+        (tarfile.SYMTYPE, "a symlink"),
+        (tarfile.LNKTYPE, "a hard link"),
+        # agents refuse directory members, so the controller must too (protocol.bundle)
+        (tarfile.DIRTYPE, "a directory"),
+    ],
 )
 def test_link_members_are_rejected(signed: Path, tmp_path: Path, kind: bytes, message: str) -> None:
     link = tarfile.TarInfo("golden/link.png")

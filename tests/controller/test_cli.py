@@ -7,9 +7,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from controller import store
 from controller.cli import main
 from controller.db.session import Database, current_revision, head_revision
+from controller.fleet.tokens import TOKEN_PREFIX, verify_token
 from tests.broker import free_port
 from tests.controller.conftest import Cli
 
@@ -19,12 +19,12 @@ def test_db_upgrade_and_tokens_create_work_without_a_token(db_url: str, tmp_path
     upgraded = cli("db", "upgrade", "--db", db_url)
     assert upgraded.exit_code == 0 and f"revision {head_revision()}" in upgraded.stdout
     created = cli.json("tokens", "create", "--role", "admin", "--name", "first", "--db", db_url)
-    assert created["role"] == "admin" and created["token"].startswith(store.TOKEN_PREFIX)
+    assert created["role"] == "admin" and created["token"].startswith(TOKEN_PREFIX)
     db = Database.from_url(db_url)
     try:
         assert current_revision(db.engine) == head_revision()
         with db.begin() as conn:
-            info = store.verify_token(conn, created["token"], now=0)
+            info = verify_token(conn, created["token"], now=0)
         assert info is not None and info.name == "first"
     finally:
         db.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,90 @@ def test_passwords_in_urls_never_reach_error_messages() -> None:
         make_engine("postgresql+psycopg://u:s3cret@db:notaport/x")
     for err in (wrong_scheme, in_url, bad_port):
         assert "s3cret" not in str(err.value) and "***" in str(err.value)
+
+
+def test_a_value_out_of_bounds_names_the_file_line_key_and_bound(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('data_dir = "state"\n\n[api]\nbind = "0.0.0.0"\nport = 70000\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(
+        f"{path}:5: api.port must be in 0-65535 (TCP port; 0 = any free port), got 70000"
+    )
+
+
+# (table, key, the least and the largest good values, a bad value below and above)
+EDGES = [
+    ("api", "port", 0, 65535, -1, 65536),  # ListenPort
+    ("embedded_broker", "port", 0, 65535, -1, 65536),  # ListenPort
+    ("ingest", "flush_interval_s", 0.001, 3600, 0, None),  # PositiveSeconds
+    ("ingest", "enqueue_timeout_s", 0, 3600, -0.5, None),  # Seconds
+    ("ingest", "batch_size", 1, 10**6, 0, None),  # PositiveInt
+    ("api", "auth_max_failures", 0, 10**6, -1, None),  # Count
+    ("retention", "telemetry_downsample_s", 0, 86400, -1, None),  # WholeSeconds
+    ("broker", "keepalive_s", 5, 3600, 4, None),
+    ("broker", "session_expiry_s", 0, 10**9, -1, None),
+    ("database", "pool_size", 1, 100, 0, None),
+    ("models", "max_bundle_bytes", 1, 2**40, 0, None),
+    ("rollouts", "tick_interval_s", 0.01, 60, 0, None),
+]
+
+
+@pytest.mark.parametrize(("table", "key", "low", "high", "below", "above"), EDGES)
+def test_bounds_accept_their_edges_and_refuse_just_past_them(
+    table: str, key: str, low: float, high: float, below: float, above: float | None
+) -> None:
+    for good in (low, high):
+        cfg = parse_config(f"[{table}]\n{key} = {good}\n")
+        assert getattr(getattr(cfg, table), key) == good
+    for bad in (below, above):
+        if bad is not None:
+            with pytest.raises(ConfigError, match=rf"c.toml:2: {table}\.{key} must be .*, got"):
+                parse_config(f"[{table}]\n{key} = {bad}\n", source="c.toml")
+
+
+@pytest.mark.parametrize(
+    "table",
+    ["database", "broker", "embedded_broker", "ingest", "retention", "api", "models", "rollouts"],
+)
+def test_unknown_keys_are_still_rejected_in_every_table_with_their_line(table: str) -> None:
+    with pytest.raises(
+        ConfigError, match=rf"^c.toml:3: unknown key 'no_such_key' in {table}; check the spelling"
+    ):
+        parse_config(f"\n[{table}]\nno_such_key = 1\n", source="c.toml")
+
+
+def test_broker_url_and_shared_group_rules_name_the_key() -> None:
+    assert parse_config("[broker]\nurl = 'mqtt://b'\nshared_group = 'ctl-1'\n").broker.url
+    for url in ("mqtt://b/x", "mqtt://b:0", "tcp://b:1883"):
+        with pytest.raises(ConfigError, match=r"^c.toml:2: broker.url: broker URL"):
+            parse_config(f"[broker]\nurl = '{url}'\n", source="c.toml")
+    for group in ("", "a/b", "a+", "#"):
+        with pytest.raises(ConfigError, match=r"broker\.shared_group must be a plain name"):
+            parse_config(f"[broker]\nshared_group = '{group}'\n")
+    with pytest.raises(ConfigError, match=r"^c.toml:2: broker.cert_file and broker.key_file"):
+        parse_config("[broker]\ncert_file = 'c.pem'\n", source="c.toml")
+
+
+def test_committed_schema_is_current_and_carries_the_bounds() -> None:
+    import json
+
+    import jsonschema
+
+    from controller.config import config_schema
+    from protocol.config_file import ConfigSource, parse_toml, schema_text
+
+    repo = Path(__file__).resolve().parents[2]
+    committed = repo / "docs" / "config" / "controller.schema.json"
+    assert committed.read_text(encoding="utf-8") == schema_text(config_schema()), (
+        "docs/config/controller.schema.json is stale: run `make schemas` and commit it"
+    )
+    doc = json.loads(committed.read_text(encoding="utf-8"))
+    port = doc["$defs"]["ApiConfig"]["properties"]["port"]
+    assert (port["minimum"], port["maximum"]) == (0, 65535)
+    assert doc["$defs"]["BrokerConfig"]["properties"]["keepalive_s"]["minimum"] == 5
+    assert doc["$defs"]["IngestConfig"]["properties"]["flush_interval_s"]["exclusiveMinimum"] == 0
+    block = re.search(r"```toml\n(.*?)```", (repo / "docs" / "controller.md").read_text(), re.S)
+    assert block is not None
+    documented = parse_toml(ConfigSource("docs/controller.md", block.group(1)))
+    jsonschema.Draft202012Validator(doc).validate(documented)

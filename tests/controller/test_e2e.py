@@ -13,8 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.broker import Mosquitto, free_port
-from tests.controller.conftest import Cli, wait_for
+from tests.broker import Mosquitto
+from tests.controller.conftest import Cli
+from tests.controller.controller_proc import ControllerProcess
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -28,48 +30,14 @@ def _tail(path: Path) -> str:
 def controller_proc(
     db_url: str, tmp_path: Path, mosquitto: Mosquitto
 ) -> Iterator[tuple[str, Path, Path]]:
-    """The controller as a real process (``python -m controller controller serve``)."""
-    port = free_port()
-    config = tmp_path / "controller.toml"
-    config.write_text(
-        f'data_dir = "{tmp_path / "data"}"\n'
-        f'[database]\nurl = "{db_url}"\n'
-        f'[broker]\nurl = "{mosquitto.url}"\nclient_id = "ctl-{port}"\n'
-        "[ingest]\nflush_interval_s = 0.05\n"
-        f"[api]\nport = {port}\n"
-    )
-    log = tmp_path / "controller.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "controller", "controller", "serve", "--config", str(config)],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"controller exited with {proc.returncode}:\n{_tail(log)}")
-        try:
-            return bool(httpx.get(f"{url}/healthz", timeout=1).json()["mqtt"] == "connected")
-        except httpx.HTTPError:
-            return False
-
+    """The controller as a real process: its URL, config and log."""
+    ctl = ControllerProcess(tmp_path, db_url, mosquitto)
+    ctl.start()
     try:
-        wait_for(healthy, timeout=30, what="the controller to answer /healthz")
-        yield url, config, log
+        yield ctl.url, ctl.config, ctl.logs[0]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"controller did not stop on SIGTERM:\n{_tail(log)}")
-    # A clean shutdown: stop() ran (uvicorn re-raises SIGTERM after it stops).
-    assert proc.returncode == 0, _tail(log)
-    assert "Traceback" not in _tail(log)
+        ctl.stop()  # a clean shutdown: stop() ran (uvicorn re-raises SIGTERM after it stops)
+    assert "Traceback" not in ctl.tail()
 
 
 def test_device_appears_reports_telemetry_and_goes_offline_when_killed(
@@ -86,7 +54,7 @@ def test_device_appears_reports_telemetry_and_goes_offline_when_killed(
             [
                 sys.executable,
                 "-m",
-                "controller.simulator",
+                "tools.simulator",
                 "--broker",
                 mosquitto.url,
                 "--devices",
@@ -109,8 +77,8 @@ def test_device_appears_reports_telemetry_and_goes_offline_when_killed(
             return next((d for d in found if d["id"] == "e2e-0001" and d["state"] == state), None)
 
         online = wait_for(lambda: device("online"), timeout=20, what="the device to be online")
-        assert online["agent_version"] == "sim-0.1.0"  # type: ignore[index]
-        assert online["streams"][0]["active_model"] == "blazeface-short-int8@1"  # type: ignore[index]
+        assert online["agent_version"] == "sim-0.1.0"
+        assert online["streams"][0]["active_model"] == "blazeface-short-int8@1"
 
         def stored_samples() -> int:
             resp = httpx.get(
@@ -144,7 +112,7 @@ def test_device_appears_reports_telemetry_and_goes_offline_when_killed(
         sim.send_signal(signal.SIGKILL)
         sim.wait(timeout=10)
         offline = wait_for(lambda: device("offline"), timeout=20, what="the last will")
-        assert offline["online"] is False  # type: ignore[index]
+        assert offline["online"] is False
         table = cli("--url", url, "--token", viewer, "devices", "list")
         assert "e2e-0001" in table.stdout and "offline" in table.stdout
     except BaseException:

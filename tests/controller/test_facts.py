@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import msgspec
 
-from controller import store
 from controller.db.session import Database
+from controller.fleet.devices import get_device
+from controller.fleet.writes import write_messages
 from tests.controller.conftest import received, status
 
 
@@ -18,8 +19,8 @@ def test_status_facts_are_stored_on_the_device(database: Database) -> None:
     }
     msg = msgspec.structs.replace(status("cam-1"), facts=facts)
     with database.begin() as conn:
-        store.write_messages(conn, [received(msg)])
+        write_messages(conn, [received(msg)])
     with database.connect() as conn:
-        device = store.get_device(conn, "cam-1")
+        device = get_device(conn, "cam-1")
     assert device is not None
     assert device.facts == facts

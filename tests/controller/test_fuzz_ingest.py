@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller.db.session import Database
-from controller.ingest import Ingestor
+from controller.ingest.writer import Ingestor
 from protocol import StreamTelemetry, encode
 from tests.controller.conftest import event, reported, status, telemetry
 

@@ -8,8 +8,11 @@ import pytest
 
 from controller.db.session import Database
 from controller.errors import MalformedMessageError
-from controller.ingest import Ingestor, decode_message
-from controller.store import Received, count_telemetry, get_device
+from controller.fleet.devices import get_device
+from controller.fleet.history import count_telemetry
+from controller.fleet.writes import Received
+from controller.ingest.decode import decode_message
+from controller.ingest.writer import Ingestor
 from protocol import encode, status_topic, telemetry_topic
 from tests.controller.conftest import event, reported, status, telemetry
 

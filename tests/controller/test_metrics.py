@@ -9,11 +9,11 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.db.session import Database
-from controller.ingest import Ingestor
+from controller.fleet.writes import write_messages
+from controller.ingest.writer import Ingestor
 from controller.metrics import RolloutCollector, build_registry
 from controller.rollouts import commands
-from controller.rollouts import store as rstore
-from controller.store import write_messages
+from controller.rollouts.records import DEVICE_STATUSES, RolloutInfo, state_counts
 from protocol import encode, telemetry_topic
 from tests.controller.conftest import Clock, received, status, telemetry
 from tests.controller.rollout_fleet import Fleet
@@ -66,7 +66,7 @@ def _samples(registry: CollectorRegistry, prefix: str) -> dict[tuple[str, Labels
     }
 
 
-def _live(r: rstore.RolloutInfo, **extra: str) -> Labels:
+def _live(r: RolloutInfo, **extra: str) -> Labels:
     labels = {"rollout": str(r.id), "model": r.model, "stream": r.stream, **extra}
     return tuple(sorted(labels.items()))
 
@@ -117,7 +117,7 @@ def test_rollout_collector_matches_the_database(database: Database, clock: Clock
 
     # every figure is the database's, every status exported (0 when none)
     with database.connect() as conn:
-        assert rstore.state_counts(conn) == {
+        assert state_counts(conn) == {
             "active": 1,
             "paused": 1,
             "completed": 1,
@@ -125,7 +125,7 @@ def test_rollout_collector_matches_the_database(database: Database, clock: Clock
         }
         for r in (active, paused):
             detail = commands.detail(conn, r.id, now=clock(), with_devices=False)
-            for status in rstore.DEVICE_STATUSES:
+            for status in DEVICE_STATUSES:
                 assert executions[_live(r, status=status)] == detail.counts.get(status, 0)
             assert got[("edgefleet_rollout_stage", _live(r))] == detail.rollout.current_stage + 1
             assert got[("edgefleet_rollout_stages", _live(r))] == len(detail.rollout.stages)

@@ -6,10 +6,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from controller import store
 from controller.db.models import Base
 from controller.db.session import Database, current_revision, downgrade, head_revision
-from controller.rollouts import store as rstore
+from controller.fleet.devices import get_device
+from controller.rollouts.executions import list_rollout_devices
+from controller.rollouts.records import get_rollout, update_rollout
 
 
 def test_upgrade_from_empty_creates_every_table(db_url: str) -> None:
@@ -101,15 +102,15 @@ def test_upgrade_from_0003_adds_the_gate_columns_and_keeps_existing_rollouts(db_
         assert "gate" in columns["rollouts"] and "gate" in columns["device_streams"]
         assert "evidence" in columns["rollout_devices"]
         with db.connect() as conn:
-            r = rstore.get_rollout(conn, 1)
+            r = get_rollout(conn, 1)
             assert r is not None and r.model == "m@2" and r.gate is None
-            assert [d.evidence for d in rstore.list_rollout_devices(conn, 1)] == [None]
-            device = store.get_device(conn, "cam-1")
+            assert [d.evidence for d in list_rollout_devices(conn, 1)] == [None]
+            device = get_device(conn, "cam-1")
             assert device is not None and device.streams[0].gate is None
         with db.begin() as conn:
-            rstore.update_rollout(conn, 1, gate={"max_errors": 2})
+            update_rollout(conn, 1, gate={"max_errors": 2})
         with db.connect() as conn:
-            r = rstore.get_rollout(conn, 1)
+            r = get_rollout(conn, 1)
             assert r is not None and r.gate == {"max_errors": 2}
         downgrade(db.engine, "0003")
         assert "gate" not in {c["name"] for c in inspect(db.engine).get_columns("rollouts")}

@@ -10,13 +10,14 @@ from pathlib import Path
 import cv2
 import httpx
 import pytest
-import skimage.data
 
 from controller.api import create_app
 from controller.blobstore import BlobStore, ModelHosting
 from controller.bundles import package_model, sign_bundle
 from controller.db.session import Database
-from controller.keys import generate_keys, key_id, load_private_key, load_public_key
+from controller.keys import generate_keys, load_private_key, load_public_key
+from protocol.bundle import key_id
+from tests import images
 from tests.controller.conftest import Clock, serving
 
 MANIFEST = (
@@ -29,7 +30,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two signed versions and one unsigned one of the shipped int8 model, plus the key."""
     work = tmp_path_factory.mktemp("models")
     png = work / "astronaut.png"
-    rgb = skimage.data.astronaut()  # type: ignore[no-untyped-call]
+    rgb = images.astronaut()
     cv2.imwrite(str(png), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     generate_keys(work / "keys")
     key = load_private_key(work / "keys" / "signing.key")

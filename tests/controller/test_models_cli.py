@@ -9,12 +9,12 @@ from pathlib import Path
 
 import cv2
 import pytest
-import skimage.data
 
-from controller import store
 from controller.api import create_app
 from controller.blobstore import BlobStore, ModelHosting
 from controller.db.session import Database
+from controller.fleet.tokens import Role, create_token
+from tests import images
 from tests.controller.conftest import Cli, Clock, serving
 
 MANIFEST = (
@@ -32,9 +32,9 @@ def api(database: Database, clock: Clock, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def _token(database: Database, role: store.Role) -> str:
+def _token(database: Database, role: Role) -> str:
     with database.begin() as conn:
-        _, token = store.create_token(conn, name=role, role=role, now=0)
+        _, token = create_token(conn, name=role, role=role, now=0)
     return token
 
 
@@ -53,7 +53,7 @@ def test_operator_packages_signs_verifies_pushes_lists_and_shows_a_model(
     assert "refusing to overwrite" in again.stderr
 
     png = tmp_path / "astronaut.png"
-    rgb = skimage.data.astronaut()  # type: ignore[no-untyped-call]
+    rgb = images.astronaut()
     cv2.imwrite(str(png), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     efb = tmp_path / "face-1.0.0.efb"
     packaged = cli(

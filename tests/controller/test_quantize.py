@@ -12,7 +12,6 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-import skimage.data
 from ai_edge_litert.interpreter import Interpreter
 
 from controller.bundles import read_bundle, run_local_inference
@@ -26,6 +25,7 @@ from controller.quantize import (
 )
 from controller.tflite_graph import TFLiteGraphError, graph_facts, to_float32
 from protocol import decode_manifest
+from tests import images
 from tests.controller.conftest import Cli
 
 ASSETS = Path(__file__).resolve().parents[2] / "inference" / "assets"
@@ -54,7 +54,7 @@ def calib(work: Path) -> Path:
     folder = work / "calib"
     folder.mkdir()
     for name in ["astronaut", "coffee", "rocket", "chelsea"]:
-        _png(folder / f"{name}.png", getattr(skimage.data, name)())
+        _png(folder / f"{name}.png", images.image(name))
     return folder
 
 
@@ -254,7 +254,7 @@ def test_fp32_rewrite_keeps_the_math_of_the_fp16_model() -> None:
     assert fp32.fused_activations == 17 and "classificators" in fp32.io.activations
     facts = graph_facts(fp32.data)
     assert facts.standalone_activations == 0 and facts.op_types.get("DEQUANTIZE", 0) == 0
-    bgr = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)  # type: ignore[no-untyped-call]
+    bgr = cv2.cvtColor(images.astronaut(), cv2.COLOR_RGB2BGR)
     x = prepare_image(bgr, decode_manifest(FP16_MANIFEST.read_bytes()).input)
     assert x.shape == (1, 128, 128, 3) and -1.0 <= x.min() < x.max() <= 1.0
 

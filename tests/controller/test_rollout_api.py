@@ -12,7 +12,7 @@ import pytest
 
 from controller.api import create_app
 from controller.db.session import Database
-from tests.controller.conftest import Cli, Clock, serving
+from tests.controller.conftest import Cli, Clock, rollout_create_refused, serving
 from tests.controller.rollout_fleet import Fleet
 
 
@@ -158,10 +158,7 @@ def test_changes_wake_the_engine_and_openapi_documents_the_routes(
 
 @pytest.fixture
 def cli(api: str, tokens: dict[str, str], tmp_path: Path) -> Cli:
-    c = Cli(tmp_path)
-    c.env["EDGEFLEET_URL"] = api
-    c.env["EDGEFLEET_TOKEN"] = tokens["operator"]
-    return c
+    return Cli(tmp_path, url=api, token=tokens["operator"])
 
 
 def test_cli_create_status_list_pause_resume_abort(cli: Cli, fleet: Fleet) -> None:
@@ -229,11 +226,8 @@ def test_cli_create_status_list_pause_resume_abort(cli: Cli, fleet: Fleet) -> No
 def test_cli_checks_its_arguments_before_any_request(
     tmp_path: Path, args: tuple[str, ...], message: str
 ) -> None:
-    cli = Cli(tmp_path)
-    cli.env["EDGEFLEET_URL"] = "http://127.0.0.1:9"  # nothing listens: no request may be made
-    result = cli("rollout", "create", "m@1", "--select", "all", *args)
-    assert result.exit_code == 1
-    assert result.stderr.startswith(message), result.stderr
+    stderr = rollout_create_refused(tmp_path, *args)
+    assert stderr.startswith(message), stderr
 
 
 def test_cli_unknown_model_says_how_to_push_it(cli: Cli) -> None:
@@ -252,11 +246,11 @@ def test_cli_watch_on_a_terminal_draws_the_stages_live(
 
     from rich.console import Console
 
-    from controller import cli as cli_module
+    from controller.cli import rollouts as cli_module
 
     screen = io.StringIO()
     monkeypatch.setattr(
-        cli_module, "_console", lambda: Console(file=screen, force_terminal=True, width=120)
+        cli_module, "make_console", lambda: Console(file=screen, force_terminal=True, width=120)
     )
     cli.json(
         "rollout", "create", "face@2.0.0", "--select", "all", "--stages", "1,100%", "--bake", "0"

@@ -12,110 +12,36 @@ that act on their desired state (and really download the bundle), the CLI over r
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controller.simulator import OtaBehaviour, SimulatedDevice
 from protocol import Desired, decode
-from tests.broker import Mosquitto, free_port
+from tests.broker import Mosquitto
 from tests.bundle_factory import blazeface_files, blazeface_manifest, build_bundle
-from tests.controller.conftest import Cli, wait_for
+from tests.controller.conftest import Cli
+from tests.controller.controller_proc import ControllerProcess
 from tests.mqtt_sub import Subscriber
+from tests.waiting import wait_for
+from tools.simulator.device import SimulatedDevice
+from tools.simulator.ota import OtaBehaviour
 
-REPO = Path(__file__).resolve().parents[2]
 TARGET = "face@2.0.0"
 BASELINE = "blazeface-short-int8@1"
 pytestmark = pytest.mark.slow
 
 
-class ControllerProcess:
-    """``python -m controller controller serve`` on a config; start, SIGKILL, start again."""
-
-    def __init__(self, tmp_path: Path, db_url: str, broker: Mosquitto) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.config = tmp_path / "controller.toml"
-        self.config.write_text(
-            f'data_dir = "{tmp_path / "data"}"\n'
-            f'[database]\nurl = "{db_url}"\n'
-            f'[broker]\nurl = "{broker.url}"\nclient_id = "ctl-{self.port}"\n'
-            "[ingest]\nflush_interval_s = 0.05\n"
-            f"[api]\nport = {self.port}\n"
-            "[rollouts]\ntick_interval_s = 0.2\n"
-        )
-        self.logs: list[Path] = []
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._tmp = tmp_path
-
-    def start(self) -> None:
-        log = self._tmp / f"controller-{len(self.logs)}.log"
-        self.logs.append(log)
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "controller",
-                    "controller",
-                    "serve",
-                    "--config",
-                    str(self.config),
-                ],
-                cwd=REPO,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        proc = self.proc
-
-        def healthy() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"controller exited with {proc.returncode}:\n{self.tail()}")
-            try:
-                return bool(
-                    httpx.get(f"{self.url}/healthz", timeout=1).json()["mqtt"] == "connected"
-                )
-            except httpx.HTTPError:
-                return False
-
-        wait_for(healthy, timeout=30, what="the controller to answer /healthz")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"controller did not stop on SIGTERM:\n{self.tail()}")
-        assert self.proc.returncode == 0, self.tail()
-
-    def tail(self) -> str:
-        return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-            for p in self.logs
-            if p.exists()
-        )
-
-
 @pytest.fixture
 def controller(db_url: str, tmp_path: Path, mosquitto: Mosquitto) -> Iterator[ControllerProcess]:
-    ctl = ControllerProcess(tmp_path, db_url, mosquitto)
+    ctl = ControllerProcess(
+        tmp_path, db_url, mosquitto, extra="[rollouts]\ntick_interval_s = 0.2\n"
+    )
     ctl.start()
     try:
         yield ctl
@@ -128,22 +54,29 @@ def controller(db_url: str, tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Co
         assert "Traceback" not in log.read_text(errors="replace"), ctl.tail()
 
 
-@pytest.fixture
-def cli(controller: ControllerProcess, tmp_path: Path) -> Cli:
-    """The CLI with an operator token, pointed at the controller; the model is uploaded."""
-    c = Cli(tmp_path)
+def _operator_cli(
+    controller: ControllerProcess, tmp_path: Path, key: Ed25519PrivateKey | None
+) -> Cli:
+    """The CLI with an operator token, pointed at the controller, after uploading face@2.0.0
+    (signed with ``key``, if any)."""
+    c = Cli(tmp_path, url=controller.url)
     token = c.json("tokens", "create", "--role", "operator", "--config", str(controller.config))
-    c.env["EDGEFLEET_URL"] = controller.url
     c.env["EDGEFLEET_TOKEN"] = token["token"]
     efb = build_bundle(
         tmp_path / "face-2.0.0.efb",
         blazeface_manifest(name="face", version="2.0.0"),
         blazeface_files(),
-        key=None,
+        key=key,
     )
     pushed = c("model", "push", str(efb))
     assert pushed.exit_code == 0, pushed.output
     return c
+
+
+@pytest.fixture
+def cli(controller: ControllerProcess, tmp_path: Path) -> Cli:
+    """The CLI with an operator token, pointed at the controller; the model is uploaded."""
+    return _operator_cli(controller, tmp_path, key=None)
 
 
 def _devices(mosquitto: Mosquitto, n: int, behaviour: OtaBehaviour) -> list[SimulatedDevice]:
@@ -160,6 +93,20 @@ def _devices(mosquitto: Mosquitto, n: int, behaviour: OtaBehaviour) -> list[Simu
         dev.announce()
         devices.append(dev)
     return devices
+
+
+@contextmanager
+def _fleet(
+    mosquitto: Mosquitto, cli: Cli, n: int, behaviour: OtaBehaviour
+) -> Iterator[list[SimulatedDevice]]:
+    """``n`` simulated devices the controller knows with their streams; stopped at the end."""
+    devices = _devices(mosquitto, n, behaviour)
+    try:
+        _wait_known(cli, n)
+        yield devices
+    finally:
+        for dev in devices:
+            dev.stop()
 
 
 def _wait_known(cli: Cli, n: int) -> None:
@@ -190,9 +137,7 @@ def _retained_desired(mosquitto: Mosquitto, expect: int) -> dict[str, Desired]:
 def test_happy_path_through_stages_with_the_cli(
     controller: ControllerProcess, cli: Cli, mosquitto: Mosquitto
 ) -> None:
-    devices = _devices(mosquitto, 5, OtaBehaviour(download=True, phase_delay_s=0.02))
-    try:
-        _wait_known(cli, 5)
+    with _fleet(mosquitto, cli, 5, OtaBehaviour(download=True, phase_delay_s=0.02)) as devices:
         created = cli(
             "rollout", "create", TARGET, "--select", "all", "--stages", "1,50%,100%",
             "--bake", "1s", "--timeout", "30s", "--max-failures", "0%", "--min-executed", "1",
@@ -234,18 +179,13 @@ def test_happy_path_through_stages_with_the_cli(
         assert table.exit_code == 0 and "face@2.0.0" in table.stdout and "completed" in table.stdout
         shown = cli("rollout", "status", "1")
         assert shown.exit_code == 0 and "5/5 succeeded" in shown.stdout
-    finally:
-        for dev in devices:
-            dev.stop()
 
 
 def test_a_failing_canary_aborts_and_is_rolled_back(
     controller: ControllerProcess, cli: Cli, mosquitto: Mosquitto
 ) -> None:
     behaviour = OtaBehaviour(fail={TARGET: "golden_mismatch"}, phase_delay_s=0.02)
-    devices = _devices(mosquitto, 4, behaviour)
-    try:
-        _wait_known(cli, 4)
+    with _fleet(mosquitto, cli, 4, behaviour) as devices:
         created = cli.json(
             "rollout", "create", TARGET, "--select", "all", "--stages", "1,100%", "--bake", "1s",
             "--min-executed", "5",
@@ -272,17 +212,12 @@ def test_a_failing_canary_aborts_and_is_rolled_back(
         assert all(d.ota is not None and d.ota.received == [] for d in devices[1:])
         again = cli("rollout", "rollback", "1")
         assert again.exit_code == 1 and "already got their previous models back" in again.stderr
-    finally:
-        for dev in devices:
-            dev.stop()
 
 
 def test_kill_9_mid_rollout_the_restarted_controller_continues_without_updating_twice(
     controller: ControllerProcess, cli: Cli, mosquitto: Mosquitto
 ) -> None:
-    devices = _devices(mosquitto, 6, OtaBehaviour(download=True, phase_delay_s=0.15))
-    try:
-        _wait_known(cli, 6)
+    with _fleet(mosquitto, cli, 6, OtaBehaviour(download=True, phase_delay_s=0.15)) as devices:
         created = cli.json(
             "rollout", "create", TARGET, "--select", "all", "--stages", "1,3,100%",
             "--bake", "0.5s", "--timeout", "60s",
@@ -311,9 +246,6 @@ def test_kill_9_mid_rollout_the_restarted_controller_continues_without_updating_
             assert dev.ota.revs_with(TARGET) == {revs[dev.device_id]}
             assert [m for _, _, m in dev.ota.deployments] == [TARGET]
             assert dev.ota.streams["cam0"]["active"] == TARGET
-    finally:
-        for dev in devices:
-            dev.stop()
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -391,24 +323,12 @@ def test_a_real_agent_takes_a_signed_model_through_a_rollout_and_back(
     """The contract with the real agent (docs/ota.md): download via the desired URL and its
     key, verify the signature, stage, swap, probation, commit; the rollback's desired state
     (stream absent) brings it back to its baseline."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     from tests.agent_proc import VIDEO, start_agent, stop_agent, stream_block, write_config
     from tests.bundle_factory import write_public_key
 
     key = Ed25519PrivateKey.generate()
     pub = write_public_key(key, tmp_path / "signing.pub")
-    c = Cli(tmp_path)
-    token = c.json("tokens", "create", "--role", "operator", "--config", str(controller.config))
-    c.env["EDGEFLEET_URL"] = controller.url
-    c.env["EDGEFLEET_TOKEN"] = token["token"]
-    efb = build_bundle(
-        tmp_path / "face-2.0.0.efb",
-        blazeface_manifest(name="face", version="2.0.0"),
-        blazeface_files(),
-        key=key,
-    )
-    assert c("model", "push", str(efb)).exit_code == 0
+    c = _operator_cli(controller, tmp_path, key=key)
     agent_dir = tmp_path / "agent"
     agent_dir.mkdir()
     config = write_config(

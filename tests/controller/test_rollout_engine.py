@@ -12,11 +12,11 @@ from sqlalchemy import select
 from controller.db.models import device_desired, rollout_devices, rollouts
 from controller.db.session import Database
 from controller.errors import RolloutError
-from controller.rollouts import commands
-from controller.rollouts import store as rstore
+from controller.rollouts import commands, executions
 from controller.rollouts.engine import RolloutEngine
 from controller.rollouts.health import HealthPolicy
 from controller.rollouts.publisher import DesiredPublisher, desired_message
+from controller.rollouts.records import list_rollouts
 from protocol import Desired, decode
 from tests.controller.conftest import Clock
 from tests.controller.rollout_fleet import BASE_URL, BASELINE, Fleet
@@ -103,7 +103,7 @@ def test_overlapping_rollout_is_refused_naming_the_active_one(fleet: Fleet) -> N
     again = fleet.create(model="m@3", select=("dev-01",), stream="cam0")
     assert again.id > other.id
     with fleet.db.connect() as conn:
-        assert [r.id for r in rstore.list_rollouts(conn)] == [again.id, other.id, first.id]
+        assert [r.id for r in list_rollouts(conn)] == [again.id, other.id, first.id]
 
 
 # --- running --------------------------------------------------------------------------------
@@ -192,17 +192,17 @@ def test_a_crash_inside_a_tick_leaves_nothing_half_done(
     fleet.model()
     fleet.add(*ids(4))
     r = fleet.create(stages="2,100%", bake_s=0)
-    real = rstore.mark_assigned
+    real = executions.mark_assigned
 
     def crash(*args: Any, **kw: Any) -> None:
         real(*args, **kw)
         raise RuntimeError("power cut after the desired states were written")
 
-    monkeypatch.setattr(rstore, "mark_assigned", crash)
+    monkeypatch.setattr(executions, "mark_assigned", crash)
     assert fleet.engine.tick().errors == 1
     assert fleet.desired("dev-00") is None  # rolled back with the transaction
     assert set(fleet.statuses(r.id).values()) == {"pending"}
-    monkeypatch.setattr(rstore, "mark_assigned", real)
+    monkeypatch.setattr(executions, "mark_assigned", real)
     fleet.run(r.id)
     assert all(row.rev == 1 for row in fleet.rows(r.id).values())
 
@@ -361,15 +361,17 @@ def _rounds(
             fleet.telemetry(d, **(canary if canary is not None and d == "dev-00" else every))
 
 
-def _canary_updated(fleet: Fleet) -> int:
-    """Five rounds at 1.6 ms everywhere, then a ``1,100%`` rollout whose canary succeeded."""
+def _canary_updated(database: Database, clock: Clock, n: int = 10) -> tuple[Fleet, int]:
+    """A fleet of ``n`` (health judged at every tick), five rounds at 1.6 ms everywhere, then a
+    ``1,100%`` rollout whose canary succeeded: the fleet and the rollout's id."""
+    fleet = _health_fleet(database, clock, n)
     _rounds(fleet, 5, {"infer_ms_p95": 1.6})
     r = fleet.create(stages="1,100%", bake_s=120)
     fleet.tick(1)
     fleet.act()
     fleet.tick(1)
     assert fleet.statuses(r.id)["dev-00/cam0"] == "succeeded"
-    return r.id
+    return fleet, r.id
 
 
 def test_a_fleet_wide_spike_right_after_the_canary_swap_does_not_abort(
@@ -377,8 +379,7 @@ def test_a_fleet_wide_spike_right_after_the_canary_swap_does_not_abort(
 ) -> None:
     """The incident: a machine-wide CPU spike hit every device at once right after the swap;
     the canary was judged on its samples since the swap, the others over 300 s."""
-    fleet = _health_fleet(database, clock)
-    rid = _canary_updated(fleet)
+    fleet, rid = _canary_updated(database, clock)
     _rounds(fleet, 3, {"infer_ms_p95": 6.4})
     fleet.tick(1)
     assert fleet.rollout(rid).state == "active"
@@ -390,8 +391,7 @@ def test_a_fleet_wide_spike_right_after_the_canary_swap_does_not_abort(
 def test_health_regression_of_the_canary_aborts_with_reason_health_regression(
     database: Database, clock: Clock
 ) -> None:
-    fleet = _health_fleet(database, clock)
-    rid = _canary_updated(fleet)
+    fleet, rid = _canary_updated(database, clock)
     _rounds(fleet, 3, {"infer_ms_p95": 1.6}, canary={"infer_ms_p95": 5.0})
     fleet.tick(1)
     done = fleet.rollout(rid)
@@ -406,8 +406,7 @@ def test_health_regression_of_the_canary_aborts_with_reason_health_regression(
 def test_a_canary_with_only_two_samples_since_the_swap_waits_instead_of_aborting(
     database: Database, clock: Clock
 ) -> None:
-    fleet = _health_fleet(database, clock)
-    rid = _canary_updated(fleet)
+    fleet, rid = _canary_updated(database, clock)
     _rounds(fleet, 2, {"infer_ms_p95": 1.6}, canary={"infer_ms_p95": 5.0})
     fleet.tick(1)
     assert fleet.rollout(rid).state == "active"
@@ -434,8 +433,7 @@ def test_a_canary_without_telemetry_from_before_the_update_is_not_judged(
 def test_equal_health_does_not_abort_and_an_fps_drop_or_errors_only_on_the_canary_do(
     database: Database, clock: Clock, what: str
 ) -> None:
-    fleet = _health_fleet(database, clock, n=6)
-    rid = _canary_updated(fleet)
+    fleet, rid = _canary_updated(database, clock, n=6)
     _rounds(fleet, 3, {"infer_ms_p95": 1.6}, canary={"infer_ms_p95": 1.7})
     fleet.tick(1)
     assert fleet.rollout(rid).state == "active"

@@ -13,9 +13,9 @@ import httpx
 import msgspec
 import pytest
 
-from controller import store
 from controller.api import create_app
 from controller.db.session import Database
+from controller.fleet.writes import Received, write_messages
 from controller.rollouts import commands
 from controller.rollouts.publisher import desired_message
 from protocol import Gate, GateEvidence, Reported, StreamReport
@@ -89,9 +89,21 @@ def report(
         schema=1, device_id=device_id, ts=now, desired_rev=fleet.handled[device_id], streams=streams
     )
     with fleet.db.begin() as conn:
-        store.write_messages(
-            conn, [store.Received(topic="t", device_id=device_id, message=rep, received_at=now)]
+        write_messages(
+            conn, [Received(topic="t", device_id=device_id, message=rep, received_at=now)]
         )
+
+
+def report_agreement_failure(fleet: Fleet, device_id: str, *, took_up: bool = True) -> None:
+    """The device rolled its candidate back in probation: too little agreement (evidence)."""
+    report(
+        fleet,
+        device_id,
+        "rolled_back",
+        reason="probation_agreement",
+        gate_evidence=evidence(verdict="fail", reason="probation_agreement"),
+        took_up=took_up,
+    )
 
 
 # --- the API and the CLI over real HTTP ---------------------------------------------------
@@ -184,10 +196,7 @@ def test_api_refuses_bad_gates_with_422_naming_the_field_and_the_range(
 
 @pytest.fixture
 def cli(api: str, tokens: dict[str, str], tmp_path: Path) -> Cli:
-    c = Cli(tmp_path)
-    c.env["EDGEFLEET_URL"] = api
-    c.env["EDGEFLEET_TOKEN"] = tokens["operator"]
-    return c
+    return Cli(tmp_path, url=api, token=tokens["operator"])
 
 
 def test_cli_gate_options_become_the_gate_and_status_shows_the_overrides(
@@ -281,13 +290,7 @@ def test_reported_evidence_for_the_rollouts_model_is_kept_with_each_execution(
     fleet.tick()
     report(fleet, "cam-01", "committed", gate_evidence=evidence())
     report(fleet, "cam-02", "shadow", gate_evidence=evidence(verdict="undecided", stage="shadow"))
-    report(
-        fleet,
-        "cam-03",
-        "rolled_back",
-        reason="probation_agreement",
-        gate_evidence=evidence(verdict="fail", reason="probation_agreement"),
-    )
+    report_agreement_failure(fleet, "cam-03")
     fleet.tick(1)
     rows = fleet.rows(r.id)
     assert [rows[(d, "cam0")].status for d in ("cam-01", "cam-02", "cam-03")] == [
@@ -313,24 +316,12 @@ def test_reported_evidence_for_the_rollouts_model_is_kept_with_each_execution(
 def test_evidence_of_another_model_or_of_the_failure_seen_before_the_assignment_is_not_kept(
     fleet: Fleet,
 ) -> None:
-    report(
-        fleet,
-        "cam-01",
-        "rolled_back",
-        reason="probation_agreement",
-        gate_evidence=evidence(verdict="fail", reason="probation_agreement"),
-        took_up=False,
-    )
+    report_agreement_failure(fleet, "cam-01", took_up=False)
     report(fleet, "cam-02", "committed", target="other@1", gate_evidence=evidence())
     r = fleet.create(TARGET, select=("cam-01", "cam-02"), stages="100%")
     fleet.tick()
-    report(  # took up the new rev, still shows the earlier failure
-        fleet,
-        "cam-01",
-        "rolled_back",
-        reason="probation_agreement",
-        gate_evidence=evidence(verdict="fail", reason="probation_agreement"),
-    )
+    # It took up the new rev and still shows the earlier failure.
+    report_agreement_failure(fleet, "cam-01")
     report(fleet, "cam-02", "downloading", target="other@1", gate_evidence=evidence())
     fleet.tick(1)
     rows = fleet.rows(r.id)
@@ -352,13 +343,7 @@ def test_evidence_shows_in_the_rollout_and_device_apis_and_in_rollout_status(
     assert operator.post("/api/v1/rollouts", json={**BODY, "min_executed": 5}).status_code == 201
     fleet.tick()
     report(fleet, "cam-01", "committed", gate_evidence=evidence())
-    report(
-        fleet,
-        "cam-03",
-        "rolled_back",
-        reason="probation_agreement",
-        gate_evidence=evidence(verdict="fail", reason="probation_agreement"),
-    )
+    report_agreement_failure(fleet, "cam-03")
     fleet.tick(1)
     viewer = {"Authorization": f"Bearer {tokens['viewer']}"}
     shown = operator.get("/api/v1/rollouts/1", headers=viewer).json()

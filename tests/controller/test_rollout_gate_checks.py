@@ -11,9 +11,9 @@ import pytest
 
 from controller.errors import RolloutError
 from controller.rollouts import gate
-from controller.simulator import DeviceOta, OtaBehaviour
 from protocol import Desired, Gate, ModelRef
-from tests.controller.conftest import Cli
+from tests.controller.conftest import NOWHERE, Cli, rollout_create_refused
+from tools.simulator.ota import DeviceOta, OtaBehaviour
 
 TARGET = "face@2.0.0"
 
@@ -123,16 +123,12 @@ def test_whatever_the_checks_accept_the_device_decodes_as_a_gate() -> None:
 def test_cli_checks_the_gate_options_before_any_request(
     tmp_path: Path, args: tuple[str, ...], message: str
 ) -> None:
-    cli = Cli(tmp_path)
-    cli.env["EDGEFLEET_URL"] = "http://127.0.0.1:9"  # nothing listens: no request may be made
-    result = cli("rollout", "create", "m@1", "--select", "all", *args)
-    assert result.exit_code == 1
-    assert result.stderr.startswith(message), result.stderr
+    stderr = rollout_create_refused(tmp_path, *args)
+    assert stderr.startswith(message), stderr
 
 
 def test_cli_refuses_an_unknown_undecided_action(tmp_path: Path) -> None:
-    cli = Cli(tmp_path)
-    cli.env["EDGEFLEET_URL"] = "http://127.0.0.1:9"
+    cli = Cli(tmp_path, url=NOWHERE)
     result = cli("rollout", "create", "m@1", "--select", "all", "--undecided", "later")
     assert result.exit_code == 2 and "'later' is not one of 'rollback', 'commit'" in result.stderr
 

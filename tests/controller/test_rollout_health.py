@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from controller.rollouts.health import (
     ChangeWindows,
     DeviceChange,
@@ -127,32 +129,44 @@ def test_latency_needs_both_the_relative_and_the_absolute_excess() -> None:
     assert judge(P, _same(1, _h(0.9), _h(1.4)), _same(3, _h(0.9))).outcome == "healthy"
 
 
-def test_an_fps_drop_only_on_the_canary_is_a_regression_and_a_fleet_wide_one_is_not() -> None:
-    controls = _same(5, _h(fps=25.0))
-    assert judge(P, _same(1, _h(fps=25.0), _h(fps=17.0)), controls).outcome == "healthy"
-    dropped = judge(P, _same(1, _h(fps=25.0), _h(fps=16.0)), controls)
-    assert dropped.outcome == "regression"
-    assert dropped.detail == (
-        "canary fps fell to 0.64x after the update (25.0 -> 16.0 fps) while the 5 devices "
-        "not updated changed 1.00x over the same window"
-    )
-    fleet_wide = _same(5, _h(fps=25.0), _h(fps=16.0))
-    assert judge(P, _same(1, _h(fps=25.0), _h(fps=16.0)), fleet_wide).outcome == "healthy"
+@pytest.mark.parametrize(
+    ("before", "slightly", "worse", "detail"),
+    [
+        (
+            _h(fps=25.0),
+            _h(fps=17.0),
+            _h(fps=16.0),
+            "canary fps fell to 0.64x after the update (25.0 -> 16.0 fps) while the 5 devices "
+            "not updated changed 1.00x over the same window",
+        ),
+        (
+            _h(err=0.0),
+            _h(err=0.01),
+            _h(err=0.03),
+            "canary errors rose from 0.0% to 3.0% of frames after the update while the 5 devices "
+            "not updated changed +0.0 points over the same window",
+        ),
+    ],
+    ids=["fps", "errors"],
+)
+def test_a_change_only_on_the_canary_is_a_regression_and_a_fleet_wide_one_is_not(
+    before: StreamHealth, slightly: StreamHealth, worse: StreamHealth, detail: str
+) -> None:
+    controls = _same(5, before)
+    assert judge(P, _same(1, before, slightly), controls).outcome == "healthy"
+    verdict = judge(P, _same(1, before, worse), controls)
+    assert (verdict.outcome, verdict.detail) == ("regression", detail)
+    fleet_wide = _same(5, before, worse)
+    assert judge(P, _same(1, before, worse), fleet_wide).outcome == "healthy"
+
+
+def test_streams_under_min_fps_are_not_compared() -> None:
     idle = judge(P, _same(1, _h(fps=0.5), _h(fps=0.2)), _same(5, _h(fps=0.5)))
-    assert idle.outcome == "healthy"  # streams under min_fps are not compared
+    assert idle.outcome == "healthy"
 
 
-def test_an_error_rise_only_on_the_canary_is_a_regression_and_a_fleet_wide_one_is_not() -> None:
-    controls = _same(5, _h(err=0.0))
-    assert judge(P, _same(1, _h(err=0.0), _h(err=0.01)), controls).outcome == "healthy"
-    rose = judge(P, _same(1, _h(err=0.0), _h(err=0.03)), controls)
-    assert rose.outcome == "regression"
-    assert rose.detail == (
-        "canary errors rose from 0.0% to 3.0% of frames after the update while the 5 devices "
-        "not updated changed +0.0 points over the same window"
-    )
+def test_an_error_rise_is_a_regression_at_twice_what_the_fleet_wide_rise_predicts() -> None:
     fleet_wide = _same(5, _h(err=0.0), _h(err=0.03))
-    assert judge(P, _same(1, _h(err=0.0), _h(err=0.03)), fleet_wide).outcome == "healthy"
     # 5% against the 3% the fleet-wide rise predicts: not 2x; 7% is.
     assert judge(P, _same(1, _h(err=0.0), _h(err=0.05)), fleet_wide).outcome == "healthy"
     assert judge(P, _same(1, _h(err=0.0), _h(err=0.07)), fleet_wide).outcome == "regression"

@@ -16,9 +16,10 @@ from controller.rollouts.publisher import DesiredPublisher
 from controller.rollouts.runner import Leadership, RolloutRunner
 from protocol import Desired, decode
 from tests.broker import Mosquitto
-from tests.controller.conftest import PG_BASE, Clock, wait_for
+from tests.controller.conftest import PG_BASE, Clock
 from tests.controller.rollout_fleet import Fleet
 from tests.mqtt_sub import Subscriber
+from tests.waiting import wait_for
 
 
 @pytest.fixture
@@ -88,7 +89,9 @@ def test_runner_publishes_retained_qos1_desired_states_and_again_after_a_session
     try:
         r = fleet.create(stages="100%")
         runner.start()
-        wait_for(lambda: publisher.published >= 2, what="both desired states acknowledged")
+        wait_for(
+            lambda: publisher.published >= 2, timeout=15, what="both desired states acknowledged"
+        )
         assert all(fleet.desired(d).published for d in ("dev-00", "dev-01"))  # type: ignore[union-attr]
         sub = Subscriber(mosquitto.port, ["edgefleet/v1/+/desired"], persistent=False)
         got = sub.wait_for(lambda ms: len(ms) >= 2)
@@ -98,7 +101,9 @@ def test_runner_publishes_retained_qos1_desired_states_and_again_after_a_session
         assert desired["edgefleet/v1/dev-00/desired"].rev == 1
         assert desired["edgefleet/v1/dev-00/desired"].rollout_id == str(r.id)
         runner.on_session(False)  # a new broker session: everything goes out again
-        wait_for(lambda: publisher.published >= 4, what="the desired states published again")
+        wait_for(
+            lambda: publisher.published >= 4, timeout=15, what="the desired states published again"
+        )
     finally:
         runner.stop()
         mqtt.stop()

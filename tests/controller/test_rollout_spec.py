@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from controller import store
 from controller.api.routes import bundle_path
 from controller.errors import RolloutError
+from controller.fleet.registry import ModelInfo
 from controller.rollouts import spec
 from controller.rollouts.engine import bundle_url, derive_status, next_status
-from controller.rollouts.store import Execution
+from controller.rollouts.executions import Execution
 
 
 @pytest.mark.parametrize(
@@ -197,7 +197,7 @@ def test_success_is_kept_unless_the_device_reports_the_model_failed() -> None:
 
 
 def test_the_engine_builds_the_same_download_url_as_the_api() -> None:
-    m = store.ModelInfo(
+    m = ModelInfo(
         id=1, name="face", version="2.0.0", sha256="a" * 64, size=1, runtime="litert",
         manifest={}, signature=None, key_id=None, download_key="k-1", created_at=0,
     )  # fmt: skip

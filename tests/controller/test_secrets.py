@@ -6,7 +6,6 @@ every byte of output is searched for every secret."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +15,8 @@ import httpx
 import pytest
 
 from tests.broker import free_port
-from tests.controller.conftest import wait_for
+from tests.controller.controller_proc import wait_healthy
+from tests.waiting import stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -120,16 +120,7 @@ def test_no_token_or_password_appears_in_any_output(
     if db_password:
         secrets["database password"] = db_password
     try:
-
-        def healthy() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"controller exited with {proc.returncode}:\n{err.read_text()[-3000:]}")
-            try:
-                return bool(httpx.get(f"{url}/healthz", timeout=1).json()["mqtt"] == "connected")
-            except httpx.HTTPError:
-                return False
-
-        wait_for(healthy, timeout=30, what="the controller to answer /healthz")
+        wait_healthy(proc, url, lambda: err.read_text()[-3000:])
         broker_password = (
             env.get("EDGEFLEET_EMBEDDED_BROKER_PASSWORD")
             or (data / "broker" / "password").read_text().strip()
@@ -144,7 +135,7 @@ def test_no_token_or_password_appears_in_any_output(
                 [
                     sys.executable,
                     "-m",
-                    "controller.simulator",
+                    "tools.simulator",
                     "--broker",
                     f"mqtt://127.0.0.1:{mqtt_port}",
                     "--username",
@@ -215,18 +206,8 @@ def test_no_token_or_password_appears_in_any_output(
         assert oct(enrolled.stat().st_mode & 0o777) == "0o600"
     finally:
         if sim is not None:
-            sim.send_signal(signal.SIGTERM)
-            try:
-                sim.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                sim.kill()
-                sim.wait()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            stop_process(sim, timeout=10)
+        stop_process(proc, timeout=15)
     assert proc.returncode == 0, err.read_text()[-3000:]
 
     searched = sorted(p for p in logs.iterdir() if p.is_file())

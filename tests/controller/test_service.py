@@ -9,13 +9,17 @@ import httpx
 import pytest
 
 from controller.db.session import Database
-from controller.ingest import INGESTED_KINDS, Ingestor
+from controller.fleet.devices import get_device
+from controller.fleet.history import count_telemetry
+from controller.fleet.retention import RetentionResult
+from controller.ingest.decode import INGESTED_KINDS
+from controller.ingest.writer import Ingestor
 from controller.mqtt import MqttSettings, MqttSubscriber
 from controller.service import build_controller
-from controller.simulator import SimulatedDevice, publish_load, telemetry_payloads
-from controller.store import RetentionResult, count_telemetry, get_device
 from tests.broker import Mosquitto
-from tests.controller.conftest import wait_for
+from tests.waiting import wait_for
+from tools.simulator.device import SimulatedDevice
+from tools.simulator.load import publish_load, telemetry_payloads
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +60,9 @@ def test_zero_config_controller_runs_an_embedded_broker_that_agents_can_use(
             resp = httpx.get(f"{ctl.api_url}/api/v1/devices/dev-1", headers=headers)
             return resp.status_code == 200 and resp.json()["online"]
 
-        wait_for(online, what="the device to appear online")
+        wait_for(online, timeout=15, what="the device to appear online")
         device.stop(graceful=True)
-        wait_for(lambda: not online(), what="the graceful offline status")
+        wait_for(lambda: not online(), timeout=15, what="the graceful offline status")
         assert ctl.run_retention() == RetentionResult()  # nothing old enough yet
         metrics = httpx.get(f"{ctl.api_url}/metrics").text
         assert "edgefleet_mqtt_connected 1.0" in metrics
@@ -90,7 +94,7 @@ def test_messages_published_while_the_controller_is_down_arrive_after_it_reconne
     sub = _subscriber(mosquitto.url, ingestor, "ctl-session", None)
     sub.start()
     try:
-        wait_for(lambda: ingestor.stats.queued >= 20, what="the queued QoS 1 messages")
+        wait_for(lambda: ingestor.stats.queued >= 20, timeout=15, what="the queued QoS 1 messages")
     finally:
         sub.stop()
     ingestor.write_pending()
@@ -118,7 +122,9 @@ def test_replicas_with_a_shared_group_split_the_messages_without_duplicates(
             payloads=telemetry_payloads([f"cam-{i}" for i in range(10)], per_device=6),
             qos=1,
         )
-        wait_for(lambda: sum(r.stats.queued for r in replicas) >= 60, what="all 60 messages")
+        wait_for(
+            lambda: sum(r.stats.queued for r in replicas) >= 60, timeout=15, what="all 60 messages"
+        )
     finally:
         for sub in subs:
             sub.stop()

@@ -1,0 +1,178 @@
+"""Devices with their streams and tags: queries, tag edits and fleet counts."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, select
+
+from controller.db.models import device_streams, device_tags, devices
+from controller.db.sql import from_row, upsert
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    name: str
+    source_state: str | None
+    error: str | None
+    active_model: str | None
+    previous_model: str | None
+    installed: list[str]
+    phase: str | None
+    target: str | None
+    reason: str | None
+    updated_at: float
+    gate: dict[str, Any] | None = None
+    """The health gate's evidence for ``target`` (``protocol.GateEvidence`` as JSON)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    id: str
+    online: bool
+    state: str | None
+    first_seen: float
+    last_seen: float
+    status_ts: float | None
+    agent_version: str | None
+    started_at: float | None
+    desired_rev: int | None
+    reported_at: float | None
+    last_telemetry_at: float | None
+    facts: dict[str, Any]
+    tags: list[str] = field(default_factory=list)
+    streams: list[StreamInfo] = field(default_factory=list)
+
+
+def _stream_info(row: Any) -> StreamInfo:
+    return from_row(
+        StreamInfo,
+        row,
+        installed=list(row.installed or []),
+        gate=dict(row.gate) if row.gate else None,
+    )
+
+
+def _device_info(row: Any, tags: list[str], streams: list[StreamInfo]) -> DeviceInfo:
+    return from_row(
+        DeviceInfo,
+        row,
+        online=bool(row.online),
+        facts=dict(row.facts or {}),
+        tags=tags,
+        streams=streams,
+    )
+
+
+def list_devices(
+    conn: Connection,
+    *,
+    tags: Sequence[str] = (),
+    online: bool | None = None,
+    model: str | None = None,
+    limit: int = 1000,
+    offset: int = 0,
+) -> list[DeviceInfo]:
+    """Devices ordered by id; ``tags`` must all be present, ``model`` active on any stream."""
+    query = select(devices).order_by(devices.c.id).limit(limit).offset(offset)
+    for tag in tags:
+        query = query.where(
+            devices.c.id.in_(select(device_tags.c.device_id).where(device_tags.c.tag == tag))
+        )
+    if online is not None:
+        query = query.where(devices.c.online.is_(online))
+    if model is not None:
+        query = query.where(
+            devices.c.id.in_(
+                select(device_streams.c.device_id).where(device_streams.c.active_model == model)
+            )
+        )
+    rows = list(conn.execute(query))
+    ids = [r.id for r in rows]
+    tag_map: dict[str, list[str]] = defaultdict(list)
+    stream_map: dict[str, list[StreamInfo]] = defaultdict(list)
+    if ids:
+        for t in conn.execute(
+            select(device_tags).where(device_tags.c.device_id.in_(ids)).order_by(device_tags.c.tag)
+        ):
+            tag_map[t.device_id].append(t.tag)
+        for s in conn.execute(
+            select(device_streams)
+            .where(device_streams.c.device_id.in_(ids))
+            .order_by(device_streams.c.name)
+        ):
+            stream_map[s.device_id].append(_stream_info(s))
+    return [_device_info(r, tag_map[r.id], stream_map[r.id]) for r in rows]
+
+
+def get_device(conn: Connection, device_id: str) -> DeviceInfo | None:
+    row = conn.execute(select(devices).where(devices.c.id == device_id)).first()
+    if row is None:
+        return None
+    tags = list(
+        conn.execute(
+            select(device_tags.c.tag)
+            .where(device_tags.c.device_id == device_id)
+            .order_by(device_tags.c.tag)
+        ).scalars()
+    )
+    streams = [
+        _stream_info(s)
+        for s in conn.execute(
+            select(device_streams)
+            .where(device_streams.c.device_id == device_id)
+            .order_by(device_streams.c.name)
+        )
+    ]
+    return _device_info(row, tags, streams)
+
+
+def set_tags(
+    conn: Connection, device_id: str, *, add: Iterable[str] = (), remove: Iterable[str] = ()
+) -> list[str] | None:
+    """Add and remove tags; returns the device's tags, or None if there is no such device."""
+    if conn.execute(select(devices.c.id).where(devices.c.id == device_id)).first() is None:
+        return None
+    to_remove = sorted(set(remove))
+    if to_remove:
+        conn.execute(
+            delete(device_tags).where(
+                device_tags.c.device_id == device_id, device_tags.c.tag.in_(to_remove)
+            )
+        )
+    to_add = sorted(set(add) - set(to_remove))
+    if to_add:
+        conn.execute(
+            upsert(conn, device_tags).on_conflict_do_nothing(),
+            [{"device_id": device_id, "tag": t} for t in to_add],
+        )
+    return list(
+        conn.execute(
+            select(device_tags.c.tag)
+            .where(device_tags.c.device_id == device_id)
+            .order_by(device_tags.c.tag)
+        ).scalars()
+    )
+
+
+def device_counts(conn: Connection) -> dict[str, int]:
+    """``{"online": n, "offline": m}``."""
+    counts = {"online": 0, "offline": 0}
+    for online, n in conn.execute(
+        select(devices.c.online, func.count()).group_by(devices.c.online)
+    ):
+        counts["online" if online else "offline"] += int(n)
+    return counts
+
+
+def model_counts(conn: Connection) -> dict[str, int]:
+    """Active model (``name@version``) to the number of devices running it on any stream."""
+    query = (
+        select(device_streams.c.active_model, func.count(func.distinct(device_streams.c.device_id)))
+        .where(device_streams.c.active_model.is_not(None))
+        .group_by(device_streams.c.active_model)
+    )
+    return {str(m): int(n) for m, n in conn.execute(query)}

@@ -1,0 +1,335 @@
+"""Writing decoded device messages (the ingest path) in the caller's transaction.
+
+``collect`` sorts a batch of ``Received`` messages by what they update; ``write_batch``
+writes it with bulk statements (devices created on their first message, the last
+status/reported per device, telemetry and event rows); ``write_messages`` does both.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from sqlalchemy import JSON, Connection, bindparam, delete, func, insert, update
+
+from controller.db.models import device_streams, devices, events
+from controller.db.sql import upsert
+from protocol import Event, Reported, Status, Telemetry
+
+Message = Status | Telemetry | Reported | Event
+_JSON = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A decoded message waiting to be written; ``received_at`` is controller time."""
+
+    topic: str
+    device_id: str
+    message: Message
+    received_at: float
+
+
+def _status_stream_rows(device_id: str, status: Status, now: float) -> list[dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {
+        s.name: {
+            "device_id": device_id,
+            "name": s.name,
+            "source_state": s.source_state,
+            "error": s.error,
+            "active_model": s.model,
+            "installed": [],
+            "updated_at": now,
+        }
+        for s in status.streams
+    }
+    return list(rows.values())
+
+
+def _reported_stream_rows(device_id: str, rep: Reported, now: float) -> list[dict[str, Any]]:
+    return [
+        {
+            "device_id": device_id,
+            "name": name,
+            "active_model": s.active,
+            "previous_model": s.previous,
+            "installed": list(s.installed),
+            "phase": s.phase,
+            "target": s.target,
+            "reason": s.reason,
+            "gate": None if s.gate is None else msgspec.to_builtins(s.gate),
+            "updated_at": now,
+        }
+        for name, s in rep.streams.items()
+    ]
+
+
+_TELEMETRY_COLUMNS = (
+    "device_id",
+    "ts",
+    "resolution_s",
+    "samples",
+    "interval_s",
+    "cpu_percent",
+    "mem_percent",
+    "mem_used_bytes",
+    "temp_c",
+    "disk_percent",
+    "disk_free_bytes",
+    "spool_depth",
+    "spool_dropped",
+    "streams",
+)
+
+
+@functools.cache
+def _telemetry_sql(dialect: str) -> str:
+    """The raw INSERT for telemetry rows: executemany on the driver, no per-row SQLAlchemy work."""
+    if dialect == "postgresql":
+        marks = ", ".join(["%s"] * (len(_TELEMETRY_COLUMNS) - 1) + ["%s::json"])
+    else:
+        marks = ", ".join(["?"] * len(_TELEMETRY_COLUMNS))
+    columns = ", ".join(_TELEMETRY_COLUMNS)
+    return f"INSERT INTO telemetry ({columns}) VALUES ({marks})"  # noqa: S608 - constants only
+
+
+def _telemetry_tuple(device_id: str, t: Telemetry) -> tuple[Any, ...]:
+    return (
+        device_id,
+        t.ts,
+        0,
+        1,
+        t.interval_s,
+        t.cpu_percent,
+        t.mem_percent,
+        t.mem_used_bytes,
+        t.temp_c,
+        t.disk_percent,
+        t.disk_free_bytes,
+        t.spool_depth,
+        t.spool_dropped,
+        _JSON.encode(t.streams).decode(),
+    )
+
+
+def _event_values(device_id: str, e: Event, received_at: float) -> dict[str, Any]:
+    return {
+        "device_id": device_id,
+        "ts": e.ts,
+        "received_at": received_at,
+        "code": e.code,
+        "level": e.level,
+        "message": e.message,
+        "stream": e.stream,
+        "phase": e.phase,
+        "details": dict(e.details),
+    }
+
+
+_LAST_SEEN = (
+    update(devices)
+    .where(devices.c.id == bindparam("b_id"))
+    .values(
+        last_seen=bindparam("b_last_seen"),
+        last_telemetry_at=func.coalesce(bindparam("b_tele"), devices.c.last_telemetry_at),
+    )
+)
+_STATUS = (
+    update(devices)
+    .where(devices.c.id == bindparam("b_id"))
+    .values(
+        online=bindparam("b_online"),
+        state=bindparam("b_state"),
+        status_ts=bindparam("b_ts"),
+        agent_version=bindparam("b_version"),
+        started_at=bindparam("b_started"),
+        facts=bindparam("b_facts", type_=JSON()),
+    )
+)
+_REPORTED = (
+    update(devices)
+    .where(devices.c.id == bindparam("b_id"))
+    .values(desired_rev=bindparam("b_rev"), reported_at=bindparam("b_ts"))
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """When a device was first/last heard of in a batch, and its last telemetry (or None)."""
+
+    first: float
+    last: float
+    telemetry: float | None
+
+    def merge(self, newer: Seen) -> Seen:
+        return Seen(
+            first=min(self.first, newer.first),
+            last=max(self.last, newer.last),
+            telemetry=newer.telemetry if newer.telemetry is not None else self.telemetry,
+        )
+
+
+@dataclass(slots=True)
+class MessageBatch:
+    """Decoded messages sorted by what they update (built by ``collect``)."""
+
+    seen: dict[str, Seen] = field(default_factory=dict)
+    statuses: dict[str, tuple[Status, float]] = field(default_factory=dict)
+    reports: dict[str, tuple[Reported, float]] = field(default_factory=dict)
+    telemetry: list[tuple[Any, ...]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def collect(items: Sequence[Received]) -> MessageBatch:
+    """Sort a batch: last status/reported per device wins (arrival order), rows for the rest."""
+    batch = MessageBatch()
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    tele: dict[str, float] = {}
+    for it in items:
+        device_id, msg, at = it.device_id, it.message, it.received_at
+        if device_id not in first:
+            first[device_id] = at
+        last[device_id] = at
+        if isinstance(msg, Telemetry):
+            batch.telemetry.append(_telemetry_tuple(device_id, msg))
+            tele[device_id] = at
+        elif isinstance(msg, Status):
+            batch.statuses[device_id] = (msg, at)
+        elif isinstance(msg, Reported):
+            batch.reports[device_id] = (msg, at)
+        else:
+            batch.events.append(_event_values(device_id, msg, at))
+    batch.seen = {d: Seen(first=first[d], last=last[d], telemetry=tele.get(d)) for d in first}
+    return batch
+
+
+def _create_devices(conn: Connection, seen: dict[str, Seen], known: set[str] | None) -> None:
+    new = [d for d in seen if known is None or d not in known]
+    if new:
+        conn.execute(
+            upsert(conn, devices).on_conflict_do_nothing(index_elements=["id"]),
+            [
+                {
+                    "id": d,
+                    "first_seen": seen[d].first,
+                    "last_seen": seen[d].last,
+                    "last_telemetry_at": seen[d].telemetry,
+                    "online": False,
+                    "facts": {},
+                }
+                for d in new
+            ],
+        )
+
+
+def touch_devices(conn: Connection, seen: dict[str, Seen]) -> None:
+    """Update last_seen / last_telemetry_at (one UPDATE per device, executemany)."""
+    if seen:
+        conn.execute(
+            _LAST_SEEN,
+            [{"b_id": d, "b_last_seen": v.last, "b_tele": v.telemetry} for d, v in seen.items()],
+        )
+
+
+def _upsert_streams(conn: Connection, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    if not rows:
+        return
+    stmt = upsert(conn, device_streams)
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["device_id", "name"],
+            set_={name: getattr(stmt.excluded, name) for name in columns},
+        ),
+        rows,
+    )
+
+
+def _write_statuses(conn: Connection, statuses: dict[str, tuple[Status, float]]) -> None:
+    conn.execute(
+        _STATUS,
+        [
+            {
+                "b_id": d,
+                "b_online": s.state == "online",
+                "b_state": s.state,
+                "b_ts": s.ts,
+                "b_version": s.agent_version,
+                "b_started": s.started_at,
+                "b_facts": dict(s.facts),
+            }
+            for d, (s, _) in statuses.items()
+        ],
+    )
+    rows = [r for d, (s, at) in statuses.items() for r in _status_stream_rows(d, s, at)]
+    _upsert_streams(conn, rows, ("source_state", "error", "active_model", "updated_at"))
+
+
+def _write_reports(conn: Connection, reports: dict[str, tuple[Reported, float]]) -> None:
+    conn.execute(
+        _REPORTED,
+        [{"b_id": d, "b_rev": r.desired_rev, "b_ts": r.ts} for d, (r, _) in reports.items()],
+    )
+    for d, (r, _) in reports.items():
+        # The reported state is the device's whole truth: streams it no longer has go.
+        conn.execute(
+            delete(device_streams).where(
+                device_streams.c.device_id == d, device_streams.c.name.not_in(list(r.streams))
+            )
+        )
+    rows = [row for d, (r, at) in reports.items() for row in _reported_stream_rows(d, r, at)]
+    _upsert_streams(
+        conn,
+        rows,
+        (
+            "active_model",
+            "previous_model",
+            "installed",
+            "phase",
+            "target",
+            "reason",
+            "gate",
+            "updated_at",
+        ),
+    )
+
+
+def write_batch(
+    conn: Connection,
+    batch: MessageBatch,
+    *,
+    known: set[str] | None = None,
+    touch: dict[str, Seen] | None = None,
+) -> None:
+    """Write a collected batch in the caller's transaction.
+
+    Devices are created on their first message (``known``: ids known to exist, to skip
+    that insert). ``touch`` updates last_seen of those devices; the ingestor passes it
+    at most about once a second under load (see ``Ingestor``), so a busy fleet does not
+    cost one UPDATE per message.
+    """
+    _create_devices(conn, batch.seen, known)
+    if touch:
+        touch_devices(conn, touch)
+    if batch.statuses:
+        _write_statuses(conn, batch.statuses)
+    if batch.reports:
+        _write_reports(conn, batch.reports)
+    if batch.telemetry:
+        conn.exec_driver_sql(_telemetry_sql(conn.dialect.name), batch.telemetry)
+    if batch.events:
+        conn.execute(insert(events), batch.events)
+
+
+def write_messages(
+    conn: Connection, items: Sequence[Received], *, known: set[str] | None = None
+) -> set[str]:
+    """Collect and write ``items`` (touching every device); returns the batch's device ids."""
+    if not items:
+        return set()
+    batch = collect(items)
+    write_batch(conn, batch, known=known, touch=batch.seen)
+    return set(batch.seen)

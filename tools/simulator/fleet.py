@@ -1,0 +1,152 @@
+"""Many OTA-capable simulated devices over a few shared MQTT connections
+(:class:`SimulatedFleet`, for benchmarks of the controller)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from protocol import (
+    ProtocolError,
+    desired_topic,
+    encode,
+    parse_topic,
+    reported_topic,
+    status_topic,
+    telemetry_topic,
+)
+from tools.simulator.messages import DEFAULT_MODEL, status_message
+from tools.simulator.mqtt import Scheduler, connect, mqtt_client
+from tools.simulator.ota import DeviceOta, OtaBehaviour, Step, decode_desired
+
+
+class SimulatedFleet:
+    """Many OTA-capable simulated devices over a few shared MQTT connections (no last wills:
+    for benchmarks of the controller, not of connection handling)."""
+
+    def __init__(
+        self,
+        *,
+        broker_url: str,
+        device_ids: Sequence[str],
+        behaviour: OtaBehaviour,
+        username: str | None = None,
+        password: str | None = None,
+        streams: Sequence[str] = ("cam0",),
+        model: str | None = DEFAULT_MODEL,
+        per_connection: int = 250,
+        telemetry_interval_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.broker_url = broker_url
+        self.streams = tuple(streams)
+        self.model = model
+        self.telemetry_interval_s = telemetry_interval_s
+        self.clock = clock
+        self.devices = {
+            d: DeviceOta(d, streams=streams, baseline=model, behaviour=behaviour, seed=i)
+            for i, d in enumerate(device_ids)
+        }
+        ids = list(device_ids)
+        self._groups = [ids[i : i + per_connection] for i in range(0, len(ids), per_connection)]
+        self._clients: list[Any] = []
+        self._owner: dict[str, Any] = {}
+        self._scheduler = Scheduler("sim-fleet")
+        self._subscribed = threading.Semaphore(0)
+        for n, group in enumerate(self._groups):
+            client = mqtt_client(f"sim-fleet-{n}-{time.monotonic_ns() % 10**9}", username, password)
+            client.max_inflight_messages_set(1000)
+            client.on_message = self._on_message
+            client.on_connect = self._connector(group)
+            client.on_subscribe = lambda *_: self._subscribed.release()
+            self._clients.append(client)
+            for d in group:
+                self._owner[d] = client
+
+    def _connector(self, group: list[str]) -> Callable[..., None]:
+        def on_connect(client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+            if reason.is_failure:
+                return
+            topics = [(desired_topic(d), 1) for d in group]
+            for i in range(0, len(topics), 100):
+                client.subscribe(topics[i : i + 100])
+
+        return on_connect
+
+    def connect(self, timeout: float = 30.0) -> None:
+        for client in self._clients:
+            connect(client, self.broker_url, keepalive=30)
+            client.loop_start()
+        expected = sum((len(g) + 99) // 100 for g in self._groups)
+        deadline = time.monotonic() + timeout
+        for _ in range(expected):
+            if not self._subscribed.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"simulated fleet: not subscribed within {timeout}s")
+
+    def _publish(self, device_id: str, topic: str, payload: bytes, *, retain: bool) -> Any:
+        return self._owner[device_id].publish(topic, payload, qos=1, retain=retain)
+
+    def announce(self) -> None:
+        """Online status, reported state and a first telemetry for every device."""
+        now = self.clock()
+        last: Any = None
+        for d, ota in self.devices.items():
+            status = status_message(
+                d, state="online", ts=now, started_at=now, streams=self.streams, model=self.model
+            )
+            self._publish(d, status_topic(d), encode(status), retain=True)
+            self._publish(d, reported_topic(d), encode(ota.reported(now)), retain=True)
+            last = self._publish(
+                d,
+                telemetry_topic(d),
+                encode(ota.telemetry(now, self.telemetry_interval_s)),
+                retain=False,
+            )
+        if last is not None:
+            last.wait_for_publish(timeout=60)
+
+    def publish_telemetry(self) -> None:
+        now = self.clock()
+        for d, ota in self.devices.items():
+            self._publish(
+                d,
+                telemetry_topic(d),
+                encode(ota.telemetry(now, self.telemetry_interval_s)),
+                retain=False,
+            )
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        try:
+            device_id = parse_topic(msg.topic).device_id
+        except ProtocolError:
+            return
+        ota = self.devices.get(device_id)
+        desired = decode_desired(device_id, msg.payload)
+        if ota is None or desired is None:
+            return
+        steps = ota.on_desired(desired)
+        if not steps:
+            return
+        self._scheduler.call_later(0.0, lambda: self._report(device_id))
+        delay = ota.behaviour.phase_delay_s
+        for i, step in enumerate(steps, start=1):
+
+            def run(step: Step = step) -> None:
+                if ota.apply(step):
+                    self._report(device_id)
+
+            self._scheduler.call_later(i * delay, run)
+
+    def _report(self, device_id: str) -> None:
+        ota = self.devices[device_id]
+        self._publish(
+            device_id, reported_topic(device_id), encode(ota.reported(self.clock())), retain=True
+        )
+
+    def stop(self) -> None:
+        self._scheduler.stop()
+        for client in self._clients:
+            client.disconnect()
+            client.loop_stop()
