@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.ota import OtaError
-from common.atomic import fsync_dir
+from common.atomic import move_into_place
 from common.backoff import Backoff
 
 __all__ = ["DownloadError", "download"]
@@ -108,8 +108,7 @@ def download(
             if stop.wait(delay):
                 raise DownloadError("cancelled", f"download of {url} was cancelled") from err
     _verify(part, digest.hexdigest(), url=url, sha256=expected, size=size)
-    os.replace(part, dest)
-    fsync_dir(dest.parent)
+    move_into_place(part, dest)
     return dest
 
 
