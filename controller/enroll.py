@@ -41,10 +41,6 @@ class Enrollment:
     config: str
 
 
-def _atomic_write(path: Path, text: str, *, mode: int = 0o600) -> None:
-    atomic_write_text(path, text, mode=mode)
-
-
 def set_password(password_file: str | Path, username: str, password: str) -> None:
     """Add or replace ``username``'s line in a Mosquitto password file (written 0600)."""
     path = Path(password_file)
@@ -56,7 +52,7 @@ def set_password(password_file: str | Path, username: str, password: str) -> Non
     kept = [ln for ln in lines if ln.strip() and ln.split(":", 1)[0] != username]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, "\n".join([*kept, entry]) + "\n")
+        atomic_write_text(path, "\n".join([*kept, entry]) + "\n", mode=0o600)
     except OSError as err:
         raise EnrollError(
             f"cannot write the password file {path}: {err.strerror}; check the folder's "

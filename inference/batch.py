@@ -55,6 +55,11 @@ class _Item:
 _END = object()
 
 
+def default_threads() -> int:
+    """Inference threads when none are asked for: every core but one for the reader."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def expand_sources(sources: list[str]) -> list[Path]:
     """Files in the given order; folders expanded to their images and videos, sorted."""
     files: list[Path] = []
@@ -151,7 +156,7 @@ def run_batch(
     detector = load_detector(
         resolve_model(model, Path.cwd()),
         backend=backend,
-        threads=threads or max(1, (os.cpu_count() or 2) - 1),
+        threads=threads or default_threads(),
         min_score=min_score,
     )
     encoder = msgspec.json.Encoder()
@@ -217,7 +222,7 @@ def detect_images(
     uses this, so a bundle's expected outputs come from the very code the agent runs.
     Raises :class:`InputError` for an image that cannot be decoded.
     """
-    with load_detector(manifest, threads=threads or max(1, (os.cpu_count() or 2) - 1)) as detector:
+    with load_detector(manifest, threads=threads or default_threads()) as detector:
         results: list[list[Detection]] = []
         for img in images:
             frame = cv2.imread(str(img), cv2.IMREAD_COLOR)

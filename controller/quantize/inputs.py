@@ -9,7 +9,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -17,6 +17,9 @@ import numpy.typing as npt
 from controller.errors import ControllerError
 from protocol import Manifest, ProtocolError, decode_manifest
 from protocol.manifest import InputSpec
+
+if TYPE_CHECKING:
+    from inference.preprocess import Preprocessor
 
 CALIBRATION_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 DEFAULT_MAX_IMAGES = 200
@@ -193,13 +196,19 @@ def prepare_image(bgr: npt.NDArray[Any], spec: InputSpec) -> npt.NDArray[np.floa
     core exactly as the agent prepares camera frames (:mod:`inference.preprocess`)."""
     from inference.preprocess import float_preprocessor
 
-    tensor = float_preprocessor(spec)(bgr).tensor
-    return np.ascontiguousarray(tensor, dtype=np.float32)
+    return _as_input(float_preprocessor(spec), bgr)
+
+
+def _as_input(preprocess: Preprocessor, bgr: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    return np.ascontiguousarray(preprocess(bgr).tensor, dtype=np.float32)
 
 
 def load_calibration(paths: Sequence[Path], spec: InputSpec) -> list[npt.NDArray[np.float32]]:
     import cv2
 
+    from inference.preprocess import float_preprocessor
+
+    preprocess = float_preprocessor(spec)  # one lookup table for all the images
     out = []
     for p in paths:
         bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
@@ -208,7 +217,7 @@ def load_calibration(paths: Sequence[Path], spec: InputSpec) -> list[npt.NDArray
                 f"cannot read calibration image {p} (not an image, or corrupt): remove or "
                 "replace it"
             )
-        out.append(prepare_image(bgr, spec))
+        out.append(_as_input(preprocess, bgr))
     return out
 
 
