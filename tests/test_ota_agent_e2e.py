@@ -192,9 +192,11 @@ def test_signed_update_is_committed_with_no_frame_lost_at_the_swap(agent: Agent)
     switch = models.index(bundle.name)
     assert set(models[:switch]) == {BASELINE_REF} and set(models[switch:]) == {bundle.name}
     assert any(f.detections for f in frames[switch:]), "the new model finds the faces"
-    phases = [r.phase for r in agent.reports()]
-    for phase in ("downloading", "verifying", "staging", "shadow", "probation", "committed"):
-        assert phase in phases
+    # The reported state is retained and latest-wins: a phase that passed before the sender
+    # caught up may be replaced, so the reports are checked for order, the events for all.
+    phases = [r.phase for r in agent.reports() if r.phase != "idle"]
+    order = list(dict.fromkeys(phases))
+    assert order == [p for p in UPDATE_PHASES if p in order] and order[-1] == "committed"
     ota = [e for e in agent.events() if e.code.startswith("ota.")]
     assert [e.code for e in ota] == [f"ota.{phase}" for phase in UPDATE_PHASES]
     assert all(e.stream == "front" and e.phase == e.code[4:] for e in ota)
