@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help deb lock demo test install-dev install-runtime mosquitto promtool lint typecheck pytest schemas bench clean
+.PHONY: help deb lock demo test install-dev install-runtime mosquitto promtool rtsp-deps lint typecheck pytest schemas bench clean
 
 help:
 	@echo "make demo    - set up .venv and run the demo (agent + controller on the shipped model and video)"
@@ -51,6 +51,20 @@ promtool:
 			apt-get install -y -qq --no-install-recommends prometheus \
 		|| echo "promtool could not be installed; the alert-rule checks will say so"; }
 
+# GStreamer's RTSP server with the system python3's GObject bindings: tests/rtsp_server.py
+# serves the shipped video over RTSP to real agents (tests/test_agent_stop_rtsp.py).
+RTSP_PACKAGES := python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good \
+	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
+rtsp-deps:
+	@missing=$$(for p in $(RTSP_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
+	done); \
+	[ -z "$$missing" ] || { \
+		echo "Installing the RTSP test server's packages:" $$missing; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq $$missing \
+		|| echo "they could not be installed; the RTSP tests will fail saying what is missing"; }
+
 demo: $(VENV)/.runtime mosquitto
 	$(PY) -m tools.demo
 
@@ -61,10 +75,10 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy protocol common inference agent controller tools tests bench
 
-pytest: install-dev mosquitto promtool
+pytest: install-dev mosquitto promtool rtsp-deps
 	PATH="$$PATH:/usr/sbin" $(VENV)/bin/pytest $(PYTEST_ARGS)
 
-test: install-dev mosquitto promtool lint typecheck pytest
+test: install-dev mosquitto promtool rtsp-deps lint typecheck pytest
 
 schemas: $(VENV)/.runtime
 	$(PY) -m protocol docs/protocol

@@ -47,7 +47,7 @@ from protocol import (
     Status,
     Telemetry,
     desired_topic,
-    encode,
+    encode_checked,
 )
 from protocol.messages import DeviceState
 
@@ -59,6 +59,15 @@ there does not hold up the other streams."""
 
 SHUTDOWN_BUDGET_S = 4.0
 """SIGTERM to exit: publish `stopping`, stop streams, flush; systemd allows 5 s by default here."""
+SOURCE_JOIN_S = 1.0
+"""Longest the shutdown waits for the capture threads together; one still inside OpenCV
+(a network open/read, bounded by its timeout) is left behind and the process ends without
+interpreter finalization (``agent.cli``)."""
+
+EXIT_STREAMS_FAILED = 3
+"""``run``'s exit code when the agent stopped on its own (no stream can deliver frames any
+more) and a stream had failed (its model did not load, its video file cannot be read):
+systemd's ``Restart=on-failure`` restarts it. SIGTERM/SIGINT and files that simply ended: 0."""
 
 
 def tune_process() -> None:
@@ -83,13 +92,20 @@ def _source_uri(loaded: LoadedConfig, source: str) -> str:
 class AgentApp:
     """The device daemon. ``run()`` blocks until SIGTERM/SIGINT or every finite source ended."""
 
-    def __init__(self, loaded: LoadedConfig, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """``stop``: an event the caller may already have set (a SIGTERM during startup)."""
         self._loaded = loaded
         self._config = loaded.config
         self._clock = clock
         self._started_at = clock()
         self._facts = collect_facts()
-        self._stop = threading.Event()
+        self._stop = stop if stop is not None else threading.Event()
         self._status_lock = threading.Lock()
         self.state_dir = loaded.resolve(self._config.state_dir)
         drift = self._config.drift
@@ -116,8 +132,10 @@ class AgentApp:
 
     # --- messages ------------------------------------------------------------------------
 
-    def _status(self, state: DeviceState) -> bytes:
-        return encode(
+    def _status(self, state: DeviceState, *, streams: bool = True) -> bytes:
+        """``streams=False`` for the last will, fixed at connect time: it claims nothing about
+        the streams (the retained ``reported`` state keeps their models)."""
+        return encode_checked(
             Status(
                 schema=SCHEMA_VERSION,
                 device_id=self._config.device_id,
@@ -125,9 +143,10 @@ class AgentApp:
                 ts=self._clock(),
                 agent_version=__version__,
                 started_at=self._started_at,
-                streams=[h.status() for h in self.streams],
+                streams=[h.status() for h in self.streams] if streams else [],
                 facts=self._facts,
-            )
+            ),
+            fit=True,
         )
 
     def _event(self, code: str, level: EventLevel, message: str, stream: str | None) -> None:
@@ -142,7 +161,7 @@ class AgentApp:
             message=message,
             stream=stream,
         )
-        self._publisher.publish_event(encode(event))
+        self._publisher.publish_event(encode_checked(event, fit=True))
 
     def _telemetry_message(self, interval_s: float) -> Telemetry:
         assert self._publisher is not None
@@ -330,8 +349,9 @@ class AgentApp:
             device_id=cfg.device_id,
             broker=cfg.broker,
             spool=spool,
-            will_payload=self._status("offline"),
+            will_payload=self._status("offline", streams=False),
             tls_resolver=self._loaded.resolve,
+            reconnect_max_s=cfg.broker.reconnect_max_s,
         )
         self._publisher.start()
         if cfg.homeassistant.enabled:
@@ -401,13 +421,19 @@ class AgentApp:
     def request_stop(self) -> None:
         self._stop.set()
 
-    def wait(self) -> None:
-        """Block until a stop is requested or every stream's source has ended."""
+    def wait(self) -> int:
+        """Block until a stop is requested (returns 0) or no stream can deliver frames any
+        more: 0 when every source simply ended, :data:`EXIT_STREAMS_FAILED` when one failed."""
         pipelines = [h.pipeline for h in self.streams if h.pipeline is not None]
         while not self._stop.wait(0.2):
             if pipelines and all(p.finished.is_set() for p in pipelines):
+                failed = [f"{h.name}: {h.error}" for h in self.streams if h.state == "failed"]
+                if failed:
+                    log.error("no stream can deliver frames; failed: %s", "; ".join(failed))
+                    return EXIT_STREAMS_FAILED
                 log.info("every source ended; stopping")
-                break
+                return 0
+        return 0
 
     def shutdown(self) -> None:
         deadline = time.monotonic() + SHUTDOWN_BUDGET_S
@@ -421,17 +447,16 @@ class AgentApp:
             # Subscribers see `stopping` before the final `offline` replaces it.
             pub.flush_retained(timeout=0.5)
         self._stop.set()
+        sources = [h.source for h in self.streams if h.source is not None]
+        for source in sources:
+            source.request_stop()
         if self._ota is not None:
             self._ota.stop(timeout=0.5)
+        joined = time.monotonic() + SOURCE_JOIN_S
+        for source in sources:
+            source.join(joined - time.monotonic())
         for h in self.streams:
-            if h.source is not None:
-                h.source.stop(timeout=1.0)
-        for h in self.streams:
-            if h.pipeline is not None:
-                h.pipeline.stop(timeout=max(0.1, deadline - time.monotonic() - 2.0))
-            h.state = "stopped"
-            if h.detector is not None:
-                h.detector.close()
+            h.stop_pipeline(timeout=max(0.1, deadline - time.monotonic() - 2.0))
         if self._seq is not None:
             self._seq.close()
         if self._telemetry is not None:
@@ -444,7 +469,8 @@ class AgentApp:
             )
 
     def run(self) -> int:
-        """Run until SIGTERM/SIGINT; returns the process exit code."""
+        """Run until SIGTERM/SIGINT or no stream can deliver frames; returns the exit code
+        (0, or :data:`EXIT_STREAMS_FAILED`; see :meth:`wait`)."""
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("received %s, stopping", signal.Signals(signum).name)
@@ -457,7 +483,7 @@ class AgentApp:
             if self.streams and all(h.pipeline is None for h in self.streams):
                 errors = "; ".join(f"{h.name}: {h.error}" for h in self.streams)
                 raise AgentError(f"no stream could start ({errors})")
-            self.wait()
+            code = self.wait()
         finally:
             self.shutdown()
-        return 0
+        return code

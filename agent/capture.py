@@ -25,6 +25,10 @@ SourceKind = Literal["file", "v4l2", "network"]
 NETWORK_SCHEMES = ("rtsp", "rtsps", "http", "https")
 DEFAULT_FILE_FPS = 15.0
 """Pace of a video file whose container reports no usable frame rate."""
+OPEN_TIMEOUT_S = 10.0
+"""Longest a network source's open (connect, RTSP handshake) may block the capture thread."""
+READ_TIMEOUT_S = 10.0
+"""Longest a network source's read may wait for a frame before the source reconnects."""
 
 ACCEPTED_FORMS = (
     "a video file path (/data/clip.mp4 or file:///data/clip.mp4), "
@@ -153,7 +157,10 @@ def _parse_file_url(uri: str, rest: str) -> SourceSpec:
 
 
 def open_capture(
-    spec: SourceSpec, *, open_timeout_s: float = 10.0, read_timeout_s: float = 10.0
+    spec: SourceSpec,
+    *,
+    open_timeout_s: float = OPEN_TIMEOUT_S,
+    read_timeout_s: float = READ_TIMEOUT_S,
 ) -> cv2.VideoCapture:
     """Open ``spec`` with OpenCV; the returned capture is open (the caller releases it).
 

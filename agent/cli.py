@@ -1,14 +1,23 @@
 """``edgefleet-agent``: the device daemon's command line.
 
 Only AgentError is caught and shown as one line (exit 2); ``-v`` adds the traceback.
+
+``run`` exits 0 after SIGTERM/SIGINT or when every (file) source ended, 2 on a config or
+startup error, 3 (``agent.app.EXIT_STREAMS_FAILED``) when the agent stopped on its own
+because no stream can deliver frames and one failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
+from types import FrameType
+from typing import NoReturn
 
 import click
 
@@ -28,6 +37,29 @@ def _setup_logging(level: str, verbose: bool) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def _end_process(code: int) -> NoReturn:
+    """Exit with ``code`` after ``run``'s clean shutdown (logs, spool and MQTT flushed).
+
+    A thread still running now may sit inside a native call (OpenCV/FFmpeg waiting on a
+    camera until its timeout). Were the interpreter to finalize meanwhile, that call's return
+    would end the thread by a forced unwind through C++ frames: "terminate called without an
+    active exception" / "FATAL: exception not rethrown", SIGABRT. So with such a thread the
+    process ends at once, after flushing what the interpreter would have flushed.
+    """
+    others = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if not others:
+        sys.exit(code)
+    logging.getLogger("agent").info(
+        "threads still running after the shutdown (%s); ending the process now",
+        ", ".join(sorted(others)),
+    )
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def _fail(err: AgentError | InferenceError, verbose: bool) -> None:
@@ -57,7 +89,17 @@ def main(ctx: click.Context, verbose: bool) -> None:
 )
 @click.pass_context
 def run(ctx: click.Context, config_path: Path) -> None:
-    """Run the daemon until SIGTERM/SIGINT."""
+    """Run the daemon until SIGTERM/SIGINT (exit 0); exit 3 when every stream stopped and
+    one had failed."""
+    # From here on a SIGTERM stops the agent cleanly, also while it still starts up.
+    stop = threading.Event()
+
+    def early_stop(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, early_stop)
+    signal.signal(signal.SIGINT, early_stop)
+
     from agent.app import AgentApp
     from agent.config import load_config
 
@@ -65,10 +107,16 @@ def run(ctx: click.Context, config_path: Path) -> None:
     try:
         loaded = load_config(config_path)
         _setup_logging(loaded.config.log_level, verbose)
-        code = AgentApp(loaded).run()
+        code = AgentApp(loaded, stop=stop).run()
     except (AgentError, InferenceError) as err:
-        _fail(err, verbose)
-    sys.exit(code)
+        if verbose:
+            logging.getLogger("agent").exception("failed")
+        click.secho(f"error: {err}", fg="red", err=True)
+        code = 2
+    except Exception:  # a bug: the traceback, then the same careful exit
+        logging.getLogger("agent").exception("the agent failed unexpectedly")
+        code = 1
+    _end_process(code)
 
 
 @main.command("check-config")

@@ -39,6 +39,7 @@ from protocol.constraints import (
     Seconds,
     WholeSeconds,
 )
+from protocol.limits import MAX_STREAMS
 
 CONFIG_VERSION: Literal[1] = 1
 PASSWORD_ENV = "EDGEFLEET_BROKER_PASSWORD"  # noqa: S105 - a variable name, not a secret
@@ -56,6 +57,13 @@ TopicPrefix = Annotated[
 class BrokerConfig(BrokerClientSection, frozen=True, kw_only=True):
     url: str = "mqtt://127.0.0.1:1883"
     """``mqtt://host:port`` or ``mqtts://host:port`` (TLS)."""
+    reconnect_max_s: Annotated[
+        float,
+        Meta(ge=1.0, le=300.0, description="longest wait between connection attempts, seconds"),
+    ] = 10.0
+    """Longest wait between two attempts to reach the broker: the delay starts at 1 s and
+    doubles per failed attempt up to this, each drawn with jitter from its upper half, so
+    the agent is back at most this long after the broker is."""
 
     @property
     def tls(self) -> bool:
@@ -255,6 +263,11 @@ def _check_streams(streams: list[StreamConfig], src: ConfigSource) -> None:
         raise ConfigError(
             f"{src.at('streams')}: no [[streams]] configured; add at least one stream with a "
             "source and a model"
+        )
+    if len(streams) > MAX_STREAMS:
+        raise ConfigError(
+            f"{src.at('streams')}: {len(streams)} [[streams]] configured; the protocol carries "
+            f"at most {MAX_STREAMS} per device: run another agent (its own device id) for the rest"
         )
     names = [s.name for s in streams]
     if len(set(names)) != len(names):

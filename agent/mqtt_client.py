@@ -5,7 +5,8 @@
 - A last will (the retained ``offline`` status) that the broker publishes when the agent
   vanishes without a DISCONNECT.
 - Reconnects forever with exponential backoff and jitter (``common.backoff.Backoff`` drives
-  paho's own reconnect loop); an unreachable broker at start is not an error. The state is
+  paho's own reconnect loop), at most ``reconnect_max_s`` between attempts (the agent's
+  ``[broker] reconnect_max_s``); an unreachable broker at start is not an error. The state is
   logged once per change (connected / lost / unreachable), not once per retry.
 - ``subscribe()`` returns its own unsubscribe function, subscriptions are renewed after every
   reconnect, and a failing handler is logged, never fatal.
@@ -149,7 +150,7 @@ class MqttConnection:
         tls_resolver: Callable[[str], Path] | None = None,
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
         reconnect_min_s: float = 1.0,
-        reconnect_max_s: float = 60.0,
+        reconnect_max_s: float = 10.0,
         on_connected: Callable[[int], None] | None = None,
         on_disconnected: Callable[[], None] | None = None,
         on_published: Callable[[int, bool], None] | None = None,

@@ -17,10 +17,19 @@ from typing import Any, Protocol
 from agent.config import StreamConfig
 from agent.errors import AgentError
 from agent.ota.shadow import ShadowOutcome, ShadowRunner
+from agent.publisher import RefusedLog
 from agent.sources import Frame, FrameSource
 from agent.stats import StreamStats
 from inference.detector import Detector, Prepared
-from protocol import SCHEMA_VERSION, Detection, Detections, detections_topic, encode
+from protocol import (
+    SCHEMA_VERSION,
+    Detection,
+    Detections,
+    ProtocolError,
+    detections_topic,
+    encode_checked,
+)
+from protocol.limits import MAX_DETECTIONS
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +109,7 @@ class StreamPipeline:
         self._shadow: ShadowRunner | None = None
         self._shadow_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"infer-{self.name}", daemon=True)
+        self._refused = RefusedLog(f"stream {self.name}")
         self.frames_skipped = 0
         """Frames skipped by the fps cap."""
         self.finished = threading.Event()
@@ -200,8 +210,12 @@ class StreamPipeline:
         detections = result.detections
         if self._labels:
             detections = [d for d in detections if d.label in self._labels]
+        if len(detections) > MAX_DETECTIONS:  # best first: keep the best
+            detections = detections[:MAX_DETECTIONS]
         if detections or self._config.publish_empty:
-            self._publish(self._topic, self._encode(frame, detector, result.infer_ms, detections))
+            payload = self._encode(frame, detector, result.infer_ms, detections)
+            if payload is not None:
+                self._publish(self._topic, payload)
         self.stats.record(
             infer_ms=result.infer_ms,
             latency_ms=(time.monotonic() - frame.mono) * 1000.0,
@@ -214,12 +228,21 @@ class StreamPipeline:
                 ahead = shadow.run(frame.image, detector, prepared)
             shadow.record(result, ahead)
 
+    @property
+    def refused(self) -> int:
+        """Detections messages dropped because they could not be brought within the
+        protocol's bounds (logged at most once a minute)."""
+        return self._refused.total
+
     def _encode(
         self, frame: Frame, detector: Detector, infer_ms: float, detections: list[Detection]
-    ) -> bytes:
+    ) -> bytes | None:
+        """The checked payload (fitted to the bounds if needed), or None: logged, dropped.
+
+        Never raises: a message that cannot be published must not stop the stream."""
         height, width = frame.image.shape[:2]
-        return encode(
-            Detections(
+        try:
+            message = Detections(
                 schema=SCHEMA_VERSION,
                 device_id=self._device_id,
                 stream=self.name,
@@ -232,4 +255,7 @@ class StreamPipeline:
                 height=int(height),
                 detections=detections,
             )
-        )
+            return encode_checked(message, fit=True)
+        except (ProtocolError, TypeError, ValueError, OverflowError) as err:
+            self._refused.refused("detections", err)
+            return None

@@ -30,6 +30,14 @@ Status and reported state are retained QoS 1; only the latest of each matters, i
 connected and again after every reconnect (the last will may have replaced the status
 meanwhile). Telemetry is QoS 0 and dropped while offline: it is periodic.
 
+Nothing outside the protocol's bounds (``protocol.limits``) is published: every message is
+built and checked by ``protocol.encode_checked`` where it is made (pipeline, telemetry, app,
+OTA manager; a test keeps ``encode`` out of the agent's publishing code), which fits it to
+the bounds or refuses it there, once per message. Here every payload's size is checked
+against its kind's limit: one over it would be refused by the broker (``message_size_limit``)
+and, being QoS 1 and ordered, block the queue behind it forever. Such a payload is logged (at
+most once a minute per kind) and dropped, never raised to the caller.
+
 Modules: this one is the API (:class:`Publisher`) and shutdown; :mod:`agent.outbox` holds the
 shared queue and connection state, :mod:`agent.sender` the publisher thread and its in-flight
 window, :mod:`agent.mqtt_client` the paho connection.
@@ -38,6 +46,7 @@ window, :mod:`agent.mqtt_client` the paho connection.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,14 +63,49 @@ from agent.outbox import TICK_S, Outbox, OutMessage
 from agent.sender import Sender
 from agent.spool.queue import Spool
 from protocol import (
+    ProtocolError,
     events_topic,
     reported_topic,
     status_topic,
     telemetry_topic,
     validate_device_id,
 )
+from protocol.checked import check_size
 
 log = logging.getLogger(__name__)
+
+REFUSED_LOG_EVERY_S = 60.0
+"""A refused message is logged at most this often per kind; the others are counted."""
+
+
+class RefusedLog:
+    """Logs refused messages at most once per ``every_s`` per key, with the count left out."""
+
+    def __init__(self, what: str, *, every_s: float = REFUSED_LOG_EVERY_S) -> None:
+        self.what = what
+        self.every_s = every_s
+        self.total = 0
+        self._last: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def refused(self, key: str, err: Exception) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.total += 1
+            last, suppressed = self._last.get(key, (float("-inf"), 0))
+            if now - last < self.every_s:
+                self._last[key] = (last, suppressed + 1)
+                return
+            self._last[key] = (now, 0)
+        more = f" ({suppressed} more since the last report)" if suppressed else ""
+        log.error(
+            "%s: dropped a %s message outside the protocol's bounds: %s%s; this is an agent "
+            "bug, please report it with this line",
+            self.what,
+            key,
+            err,
+            more,
+        )
 
 
 class Publisher:
@@ -102,6 +146,8 @@ class Publisher:
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         self._device_id = validate_device_id(device_id)
+        self._refused = RefusedLog(f"device {device_id}")
+        self._check("status", will_payload)
         self._status_topic = status_topic(device_id)
         self._reported_topic = reported_topic(device_id)
         self._events_topic = events_topic(device_id)
@@ -166,6 +212,11 @@ class Publisher:
         return self._sender.inflight_live + len(self._out.live) + self._spool.depth
 
     @property
+    def refused(self) -> int:
+        """Messages dropped here because they were over their kind's size limit."""
+        return self._refused.total
+
+    @property
     def rejected(self) -> int:
         """QoS 1 messages the broker refused (e.g. by ACL); they are not retried."""
         return self._out.rejected
@@ -179,19 +230,23 @@ class Publisher:
 
     def publish_detections(self, topic: str, payload: bytes) -> None:
         """Queue a detections message (QoS 1, not retained); never blocks on the network."""
-        self._out.enqueue(OutMessage(topic, payload, 1))
+        if self._check("detections", payload):
+            self._out.enqueue(OutMessage(topic, payload, 1))
 
     def publish_event(self, payload: bytes) -> None:
         """Queue an event (QoS 1, not retained), ordered and spooled like detections."""
-        self._out.enqueue(OutMessage(self._events_topic, payload, 1))
+        if self._check("events", payload):
+            self._out.enqueue(OutMessage(self._events_topic, payload, 1))
 
     def publish_status(self, payload: bytes) -> None:
         """Set the retained status (QoS 1); the latest one is re-sent after every reconnect."""
-        self._out.set_retained(self._status_topic, payload)
+        if self._check("status", payload):
+            self._out.set_retained(self._status_topic, payload)
 
     def publish_reported(self, payload: bytes) -> None:
         """Set the retained reported state (QoS 1); the latest is re-sent after reconnects."""
-        self._out.set_retained(self._reported_topic, payload)
+        if self._check("reported", payload):
+            self._out.set_retained(self._reported_topic, payload)
 
     def publish_retained(self, topic: str, payload: bytes) -> None:
         """Set any other retained message (QoS 1), e.g. Home Assistant discovery; re-sent
@@ -218,7 +273,8 @@ class Publisher:
 
     def publish_telemetry(self, payload: bytes) -> None:
         """Send telemetry at QoS 0 if connected; dropped while offline (it is periodic)."""
-        self._out.add_telemetry(payload)
+        if self._check("telemetry", payload):
+            self._out.add_telemetry(payload)
 
     def subscribe(
         self, topic_filter: str, handler: MessageHandler, qos: int = 1
@@ -237,6 +293,8 @@ class Publisher:
         if out.closed:
             return
         deadline = time.monotonic() + timeout
+        if final_status is not None and not self._check("status", final_status):
+            final_status = None
         with out.cond:
             if final_status is not None:
                 out.retained[self._status_topic] = final_status
@@ -274,6 +332,16 @@ class Publisher:
             self._spool.close()
         if self._spool.depth:
             log.info("%d messages stay in the spool for the next start", self._spool.depth)
+
+    def _check(self, kind: str, payload: bytes) -> bool:
+        """True if ``payload`` is within the size limit of ``kind`` messages; else log
+        (rate-limited) and count it."""
+        try:
+            check_size(kind, len(payload))
+        except ProtocolError as err:
+            self._refused.refused(kind, err)
+            return False
+        return True
 
     # --- connection hooks (paho's network thread) -----------------------------------------
 

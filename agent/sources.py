@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.capture import DEFAULT_FILE_FPS, SourceSpec, nominal_fps, open_capture, parse_source
+from agent.capture import (
+    DEFAULT_FILE_FPS,
+    OPEN_TIMEOUT_S,
+    READ_TIMEOUT_S,
+    SourceSpec,
+    nominal_fps,
+    open_capture,
+    parse_source,
+)
 from agent.errors import SourceError
 from common.backoff import Backoff
 from protocol.messages import SourceState
@@ -94,8 +102,8 @@ class FrameSource:
         reconnect_max_s: float = 30.0,
         on_state: StateCallback | None = None,
         clock: Callable[[], float] = time.time,
-        open_timeout_s: float = 10.0,
-        read_timeout_s: float = 10.0,
+        open_timeout_s: float = OPEN_TIMEOUT_S,
+        read_timeout_s: float = READ_TIMEOUT_S,
         rng: random.Random | None = None,
     ) -> None:
         """Raises :class:`SourceError` at once if ``uri`` has a form that can never work."""
@@ -139,29 +147,40 @@ class FrameSource:
         self._thread = threading.Thread(target=self._run, name=f"source-{self.name}", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread and release the capture; returns within ``timeout``.
-
-        Prompt while the thread waits in backoff, on pacing or on a full queue. A thread blocked
-        inside OpenCV (a network read) finishes after at most the read timeout and then releases
-        the capture itself.
-        """
+    def request_stop(self) -> None:
+        """Ask the capture thread to stop; returns at once (see :meth:`join`)."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the capture thread to end; True when it has ended.
+
+        Prompt while the thread waits in backoff, on pacing or on a full queue. A thread blocked
+        inside OpenCV (a network open or read) returns after at most the open/read timeout and
+        then releases the capture itself; until then this returns False.
+        """
         thread = self._thread
         if thread is not None:
+            timeout = max(0.0, timeout)
             thread.join(timeout)
             if thread.is_alive():
                 log.warning(
-                    "source %s: capture thread still inside OpenCV after %.1f s; it stops after "
-                    "the current read (timeout %.0f s)",
+                    "source %s: capture thread still inside OpenCV after %.1f s (it gives up "
+                    "after the open/read timeout of %g/%g s)",
                     self.name,
                     timeout,
+                    self._open_timeout_s,
                     self._read_timeout_s,
                 )
-                return
+                return False
         self._set_state("stopped", None)
+        return True
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the thread and release the capture: :meth:`request_stop` then :meth:`join`."""
+        self.request_stop()
+        return self.join(timeout)
 
     def get(self, timeout: float) -> Frame | None:
         """The next frame, or None after ``timeout`` s or at once when no frame can come again."""

@@ -93,6 +93,15 @@ class StreamHandle:
             score_psi=self.drift.psi(),
         )
 
+    def stop_pipeline(self, timeout: float) -> None:
+        """Stop the inference thread and close the detector, unless that thread is still
+        inside it (closing a model under a running invoke can crash the process)."""
+        if self.pipeline is not None:
+            self.pipeline.stop(timeout=timeout)
+        self.state = "stopped"
+        if self.detector is not None and (self.pipeline is None or self.pipeline.finished.is_set()):
+            self.detector.close()
+
     def last_progress(self) -> float | None:
         """Monotonic time of the last finished inference while the source runs, else None."""
         if self.state != "running" or self.pipeline is None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import psutil
 
-from protocol import SCHEMA_VERSION, StreamTelemetry, Telemetry, encode
+from protocol import SCHEMA_VERSION, StreamTelemetry, Telemetry, encode_checked
+from protocol.limits import MAX_TEMP_C, MIN_TEMP_C
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,10 @@ class SystemSample:
 
 
 def read_temperature() -> float | None:
-    """Highest CPU/SoC temperature the OS exposes (Raspberry Pi: cpu_thermal; Jetson: *-thermal)."""
+    """Highest CPU/SoC temperature the OS exposes (Raspberry Pi: cpu_thermal; Jetson: *-thermal).
+
+    Readings outside the protocol's plausible range (a broken or unconnected sensor reports
+    e.g. -273 or 6553.5) are left out."""
     reader = getattr(psutil, "sensors_temperatures", None)
     if reader is None:
         return None
@@ -35,7 +39,12 @@ def read_temperature() -> float | None:
         sensors = reader()
     except OSError:
         return None
-    temps = [t.current for entries in sensors.values() for t in entries if t.current]
+    temps = [
+        t.current
+        for entries in sensors.values()
+        for t in entries
+        if t.current and MIN_TEMP_C <= t.current <= MAX_TEMP_C
+    ]
     return round(max(temps), 1) if temps else None
 
 
@@ -126,7 +135,7 @@ class TelemetryLoop:
             now = time.monotonic()
             try:
                 self.last = self._make(now - last)
-                self._publish(encode(self.last))
+                self._publish(encode_checked(self.last, fit=True))
             except Exception:
                 log.exception("telemetry failed; will retry next interval")
             last = now

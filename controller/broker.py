@@ -4,8 +4,16 @@ amqtt (the pure-Python broker) was tried first: amqtt 0.12 speaks MQTT 3.1.1 onl
 refuses the MQTT v5 CONNECT of paho clients ("Unsupported protocol version"), and the
 agents and the controller use MQTT v5. So the embedded broker is the ``mosquitto``
 binary started as a child process with a generated config: password authentication
-(anonymous off), persistence for QoS 1 sessions, its files under ``{data_dir}/broker``.
-Production points ``broker.url`` at Mosquitto/EMQX instead.
+(anonymous off), persistence for QoS 1 sessions, packets capped at :data:`MAX_PACKET_SIZE`,
+its files under ``{data_dir}/broker``. Production points ``broker.url`` at Mosquitto/EMQX
+instead (``packaging/mosquitto``).
+
+One trust domain: the controller and every agent log in with the same username and password
+and there is no ACL, so any client holding that password can already publish any device's
+state or desired state. Binding client ids to usernames (``use_username_as_clientid``, what
+the shipped config does against session takeover) would make all of them, the controller
+included, disconnect each other here; per-device credentials and ACLs need the shipped
+config (packaging/mosquitto/README.md).
 """
 
 from __future__ import annotations
@@ -26,8 +34,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from controller.errors import BrokerError
+from protocol.limits import BROKER_MESSAGE_SIZE_LIMIT
 
 log = logging.getLogger(__name__)
+
+PACKET_HEADROOM = 1024
+"""Bytes of an MQTT PUBLISH besides its payload that :data:`MAX_PACKET_SIZE` allows for: the
+fixed header (≤ 5), the longest edgefleet topic (153: ``edgefleet/v1/{64}/detections/{64}``
+with its 2-byte length), the packet id and MQTT v5 properties."""
+MAX_PACKET_SIZE = BROKER_MESSAGE_SIZE_LIMIT + PACKET_HEADROOM
+"""``max_packet_size`` of the embedded broker and of ``packaging/mosquitto/edgefleet.conf``:
+the largest edgefleet message goes through, a larger packet is dropped and its sender
+disconnected. (Mosquitto 2.0 asks to replace ``message_size_limit``, the payload-only limit,
+with this whole-packet one.)"""
 
 _PR_SET_PDEATHSIG = 1
 _SEARCH = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
@@ -150,6 +169,7 @@ class EmbeddedBroker:
             f"persistence_location {persist}/",
             "autosave_interval 30",
             "max_queued_messages 100000",
+            f"max_packet_size {MAX_PACKET_SIZE}",
             # Telemetry is QoS 0: keep it queued for the controller's persistent session
             # while the controller restarts, like QoS 1 messages.
             "queue_qos0_messages true",

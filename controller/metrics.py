@@ -137,6 +137,15 @@ class IngestCollector(Collector):
         for kind, n in sorted(s.malformed_by_kind.items()):
             malformed.add_metric([kind], n)
         yield malformed
+        rejected = CounterMetricFamily(
+            "edgefleet_ingest_rejected",
+            "MQTT messages refused and not stored, by kind and reason (too_large, not_json, "
+            "invalid, out_of_bounds, topic_mismatch, nul, topic, empty, error, database)",
+            labels=["kind", "reason"],
+        )
+        for (kind, reason), n in sorted(s.rejected_by_reason.items()):
+            rejected.add_metric([kind, reason], n)
+        yield rejected
         for name, value, doc in (
             ("received", s.received, "MQTT messages received"),
             ("dropped", s.dropped, "MQTT messages dropped because the ingest queue was full"),

@@ -3,6 +3,7 @@
 Pure: no I/O, imported by the agent, the controller and third-party code alike.
 """
 
+from protocol.checked import InvalidMessage, check_payload, encode_checked, fit
 from protocol.errors import ProtocolError
 from protocol.manifest import (
     BlazeFaceDecoder,
@@ -81,6 +82,7 @@ __all__ = [
     "GateEvidence",
     "GoldenSample",
     "InputSpec",
+    "InvalidMessage",
     "Kind",
     "Manifest",
     "ModelFile",
@@ -95,14 +97,17 @@ __all__ = [
     "Telemetry",
     "Topic",
     "YoloDecoder",
+    "check_payload",
     "check_relative_path",
     "decode",
     "decode_manifest",
     "desired_topic",
     "detections_topic",
     "encode",
+    "encode_checked",
     "encode_manifest",
     "events_topic",
+    "fit",
     "parse_topic",
     "reported_topic",
     "status_topic",

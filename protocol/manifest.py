@@ -13,6 +13,7 @@ from typing import Literal
 import msgspec
 
 from protocol.errors import ProtocolError
+from protocol.limits import MODEL_VERSION_PATTERN
 
 MANIFEST_SCHEMA: Literal[1] = 1
 
@@ -131,6 +132,11 @@ def decode_manifest(data: bytes | str) -> Manifest:
     if not _NAME.fullmatch(manifest.name):
         raise ProtocolError(
             f"invalid model name {manifest.name!r}: use a-z, 0-9, '.', '_' or '-' (max 64)"
+        )
+    if not re.search(MODEL_VERSION_PATTERN, manifest.version):
+        raise ProtocolError(
+            f"invalid model version {manifest.version!r}: use 1-64 characters without spaces, "
+            "'@', '/' or '\\' (e.g. 1.2.0)"
         )
     for rel in [
         manifest.model,

@@ -5,7 +5,9 @@ Every message is a frozen msgspec Struct that rejects unknown fields and carries
 type raises ProtocolError with the JSON path of the culprit.
 
 Times are UNIX epoch seconds (float). Boxes are ``[xmin, ymin, xmax, ymax]`` normalized
-to the original frame (0..1).
+to the original frame (0..1). Every string, number, list and map is bounded
+(:mod:`protocol.limits`); the bounds are part of the types, so decoding enforces them and
+the exported JSON Schemas carry them.
 """
 
 from __future__ import annotations
@@ -14,8 +16,46 @@ import functools
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
+from msgspec import Meta
 
 from protocol.errors import ProtocolError
+from protocol.limits import (
+    MAX_DETAILS,
+    MAX_DETECTIONS,
+    MAX_FACTS,
+    MAX_INSTALLED,
+    MAX_STREAMS,
+    AgentVersion,
+    Code,
+    Count,
+    Duration,
+    ErrorText,
+    Fps,
+    Id,
+    Key,
+    Label,
+    MessageText,
+    Millis,
+    ModelName,
+    ModelRefText,
+    ModelVersion,
+    Percent,
+    Psi,
+    Ratio,
+    ReasonText,
+    RolloutId,
+    Sha256,
+    Shift,
+    Side,
+    Signature,
+    SummaryText,
+    TempC,
+    Timestamp,
+    Unit,
+    Url,
+    Value,
+    describe,
+)
 
 SCHEMA_VERSION: Literal[1] = 1
 """Current version of every message schema. Bumped only on incompatible changes."""
@@ -38,25 +78,29 @@ SourceState = Literal["starting", "running", "reconnecting", "failed", "ended", 
 class StreamStatus(_Part, frozen=True, kw_only=True):
     """State of one camera stream on the device."""
 
-    name: str
+    name: Id
     source_state: SourceState
-    model: str | None
+    model: ModelRefText | None
     """Active model as ``name@version``; None while no model is loaded."""
-    error: str | None = None
+    error: ErrorText | None = None
     """Why the source or model is not working, for a human."""
 
 
 class Status(_Message, frozen=True, kw_only=True):
     """Retained availability of a device; the broker publishes ``offline`` as last will."""
 
-    device_id: str
+    device_id: Id
     state: DeviceState
-    ts: float
-    agent_version: str
-    started_at: float
+    ts: Timestamp
+    agent_version: AgentVersion
+    started_at: Timestamp
     """When the agent process started (epoch s); uptime = ts - started_at."""
-    streams: list[StreamStatus] = msgspec.field(default_factory=list)
-    facts: dict[str, str | int | float | bool | None] = msgspec.field(default_factory=dict)
+    streams: Annotated[list[StreamStatus], Meta(max_length=MAX_STREAMS)] = msgspec.field(
+        default_factory=list
+    )
+    facts: Annotated[dict[Key, Value], Meta(max_length=MAX_FACTS)] = msgspec.field(
+        default_factory=dict
+    )
     """Hardware/runtime facts: arch, os, board, cpu_count, mem_total_bytes, python,
     runtimes (comma-separated detector runtimes installed), accelerator."""
 
@@ -65,68 +109,70 @@ class Status(_Message, frozen=True, kw_only=True):
 
 
 class StreamTelemetry(_Part, frozen=True, kw_only=True):
-    name: str
+    name: Id
     source_state: SourceState
-    fps: float
+    fps: Fps
     """Frames inferred per second over the last interval."""
-    frames_captured: int
-    frames_processed: int
-    frames_dropped: int
+    frames_captured: Count
+    frames_processed: Count
+    frames_dropped: Count
     """Frames the source produced that were replaced by a newer one before inference."""
-    infer_ms_p50: float | None
-    infer_ms_p95: float | None
-    latency_ms_p50: float | None
+    infer_ms_p50: Millis | None
+    infer_ms_p95: Millis | None
+    latency_ms_p50: Millis | None
     """Capture to publish, end to end."""
-    latency_ms_p95: float | None
-    errors: int = 0
-    reconnects: int = 0
-    score_psi: float | None = None
+    latency_ms_p95: Millis | None
+    errors: Count = 0
+    reconnects: Count = 0
+    score_psi: Psi | None = None
     """Drift KPI: population stability index of the recent detection scores against the
     active model's baseline (< 0.1 no change, > 0.25 a significant shift); None until both
     have enough detections."""
 
 
 class Telemetry(_Message, frozen=True, kw_only=True):
-    device_id: str
-    ts: float
-    interval_s: float
-    cpu_percent: float
-    mem_percent: float
-    mem_used_bytes: int
-    temp_c: float | None
-    disk_percent: float
-    disk_free_bytes: int
-    spool_depth: int
+    device_id: Id
+    ts: Timestamp
+    interval_s: Duration
+    cpu_percent: Percent
+    mem_percent: Percent
+    mem_used_bytes: Count
+    temp_c: TempC | None
+    disk_percent: Percent
+    disk_free_bytes: Count
+    spool_depth: Count
     """Detection messages waiting on disk for the broker."""
-    spool_dropped: int
+    spool_dropped: Count
     """Detection messages dropped because the spool was full (since start)."""
-    streams: list[StreamTelemetry] = msgspec.field(default_factory=list)
+    streams: Annotated[list[StreamTelemetry], Meta(max_length=MAX_STREAMS)] = msgspec.field(
+        default_factory=list
+    )
 
 
 # --- detections -----------------------------------------------------------------------
 
 
 class Detection(_Part, frozen=True, kw_only=True):
-    label: str
-    score: float
-    box: tuple[float, float, float, float]
+    label: Label
+    score: Unit
+    box: tuple[Unit, Unit, Unit, Unit]
     """[xmin, ymin, xmax, ymax], normalized to the original frame."""
 
 
 class Detections(_Message, frozen=True, kw_only=True):
     """The result of one inferred frame. ``seq`` grows by one per message, per device."""
 
-    device_id: str
-    stream: str
-    seq: int
-    frame_ts: float
-    frame_index: int
-    model: str
+    device_id: Id
+    stream: Id
+    seq: Count
+    frame_ts: Timestamp
+    frame_index: Count
+    model: ModelRefText
     """``name@version`` of the model that produced the result."""
-    infer_ms: float
-    width: int
-    height: int
-    detections: list[Detection]
+    infer_ms: Millis
+    width: Side
+    height: Side
+    detections: Annotated[list[Detection], Meta(max_length=MAX_DETECTIONS)]
 
 
 # --- desired / reported (device shadow) ------------------------------------------------
@@ -147,12 +193,12 @@ class Gate(_Part, frozen=True, kw_only=True):
     compare: bool = True
     """False: replace, do not compare (a model whose labels or purpose differ on purpose);
     golden samples, errors and the frame rate are still checked."""
-    min_agreement: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    min_agreement: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
     """Least box agreement (F1) with the current model; fails when the whole confidence
     interval lies below it."""
-    max_latency_ratio: Annotated[float, msgspec.Meta(gt=0.0, le=1000.0)] | None = None
+    max_latency_ratio: Annotated[float, Meta(gt=0.0, le=1000.0)] | None = None
     """Largest paired median inference-time ratio candidate / current."""
-    max_errors: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] | None = None
+    max_errors: Annotated[int, Meta(ge=0, le=1_000_000)] | None = None
     """Inference errors (exceptions, NaN/inf outputs) the candidate may raise."""
     undecided: GateAction | None = None
     """When the evidence is still inconclusive at the end of the shadow phase."""
@@ -161,12 +207,12 @@ class Gate(_Part, frozen=True, kw_only=True):
 class ModelRef(_Part, frozen=True, kw_only=True):
     """Where to get a model bundle and how to check it."""
 
-    name: str
-    version: str
-    url: str
-    sha256: str
-    size: int
-    signature: str | None = None
+    name: ModelName
+    version: ModelVersion
+    url: Url
+    sha256: Sha256
+    size: Count
+    signature: Signature | None = None
     """Base64 ed25519 signature over the bundle manifest."""
     gate: Gate | None = None
     """Health-gate overrides for this deployment (None: the device's defaults)."""
@@ -175,10 +221,10 @@ class ModelRef(_Part, frozen=True, kw_only=True):
 class Desired(_Message, frozen=True, kw_only=True):
     """Retained desired state written by the controller."""
 
-    rev: int
-    models: dict[str, ModelRef]
+    rev: Count
+    models: Annotated[dict[Id, ModelRef], Meta(max_length=MAX_STREAMS)]
     """Stream name to model."""
-    rollout_id: str | None = None
+    rollout_id: RolloutId | None = None
 
 
 DeploymentPhase = Literal[
@@ -219,46 +265,48 @@ class GateEvidence(_Part, frozen=True, kw_only=True):
 
     stage: Literal["shadow", "probation"]
     """``shadow``: before the swap; ``probation``: after it (old model in the shadow)."""
-    pairs: int
+    pairs: Count
     """Frames both models inferred, back to back."""
-    informative_pairs: int
+    informative_pairs: Count
     """Paired frames where at least one model detected something (the only ones that can
     prove agreement; an empty scene agrees trivially)."""
-    agreement: float | None
+    agreement: Unit | None
     """Box agreement of the candidate with the current model (F1 of IoU-matched boxes)."""
-    agreement_low: float | None
-    agreement_high: float | None
-    precision: float | None
+    agreement_low: Unit | None
+    agreement_high: Unit | None
+    precision: Unit | None
     """Share of the candidate's boxes the current model also found."""
-    recall: float | None
+    recall: Unit | None
     """Share of the current model's boxes the candidate also found."""
-    latency_ratio: float | None
+    latency_ratio: Ratio | None
     """Paired median inference time, candidate / current."""
-    latency_ratio_low: float | None
-    latency_ratio_high: float | None
-    score_shift: float | None
+    latency_ratio_low: Ratio | None
+    latency_ratio_high: Ratio | None
+    score_shift: Shift | None
     """Median score difference (candidate - current) of matched boxes (informational)."""
-    errors: int
+    errors: Count
     """Candidate inference errors (exceptions, NaN or infinite outputs)."""
-    confidence: float
+    confidence: Unit
     """Confidence level of the intervals (e.g. 0.95)."""
     verdict: GateVerdict
-    reason: str | None = None
+    reason: ReasonText | None = None
     """Machine-readable reason of a ``fail`` (or of an ``undecided`` that was decided by the
     configured default)."""
-    summary: str
+    summary: SummaryText
     """The evidence in words, e.g. "agrees with the current model on 97.8% of boxes (95% CI
     96.1-98.9%) over 412 paired frames; median latency 1.05x"."""
 
 
 class StreamReport(_Part, frozen=True, kw_only=True):
-    active: str | None
+    active: ModelRefText | None
     """``name@version``."""
-    previous: str | None = None
-    installed: list[str] = msgspec.field(default_factory=list)
+    previous: ModelRefText | None = None
+    installed: Annotated[list[ModelRefText], Meta(max_length=MAX_INSTALLED)] = msgspec.field(
+        default_factory=list
+    )
     phase: DeploymentPhase = "idle"
-    target: str | None = None
-    reason: str | None = None
+    target: ModelRefText | None = None
+    reason: ReasonText | None = None
     gate: GateEvidence | None = None
     """The health gate's evidence for ``target`` (shadow, then probation); kept with the
     outcome until the next deployment."""
@@ -267,10 +315,10 @@ class StreamReport(_Part, frozen=True, kw_only=True):
 class Reported(_Message, frozen=True, kw_only=True):
     """Retained reported state of the device."""
 
-    device_id: str
-    ts: float
-    desired_rev: int | None
-    streams: dict[str, StreamReport]
+    device_id: Id
+    ts: Timestamp
+    desired_rev: Count | None
+    streams: Annotated[dict[Id, StreamReport], Meta(max_length=MAX_STREAMS)]
 
 
 # --- events ---------------------------------------------------------------------------
@@ -282,14 +330,16 @@ class Event(_Message, frozen=True, kw_only=True):
     ``code`` is machine readable (e.g. ``source.unreachable``, ``deploy.sha256_mismatch``).
     """
 
-    device_id: str
-    ts: float
-    code: str
+    device_id: Id
+    ts: Timestamp
+    code: Code
     level: EventLevel
-    message: str
-    stream: str | None = None
+    message: MessageText
+    stream: Id | None = None
     phase: DeploymentPhase | None = None
-    details: dict[str, str | int | float | bool | None] = msgspec.field(default_factory=dict)
+    details: Annotated[dict[Key, Value], Meta(max_length=MAX_DETAILS)] = msgspec.field(
+        default_factory=dict
+    )
 
 
 MESSAGE_TYPES: dict[str, type[_Message]] = {
@@ -308,7 +358,8 @@ _ENCODER = msgspec.json.Encoder()
 
 
 @functools.cache
-def _decoder(message_type: type[Any]) -> msgspec.json.Decoder[Any]:
+def decoder(message_type: type[Any]) -> msgspec.json.Decoder[Any]:
+    """The strict JSON decoder of ``message_type`` (one per type, reused)."""
     return msgspec.json.Decoder(message_type)
 
 
@@ -320,9 +371,11 @@ def encode(message: msgspec.Struct) -> bytes:
 def decode(payload: bytes | str, message_type: type[M]) -> M:
     """Decode JSON strictly into ``message_type`` or raise ProtocolError."""
     try:
-        result: M = _decoder(message_type).decode(payload)
+        result: M = decoder(message_type).decode(payload)
     except msgspec.ValidationError as err:
-        raise ProtocolError(f"invalid {message_type.__name__} message: {err}") from err
+        raise ProtocolError(
+            f"invalid {message_type.__name__} message: {describe(str(err))}"
+        ) from err
     except msgspec.DecodeError as err:
         raise ProtocolError(f"{message_type.__name__} payload is not valid JSON: {err}") from err
     return result

@@ -322,3 +322,18 @@ def test_key_path_and_locate_follow_arrays_of_tables() -> None:
     assert locate(text, ("streams", 2)) == 15
     assert locate(text, ("streams", 1, "fps")) == 12  # not written: its table
     assert locate(text, ("nowhere", "x")) is None
+
+
+def test_more_streams_than_the_protocol_carries_are_refused_and_the_cap_is_accepted() -> None:
+    head = GOOD.split("[[streams]]", maxsplit=1)[0]
+
+    def streams(n: int) -> str:
+        return head + "".join(
+            f'[[streams]]\nname = "s{i}"\nsource = "video.mp4"\n'
+            'model = "builtin:blazeface-short-int8"\n'
+            for i in range(n)
+        )
+
+    assert len(parse_config(streams(64)).streams) == 64
+    with pytest.raises(ConfigError, match="65 \\[\\[streams\\]\\] configured; the protocol"):
+        parse_config(streams(65))

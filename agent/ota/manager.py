@@ -40,7 +40,7 @@ from protocol import (
     StreamReport,
     decode,
     decode_manifest,
-    encode,
+    encode_checked,
 )
 
 __all__ = ["OtaManager"]
@@ -293,12 +293,12 @@ class OtaManager:
         if not self._started:
             return
         with self._report_lock:
-            self._publish_reported(encode(self.report()))
+            self._publish_reported(encode_checked(self.report(), fit=True))
         self._on_change()
 
     def _emit(self, event: OtaEvent) -> None:
         self._publish_event(
-            encode(
+            encode_checked(
                 Event(
                     schema=SCHEMA_VERSION,
                     device_id=self.device_id,
@@ -309,13 +309,14 @@ class OtaManager:
                     stream=event.stream,
                     phase=event.phase,
                     details=event.details,
-                )
+                ),
+                fit=True,
             )
         )
 
     def _emit_device(self, code: str, level: EventLevel, message: str) -> None:
         self._publish_event(
-            encode(
+            encode_checked(
                 Event(
                     schema=SCHEMA_VERSION,
                     device_id=self.device_id,
@@ -323,7 +324,8 @@ class OtaManager:
                     code=code,
                     level=level,
                     message=message,
-                )
+                ),
+                fit=True,
             )
         )
 

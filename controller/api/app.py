@@ -9,7 +9,11 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from controller.api import errors
 from controller.api.auth import AuthLimiter
+from controller.api.bodylimit import BodyLimit
+from controller.api.models import router as models_router
+from controller.api.params import MAX_JSON_BODY_BYTES
 from controller.api.rollouts import router as rollouts_router
 from controller.api.routes import router
 from controller.api.schemas import Health
@@ -47,7 +51,10 @@ def create_app(
     app.state.registry = build_registry(
         db=db, ingest_snapshot=ingest_snapshot, auth=app.state.auth_limiter
     )
+    errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=MAX_JSON_BODY_BYTES)
     app.include_router(router)
+    app.include_router(models_router)
     app.include_router(rollouts_router)
 
     @app.get("/healthz", tags=["ops"], responses={503: {"model": Health}})

@@ -13,6 +13,8 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, status
 
 from controller.api.auth import Operator, Viewer
+from controller.api.errors import AUTH, responses
+from controller.api.params import RowId
 from controller.api.schemas import (
     GateSettings,
     RolloutActionIn,
@@ -30,18 +32,23 @@ from controller.rollouts import commands, records
 from controller.rollouts import gate as gates
 from controller.rollouts.records import RolloutDetail, RolloutInfo
 
-router = APIRouter(prefix="/api/v1/rollouts", tags=["rollouts"])
+router = APIRouter(prefix="/api/v1/rollouts", tags=["rollouts"], responses=AUTH)
 
 _STATUS = {
     "not_found": status.HTTP_404_NOT_FOUND,
     "conflict": status.HTTP_409_CONFLICT,
     "invalid": 422,
 }
-_ERRORS: dict[int | str, dict[str, str]] = {
-    404: {"description": "no such rollout, model or device"},
-    409: {"description": "the selection overlaps a live rollout, or the state forbids the action"},
-    422: {"description": "invalid request (stages, selection, durations, gate overrides)"},
-}
+_ERRORS = responses(
+    400,
+    404,
+    409,
+    413,
+    422,
+    e404="no such rollout, model or device",
+    e409="the selection overlaps a live rollout, or the state forbids the action",
+    e422="invalid request (stages, selection, durations, gate overrides)",
+)
 
 
 def _db(request: Request) -> Database:
@@ -152,7 +159,9 @@ def create_rollout(request: Request, body: RolloutIn, token: Operator) -> Rollou
 def list_rollouts(
     request: Request,
     _token: Viewer,
-    state: Annotated[list[RolloutStateName], Query(description="only these states")] = [],  # noqa: B006
+    state: Annotated[
+        list[RolloutStateName], Query(description="only these states", max_length=10)
+    ] = [],  # noqa: B006
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> RolloutList:
     """Rollouts, newest first, with their executions counted by status."""
@@ -165,7 +174,7 @@ def list_rollouts(
 @router.get("/{rollout_id}", responses={404: _ERRORS[404]})
 def get_rollout(
     request: Request,
-    rollout_id: int,
+    rollout_id: RowId,
     _token: Viewer,
     devices: Annotated[bool, Query(description="include every (device, stream) execution")] = True,
 ) -> RolloutDetailOut:
@@ -189,19 +198,19 @@ def _act(
 
 
 @router.post("/{rollout_id}/pause", responses=_ERRORS)
-def pause_rollout(request: Request, rollout_id: int, _token: Operator) -> RolloutDetailOut:
+def pause_rollout(request: Request, rollout_id: RowId, _token: Operator) -> RolloutDetailOut:
     """Stop advancing (devices already at work finish; timeouts and abort criteria still apply)."""
     return _act(request, rollout_id, commands.pause)
 
 
 @router.post("/{rollout_id}/resume", responses=_ERRORS)
-def resume_rollout(request: Request, rollout_id: int, _token: Operator) -> RolloutDetailOut:
+def resume_rollout(request: Request, rollout_id: RowId, _token: Operator) -> RolloutDetailOut:
     return _act(request, rollout_id, commands.resume)
 
 
 @router.post("/{rollout_id}/abort", responses=_ERRORS)
 def abort_rollout(
-    request: Request, rollout_id: int, token: Operator, body: RolloutActionIn | None = None
+    request: Request, rollout_id: RowId, token: Operator, body: RolloutActionIn | None = None
 ) -> RolloutDetailOut:
     """End a live rollout; every device it touched gets its pre-rollout model back."""
     note = body.reason if body is not None else None
@@ -210,7 +219,7 @@ def abort_rollout(
 
 @router.post("/{rollout_id}/rollback", responses=_ERRORS)
 def rollback_rollout(
-    request: Request, rollout_id: int, token: Operator, body: RolloutActionIn | None = None
+    request: Request, rollout_id: RowId, token: Operator, body: RolloutActionIn | None = None
 ) -> RolloutDetailOut:
     """Undo a live or completed rollout: every device it touched gets its pre-rollout model
     back (devices whose desired model changed since are left alone)."""

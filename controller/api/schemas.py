@@ -4,22 +4,39 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from annotated_types import MaxLen, MinLen
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StringConstraints,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from controller.api.params import (
+    MAX_SELECT,
+    MAX_STAGES,
+    Duration,
+    MinExecuted,
+    ModelRef,
+    Name,
+    Note,
+    PositiveDuration,
+    SelectItem,
+    Share,
+    StageItem,
+    StageSpec,
+    StreamSpec,
+    TagList,
+)
 from controller.errors import RolloutError
 from controller.rollouts import gate as gates
 
-TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
-Tag = Annotated[str, StringConstraints(pattern=TAG_PATTERN)]
 RoleName = Literal["viewer", "operator", "admin"]
+
+_INPUT = ConfigDict(extra="forbid", allow_inf_nan=False)
+"""Request bodies: unknown fields and non-finite numbers (NaN, Infinity) are refused."""
 
 
 class _Out(BaseModel):
@@ -87,10 +104,12 @@ class DeviceList(BaseModel):
 
 
 class TagsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Tags to add and remove (at most 64 each; a device keeps at most 64 tags)."""
 
-    add: list[Tag] = Field(default_factory=list)
-    remove: list[Tag] = Field(default_factory=list)
+    model_config = _INPUT
+
+    add: TagList = Field(default_factory=list)
+    remove: TagList = Field(default_factory=list)
 
 
 class TagsOut(BaseModel):
@@ -151,9 +170,9 @@ class TokenList(BaseModel):
 
 
 class TokenCreateIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _INPUT
 
-    name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    name: Name = Field(description="1-100 characters, no control characters")
     role: RoleName
 
 
@@ -202,27 +221,42 @@ class GateSettings(BaseModel):
     """Health-gate overrides for a rollout (``protocol.Gate``); a field left out or null keeps
     the device's ``[ota]`` default."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     compare: bool = Field(
         default=True,
         description="false: replace, do not compare (labels differ on purpose); golden "
         "samples, errors and the frame rate still apply",
     )
+    # The ranges are checked by _in_range (with messages that name the field and the range)
+    # and published in the schema with json_schema_extra.
     min_agreement: float | None = Field(
-        default=None, description="least box agreement with the current model, 0..1"
+        default=None,
+        description="least box agreement with the current model, 0..1",
+        json_schema_extra={"minimum": 0, "maximum": 1},
     )
     max_latency_ratio: float | None = Field(
         default=None,
         description=f"largest median inference-time ratio candidate/current, "
         f"above 0 and at most {gates.MAX_LATENCY_RATIO:g}",
+        json_schema_extra={"exclusiveMinimum": 0, "maximum": gates.MAX_LATENCY_RATIO},
     )
     max_errors: int | None = Field(
-        default=None, description=f"candidate inference errors allowed, 0..{gates.MAX_ERRORS}"
+        default=None,
+        description=f"candidate inference errors allowed, 0..{gates.MAX_ERRORS}",
+        json_schema_extra={"minimum": 0, "maximum": gates.MAX_ERRORS},
     )
     undecided: Literal["rollback", "commit"] | None = Field(
         default=None, description="what an inconclusive shadow phase ends in"
     )
+
+    @field_validator("max_errors", mode="before")
+    @classmethod
+    def _whole(cls, value: object) -> object:
+        """JSON 3.0 is the integer 3 (as JSON Schema says); strict mode would refuse it."""
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
     @field_validator("min_agreement", "max_latency_ratio", "max_errors")
     @classmethod
@@ -243,30 +277,33 @@ class GateSettings(BaseModel):
 
 
 class RolloutIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _INPUT
 
-    model: str = Field(description="name@version from the registry", examples=["blazeface@1.2.0"])
-    stream: str = Field(
+    model: ModelRef = Field(
+        description="name@version from the registry", examples=["blazeface@1.2.0"]
+    )
+    stream: StreamSpec = Field(
         default="*", description="a stream name, or * for every stream each device reports"
     )
-    select: list[str] = Field(
-        min_length=1,
+    select: Annotated[list[SelectItem], MinLen(1), MaxLen(MAX_SELECT)] = Field(
         description="'all', 'tag=KEY:VALUE' or device ids; a device matching any is selected",
         examples=[["tag=site:berlin"]],
     )
-    stages: list[str] | str = Field(
+    stages: Annotated[list[StageItem], MinLen(1), MaxLen(MAX_STAGES)] | StageSpec = Field(
         default="1,10%,50%,100%",
-        description="cumulative stages: a bare number is a device count, N% a share of the selection",
+        description="cumulative stages: a bare number is a device count, N% a share of the "
+        f"selection (at most {MAX_STAGES})",
     )
-    bake_s: float = Field(default=600.0, ge=0, description="watch each finished stage this long")
-    max_failures: float = Field(
-        default=0.05, ge=0, le=1, description="largest tolerated failure share (0..1)"
+    bake_s: Duration = Field(
+        default=600.0, description="watch each finished stage this long (at most a year)"
     )
-    min_executed: int = Field(
-        default=5, ge=0, description="finished executions before the overall share counts"
+    max_failures: Share = Field(default=0.05, description="largest tolerated failure share (0..1)")
+    min_executed: MinExecuted = Field(
+        default=5, description="finished executions before the overall share counts"
     )
-    timeout_s: float = Field(
-        default=900.0, gt=0, description="a device not done this long after its assignment fails"
+    timeout_s: PositiveDuration = Field(
+        default=900.0,
+        description="a device not done this long after its assignment fails (at most a year)",
     )
     gate: GateSettings | None = Field(
         default=None, description="health-gate overrides; null: the devices' defaults"
@@ -274,9 +311,9 @@ class RolloutIn(BaseModel):
 
 
 class RolloutActionIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _INPUT
 
-    reason: str | None = Field(default=None, max_length=500, description="a note for the record")
+    reason: Note | None = Field(default=None, description="a note for the record")
 
 
 class StageOut(BaseModel):

@@ -7,10 +7,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, select
+from sqlalchemy import Connection, delete, func, select, update
 
 from controller.db.models import device_streams, device_tags, devices
 from controller.db.sql import from_row, upsert
+
+MAX_TAGS_PER_DEVICE = 64
+"""Most tags one device may carry (``set_tags`` refuses more with TooManyTagsError)."""
+
+
+class TooManyTagsError(ValueError):
+    """A tag change would leave a device with more than ``MAX_TAGS_PER_DEVICE`` tags."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +140,29 @@ def get_device(conn: Connection, device_id: str) -> DeviceInfo | None:
 def set_tags(
     conn: Connection, device_id: str, *, add: Iterable[str] = (), remove: Iterable[str] = ()
 ) -> list[str] | None:
-    """Add and remove tags; returns the device's tags, or None if there is no such device."""
-    if conn.execute(select(devices.c.id).where(devices.c.id == device_id)).first() is None:
+    """Add and remove tags; returns the device's tags, or None if there is no such device.
+
+    Raises TooManyTagsError, changing nothing, when the device would end up with more than
+    ``MAX_TAGS_PER_DEVICE`` tags. A no-op update of the device row serialises tag changes
+    first (a row lock on PostgreSQL, the write lock on SQLite), so concurrent changes
+    cannot pass the limit together.
+    """
+    touched = conn.execute(
+        update(devices).where(devices.c.id == device_id).values(last_seen=devices.c.last_seen)
+    )
+    if not touched.rowcount:
         return None
+    have = set(
+        conn.execute(
+            select(device_tags.c.tag).where(device_tags.c.device_id == device_id)
+        ).scalars()
+    )
+    after = (have - set(remove)) | (set(add) - set(remove))
+    if len(after) > MAX_TAGS_PER_DEVICE:
+        raise TooManyTagsError(
+            f"device {device_id!r} would have {len(after)} tags; at most "
+            f"{MAX_TAGS_PER_DEVICE} per device: remove some (remove=[...]) first"
+        )
     to_remove = sorted(set(remove))
     if to_remove:
         conn.execute(

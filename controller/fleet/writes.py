@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from sqlalchemy import JSON, Connection, bindparam, delete, func, insert, update
+from sqlalchemy import JSON, Connection, bindparam, delete, func, insert, select, update
 
 from controller.db.models import device_streams, devices, events
 from controller.db.sql import upsert
 from protocol import Event, Reported, Status, Telemetry
+from protocol.limits import MAX_STREAMS
 
 Message = Status | Telemetry | Reported | Event
 _JSON = msgspec.json.Encoder()
@@ -34,18 +35,24 @@ class Received:
 
 
 def _status_stream_rows(device_id: str, status: Status, now: float) -> list[dict[str, Any]]:
-    rows: dict[str, dict[str, Any]] = {
-        s.name: {
+    """One row per stream the status names. An ``offline`` status is usually the last will,
+    built when the agent connected: it does not know the active models (older agents sent
+    ``model: null`` per stream there), so its rows carry no ``active_model`` and the one the
+    ``reported`` state or the last online status wrote stays."""
+    offline = status.state == "offline"
+    rows: dict[str, dict[str, Any]] = {}
+    for s in status.streams:
+        row: dict[str, Any] = {
             "device_id": device_id,
             "name": s.name,
             "source_state": s.source_state,
             "error": s.error,
-            "active_model": s.model,
             "installed": [],
             "updated_at": now,
         }
-        for s in status.streams
-    }
+        if not offline:
+            row["active_model"] = s.model
+        rows[s.name] = row
     return list(rows.values())
 
 
@@ -248,6 +255,28 @@ def _upsert_streams(conn: Connection, rows: list[dict[str, Any]], columns: Seque
     )
 
 
+def _within_stream_cap(conn: Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop status rows that would give a device more than MAX_STREAMS streams: a status
+    adds stream rows, only a reported state removes them, so a device naming new streams in
+    every status would otherwise grow its rows without end."""
+    if not rows:
+        return rows
+    known: dict[str, set[str]] = {}
+    ids = sorted({r["device_id"] for r in rows})
+    query = select(device_streams.c.device_id, device_streams.c.name).where(
+        device_streams.c.device_id.in_(ids)
+    )
+    for device_id, name in conn.execute(query):
+        known.setdefault(device_id, set()).add(name)
+    kept = []
+    for row in rows:
+        names = known.setdefault(row["device_id"], set())
+        if row["name"] in names or len(names) < MAX_STREAMS:
+            names.add(row["name"])
+            kept.append(row)
+    return kept
+
+
 def _write_statuses(conn: Connection, statuses: dict[str, tuple[Status, float]]) -> None:
     conn.execute(
         _STATUS,
@@ -264,8 +293,15 @@ def _write_statuses(conn: Connection, statuses: dict[str, tuple[Status, float]])
             for d, (s, _) in statuses.items()
         ],
     )
-    rows = [r for d, (s, at) in statuses.items() for r in _status_stream_rows(d, s, at)]
-    _upsert_streams(conn, rows, ("source_state", "error", "active_model", "updated_at"))
+    rows = _within_stream_cap(
+        conn, [r for d, (s, at) in statuses.items() for r in _status_stream_rows(d, s, at)]
+    )
+    # An offline status leaves active_model alone (see _status_stream_rows): its rows go
+    # in a statement of their own that neither inserts nor updates that column.
+    with_model = [r for r in rows if "active_model" in r]
+    without = [r for r in rows if "active_model" not in r]
+    _upsert_streams(conn, with_model, ("source_state", "error", "active_model", "updated_at"))
+    _upsert_streams(conn, without, ("source_state", "error", "updated_at"))
 
 
 def _write_reports(conn: Connection, reports: dict[str, tuple[Reported, float]]) -> None:

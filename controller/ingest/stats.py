@@ -39,6 +39,8 @@ class IngestSnapshot:
     last_batch_lag_s: float | None
     """Receipt-to-commit time of the oldest message of the last batch."""
     mqtt_connected: bool
+    rejected_by_reason: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Messages refused (by the protocol's checks or the database), by (kind, reason)."""
 
 
 @dataclass(slots=True)
@@ -58,11 +60,13 @@ class IngestStats:
     last_batch_lag_s: float | None = None
     stored_by_kind: Counter[str] = field(default_factory=Counter)
     malformed_by_kind: Counter[str] = field(default_factory=Counter)
+    rejected_by_reason: Counter[tuple[str, str]] = field(default_factory=Counter)
     _lags: deque[float] = field(default_factory=lambda: deque(maxlen=_LAG_SAMPLES))
     _rate: deque[tuple[float, int]] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def count(self, outcome: Outcome, kind: str | None = None) -> None:
+    def count(self, outcome: Outcome, kind: str | None = None, reason: str | None = None) -> None:
+        """Count one handled message; a ``malformed`` one also by (kind, ``reason``)."""
         with self._lock:
             self.received += 1
             if outcome == "queued":
@@ -70,6 +74,7 @@ class IngestStats:
             elif outcome == "malformed":
                 self.malformed += 1
                 self.malformed_by_kind[kind or "unknown"] += 1
+                self.rejected_by_reason[(kind or "unknown", reason or "invalid")] += 1
             elif outcome == "ignored":
                 self.ignored += 1
             else:
@@ -92,6 +97,7 @@ class IngestStats:
         with self._lock:
             self.rejected += 1
             self.malformed_by_kind[f"{kind}:database"] += 1
+            self.rejected_by_reason[(kind, "database")] += 1
 
     def snapshot(self, *, queue_depth: int = 0, mono: float | None = None) -> IngestSnapshot:
         now = time.monotonic() if mono is None else mono
@@ -121,6 +127,7 @@ class IngestStats:
                 lag_max_s=lags[-1] if lags else None,
                 last_batch_lag_s=self.last_batch_lag_s,
                 mqtt_connected=self.mqtt_connected,
+                rejected_by_reason=dict(self.rejected_by_reason),
             )
 
     def reset_lags(self) -> None:

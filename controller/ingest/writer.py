@@ -19,7 +19,6 @@ from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from common.backoff import Backoff
 from controller.db.session import Database
-from controller.errors import MalformedMessageError
 from controller.fleet.writes import (
     Received,
     Seen,
@@ -29,7 +28,8 @@ from controller.fleet.writes import (
     write_messages,
 )
 from controller.ingest.buffer import MessageBuffer
-from controller.ingest.decode import decode_message, topic_kind
+from controller.ingest.decode import RejectedMessage, decode_message, topic_kind
+from controller.ingest.rejects import RejectLog
 from controller.ingest.stats import IngestSnapshot, IngestStats, Outcome, kind_name
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,10 @@ class Ingestor:
         enqueue_timeout_s: float = 2.0,
         stats: IngestStats | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock``: receipt times (stored); ``monotonic``: the refused-message log's
+        once-per-device-per-minute limit."""
         self.db = db
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
@@ -94,6 +97,7 @@ class Ingestor:
         self._idle = threading.Condition()
         self._done = 0
         self._log = _LogLimiter()
+        self._rejects = RejectLog(clock=monotonic)
 
     # called on the MQTT network thread -------------------------------------------------
 
@@ -101,12 +105,12 @@ class Ingestor:
         """Decode one message and queue it; never raises (everything is counted)."""
         try:
             decoded = decode_message(topic, payload)
-        except MalformedMessageError as err:
-            self.stats.count("malformed", topic_kind(topic))
-            self._log.warning("malformed message skipped: %s", err)
+        except RejectedMessage as err:
+            self.stats.count("malformed", err.kind, err.reason)
+            self._rejects.rejected(err)
             return "malformed"
         except Exception as err:  # noqa: BLE001 - a decoder bug must not stop ingestion
-            self.stats.count("malformed", topic_kind(topic))
+            self.stats.count("malformed", topic_kind(topic), "error")
             self._log.warning("message on %r could not be decoded: %r", topic, err)
             return "malformed"
         if decoded is None:

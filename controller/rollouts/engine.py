@@ -18,17 +18,26 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection
 
 from controller.db.session import Database
-from controller.fleet.registry import ModelInfo, get_model_by_id
+from controller.fleet.registry import get_model_by_id
 from controller.rollouts import executions, records
-from controller.rollouts.desired import get_desired, write_desired
-from controller.rollouts.executions import Execution
+from controller.rollouts.decisions import (
+    IN_FLIGHT,
+    abort_reason,
+    bundle_url,
+    derive_status,
+    model_ref,
+    next_status,
+    ref_name,
+)
+from controller.rollouts.desired import read_desired, write_desired
+from controller.rollouts.faults import DeviceFault
 from controller.rollouts.health import (
     HealthPolicy,
     change_windows,
@@ -39,131 +48,20 @@ from controller.rollouts.health import (
 )
 from controller.rollouts.locks import lock_rollout
 from controller.rollouts.records import FAILURES, FINISHED, RolloutInfo
-from protocol.messages import DEPLOYING_PHASES, FAILED_PHASES
+from protocol.messages import FAILED_PHASES
+
+__all__ = [
+    "RolloutEngine",
+    "TickReport",
+    "abort_reason",
+    "bundle_url",
+    "derive_status",
+    "model_ref",
+    "next_status",
+    "ref_name",
+]
 
 log = logging.getLogger(__name__)
-
-IN_FLIGHT = ("pending", "queued", "in_progress")
-_DEPLOYING = DEPLOYING_PHASES
-
-
-# --- pure decisions -----------------------------------------------------------------------
-
-
-def derive_status(e: Execution, model: str) -> tuple[str, str | None, str | None]:
-    """(status, phase, reason) of an execution from the device's reported state (docs/ota.md).
-
-    ``desired_rev`` below the execution's rev → queued; ``failed``/``rolled_back`` with the
-    rollout's model as ``target`` → failed, unless it is the very failure the stream reported
-    before the assignment (the agent reports the new ``desired_rev`` before the stream's phase
-    changes: no outcome yet); ``committed`` (or idle/no phase, for a device that already ran
-    the model) with the model active → succeeded; anything else → in progress.
-    """
-    if e.reported_rev is None or e.reported_rev < e.rev:
-        return "queued", None, None
-    if not e.has_report:
-        return "in_progress", None, None
-    phase = e.report_phase
-    if phase in FAILED_PHASES and e.report_target == model:
-        if e.report_is_stale():
-            return "in_progress", phase, None
-        return "failed", phase, e.report_reason or phase
-    if e.report_active == model and phase not in _DEPLOYING and phase not in FAILED_PHASES:
-        return "succeeded", phase, None
-    return "in_progress", phase, None
-
-
-def next_status(
-    e: Execution, model: str, *, now: float, timeout_s: float
-) -> tuple[str, str | None, str | None]:
-    """The execution's status after this tick: derived, then timeouts; only a failure can
-    follow a success (the device later reporting the model failed or rolled back)."""
-    status, phase, reason = derive_status(e, model)
-    if e.status == "succeeded" and status != "failed":
-        return "succeeded", phase if phase is not None else e.phase, None
-    if status in ("queued", "in_progress") and now - e.assigned_at >= timeout_s:
-        if status == "in_progress" and e.report_is_stale():
-            return (
-                "timed_out",
-                phase,
-                f"timeout: the device still reports its earlier {phase} of this model "
-                f"({e.report_reason}) and did not deploy it again within {timeout_s:.0f}s",
-            )
-        where = (
-            f"still {phase}"
-            if phase
-            else (
-                "never took up the desired state" if status == "queued" else "no progress reported"
-            )
-        )
-        return "timed_out", phase, f"timeout: {where} after {timeout_s:.0f}s"
-    return status, phase, reason
-
-
-def _share(n: int, of: int) -> str:
-    return f"{100 * n / of:.0f}%" if of else "0%"
-
-
-def abort_reason(r: RolloutInfo, counts: Mapping[int, Mapping[str, int]]) -> tuple[str, str] | None:
-    """The abort criteria on the executions' statuses: ``(reason, detail)`` or None.
-
-    - ``stage_failed``: a finished stage (every execution done) whose own failure share is
-      above ``max_failures`` (so a failed canary aborts even below ``min_executed``);
-    - ``failure_threshold``: failures / finished above ``max_failures`` once at least
-      ``min_executed`` executions finished.
-    """
-    limit = f"--max-failures {r.max_failures * 100:g}%"
-    finished = failed = 0
-    for stage in sorted(counts):
-        c = counts[stage]
-        size = sum(c.values())
-        stage_failed = sum(c.get(s, 0) for s in FAILURES)
-        finished += sum(c.get(s, 0) for s in FINISHED)
-        failed += stage_failed
-        unfinished = sum(c.get(s, 0) for s in IN_FLIGHT)
-        if (
-            stage <= r.current_stage
-            and size
-            and not unfinished
-            and stage_failed / size > r.max_failures
-        ):
-            return (
-                "stage_failed",
-                f"stage {stage + 1}: {stage_failed} of {size} executions failed "
-                f"({_share(stage_failed, size)}), above {limit}",
-            )
-    if finished and finished >= r.min_executed and failed / finished > r.max_failures:
-        return (
-            "failure_threshold",
-            f"{failed} of {finished} finished executions failed ({_share(failed, finished)}), "
-            f"above {limit} (after --min-executed {r.min_executed})",
-        )
-    return None
-
-
-def bundle_url(base_url: str, m: ModelInfo) -> str:
-    """The device download URL of a model (same path as ``controller.api.routes.bundle_path``)."""
-    return f"{base_url.rstrip('/')}/api/v1/models/{m.name}/{m.version}/bundle?key={m.download_key}"
-
-
-def model_ref(m: ModelInfo, base_url: str, gate: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``protocol.ModelRef`` (as a JSON object) of a registry model, with a rollout's
-    health-gate overrides (``gate`` left out when there are none, as older agents expect)."""
-    ref: dict[str, Any] = {
-        "name": m.name,
-        "version": m.version,
-        "url": bundle_url(base_url, m),
-        "sha256": m.sha256,
-        "size": m.size,
-        "signature": m.signature,
-    }
-    if gate:
-        ref["gate"] = dict(gate)
-    return ref
-
-
-def ref_name(ref: Mapping[str, Any] | None) -> str | None:
-    return None if not ref else f"{ref['name']}@{ref['version']}"
 
 
 # --- the engine ---------------------------------------------------------------------------
@@ -283,7 +181,8 @@ class RolloutEngine:
 
     def _refresh(self, conn: Connection, r: RolloutInfo, now: float) -> None:
         changes = []
-        for e in executions.executions_to_watch(conn, r.id):
+        broken: list[tuple[str, str, DeviceFault]] = []
+        for e in executions.executions_to_watch(conn, r.id, broken):
             status, phase, reason = next_status(e, r.model, now=now, timeout_s=r.timeout_s)
             evidence = e.evidence_for(r.model)
             if (status, phase, reason, evidence) == (e.status, e.phase, e.reason, e.evidence):
@@ -310,6 +209,19 @@ class RolloutEngine:
                     "rollout %d: %s/%s %s (%s)", r.id, e.device_id, e.stream, status, reason
                 )
         executions.update_executions(conn, r.id, changes)
+        self._fail(conn, r, [(d, s, f.reason) for d, s, f in broken], now)
+
+    def _fail(
+        self, conn: Connection, r: RolloutInfo, failed: list[tuple[str, str, str]], now: float
+    ) -> None:
+        """Fail executions for a per-device fault (``controller.rollouts.faults``)."""
+        for device_id, stream, reason in failed:
+            log.warning("rollout %d: %s/%s failed (%s)", r.id, device_id, stream, reason)
+        executions.mark_failed(
+            conn,
+            r.id,
+            [{"device_id": d, "stream": s, "reason": why, "now": now} for d, s, why in failed],
+        )
 
     def _assign(
         self, conn: Connection, r: RolloutInfo, stage: int, now: float, report: TickReport
@@ -323,11 +235,13 @@ class RolloutEngine:
             raise RuntimeError(f"rollout {r.id}: model id {r.model_id} vanished from the registry")
         ref = model_ref(m, base, r.gate)
         pairs = executions.pending_of_stage(conn, r.id, stage)
-        desired = get_desired(conn, (d for d, _ in pairs))
+        desired, faults = read_desired(conn, (d for d, _ in pairs))
         reports = executions.stream_reports(conn, (d for d, _ in pairs))
         changes: dict[str, dict[str, dict[str, Any] | None]] = defaultdict(dict)
         rows: list[dict[str, Any]] = []
         for device_id, stream in pairs:
+            if device_id in faults:
+                continue
             current = desired.get(device_id)
             previous = current.models.get(stream) if current is not None else None
             changes[device_id][stream] = ref
@@ -349,14 +263,21 @@ class RolloutEngine:
                     "now": now,
                 }
             )
-        revs = write_desired(conn, changes, rollout_id=r.id, now=now)
+        written = write_desired(conn, changes, rollout_id=r.id, now=now)
+        faults.update(written.faults)
+        revs = written.revs
+        rows = [row for row in rows if row["device_id"] in revs]
         for row in rows:
             row["rev"] = revs[row["device_id"]]
         executions.mark_assigned(conn, r.id, rows)
+        self._fail(conn, r, [(d, s, faults[d].reason) for d, s in pairs if d in faults], now)
         records.update_rollout(conn, r.id, stage_started_at=now, updated_at=now)
         report.assigned += len(rows)
         report.desired_written += len(revs)
-        report.events.append(f"rollout {r.id}: stage {stage + 1} assigned to {len(revs)} devices")
+        report.events.append(
+            f"rollout {r.id}: stage {stage + 1} assigned to {len(revs)} devices"
+            + (f" ({len(faults)} failed: {', '.join(sorted(faults))[:200]})" if faults else "")
+        )
         log.info(
             "rollout %d: stage %d/%d: %s desired on %d devices (%d executions)",
             r.id,
@@ -400,17 +321,19 @@ class RolloutEngine:
         """Give every execution the rollout touched its pre-rollout model back (absent = baseline)."""
         todo = executions.to_roll_back(conn, r.id)
         devices = [d for d, _, _ in todo]
-        desired = get_desired(conn, devices)
+        desired, faults = read_desired(conn, devices)
         others = executions.live_pairs(conn, devices, exclude=r.id)
         changes: dict[str, dict[str, dict[str, Any] | None]] = defaultdict(dict)
         skipped = []
         for device_id, stream, previous in todo:
             row = desired.get(device_id)
             current = ref_name(row.models.get(stream)) if row is not None else None
-            if current != r.model or (device_id, stream) in others:
+            if device_id in faults or current != r.model or (device_id, stream) in others:
                 holder = others.get((device_id, stream))
                 why = (
-                    f"rollout {holder} holds it now"
+                    faults[device_id].reason
+                    if device_id in faults
+                    else f"rollout {holder} holds it now"
                     if holder
                     else f"its desired model is now {current or 'the baseline'}"
                 )
@@ -424,7 +347,18 @@ class RolloutEngine:
                 )
                 continue
             changes[device_id][stream] = previous
-        revs = write_desired(conn, changes, rollout_id=r.id, now=now)
+        written = write_desired(conn, changes, rollout_id=r.id, now=now)
+        revs = written.revs
+        for device_id, fault in written.faults.items():
+            skipped += [
+                {
+                    "device_id": device_id,
+                    "stream": s,
+                    "reason": f"not rolled back: {fault.reason}",
+                    "now": now,
+                }
+                for s in changes.pop(device_id)
+            ]
         marks = [
             {
                 "device_id": d,

@@ -19,6 +19,7 @@ from controller.db.models import (
     telemetry,
 )
 from controller.db.sql import chunks, from_row
+from controller.rollouts.faults import MALFORMED_STATE, DeviceFault
 from controller.rollouts.records import LIVE_STATES, WATCHED, RolloutDeviceInfo
 
 
@@ -113,6 +114,7 @@ _ASSIGN = _pair_update(
     updated_at="now",
 )
 _ROLLBACK = _pair_update(status="status", rollback_rev="rev", updated_at="now")
+_FAIL = _pair_update(status="failed_status", reason="reason", finished_at="now", updated_at="now")
 _NOTE = _pair_update(reason="reason", updated_at="now")
 
 
@@ -127,6 +129,12 @@ def update_executions(
 def mark_assigned(conn: Connection, rollout_id: int, rows: Sequence[Mapping[str, Any]]) -> None:
     """dicts with device_id, stream, rev, previous_model, previous_ref, stale_outcome, now."""
     _update_pairs(conn, _ASSIGN, rollout_id, [{**r, "queued_status": "queued"} for r in rows])
+
+
+def mark_failed(conn: Connection, rollout_id: int, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Fail executions the engine could not assign (``controller.rollouts.faults``): dicts
+    with device_id, stream, reason, now. Nothing was written for them: no rev, no rollback."""
+    _update_pairs(conn, _FAIL, rollout_id, [{**r, "failed_status": "failed"} for r in rows])
 
 
 def mark_rolled_back(conn: Connection, rollout_id: int, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -189,8 +197,14 @@ class Execution:
         return self.evidence
 
 
-def executions_to_watch(conn: Connection, rollout_id: int) -> list[Execution]:
-    """Assigned executions still watched (queued, in progress, succeeded) with their reports."""
+def executions_to_watch(
+    conn: Connection, rollout_id: int, faults: list[tuple[str, str, DeviceFault]] | None = None
+) -> list[Execution]:
+    """Assigned executions still watched (queued, in progress, succeeded) with their reports.
+
+    A row whose stored or reported state has the wrong shape (only a database written by
+    something else can hold one) is left out and, given ``faults``, added there as
+    (device, stream, DeviceFault)."""
     rd, ds = rollout_devices, device_streams
     query = (
         select(
@@ -217,29 +231,60 @@ def executions_to_watch(conn: Connection, rollout_id: int) -> list[Execution]:
         .outerjoin(ds, and_(ds.c.device_id == rd.c.device_id, ds.c.name == rd.c.stream))
         .where(rd.c.rollout_id == rollout_id, rd.c.status.in_(WATCHED))
     )
-    return [
-        Execution(
-            device_id=r.device_id,
-            stream=r.stream,
-            stage=r.stage,
-            status=r.status,
-            phase=r.phase,
-            reason=r.reason,
-            rev=int(r.rev),
-            assigned_at=float(r.assigned_at),
-            finished_at=r.finished_at,
-            reported_rev=r.desired_rev,
-            report_phase=r.r_phase,
-            report_active=r.active_model,
-            report_target=r.target,
-            report_reason=r.r_reason,
-            has_report=r.r_name is not None,
-            stale_outcome=dict(r.stale_outcome) if r.stale_outcome else None,
-            report_gate=dict(r.r_gate) if r.r_gate else None,
-            evidence=dict(r.evidence) if r.evidence else None,
-        )
-        for r in conn.execute(query)
-    ]
+    out = []
+    for r in conn.execute(query):
+        try:
+            out.append(_execution(r))
+        except DeviceFault as fault:
+            if faults is not None:
+                faults.append((r.device_id, r.stream, fault))
+    return out
+
+
+_SHAPES: tuple[tuple[str, str, tuple[type, ...]], ...] = (
+    ("rev", "assigned desired rev", (int,)),
+    ("assigned_at", "assignment time", (int, float)),
+    ("desired_rev", "reported desired_rev", (int, type(None))),
+    ("r_phase", "reported phase", (str, type(None))),
+    ("active_model", "reported active model", (str, type(None))),
+    ("target", "reported target", (str, type(None))),
+    ("r_reason", "reported reason", (str, type(None))),
+    ("stale_outcome", "stale outcome", (dict, type(None))),
+    ("r_gate", "reported gate evidence", (dict, type(None))),
+    ("evidence", "kept gate evidence", (dict, type(None))),
+)
+
+
+def _execution(r: Any) -> Execution:
+    """An Execution of a watched row; DeviceFault when a value has the wrong type."""
+    for column, what, types in _SHAPES:
+        value = getattr(r, column)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise DeviceFault(
+                MALFORMED_STATE,
+                f"device {r.device_id}'s {what} for stream {r.stream!r} is {value!r:.80}, not "
+                f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}",
+            )
+    return Execution(
+        device_id=r.device_id,
+        stream=r.stream,
+        stage=r.stage,
+        status=r.status,
+        phase=r.phase,
+        reason=r.reason,
+        rev=int(r.rev),
+        assigned_at=float(r.assigned_at),
+        finished_at=r.finished_at,
+        reported_rev=r.desired_rev,
+        report_phase=r.r_phase,
+        report_active=r.active_model,
+        report_target=r.target,
+        report_reason=r.r_reason,
+        has_report=r.r_name is not None,
+        stale_outcome=dict(r.stale_outcome) if r.stale_outcome else None,
+        report_gate=dict(r.r_gate) if r.r_gate else None,
+        evidence=dict(r.evidence) if r.evidence else None,
+    )
 
 
 def stream_reports(
@@ -332,7 +377,9 @@ def recent_telemetry(
         if until is not None:
             query = query.where(telemetry.c.ts < until)
         for device_id, ts, streams in conn.execute(query):
-            out[device_id].append((float(ts), list(streams or [])))
+            # A malformed sample (not a list of stream objects) is no evidence: the health
+            # comparison skips what it cannot read.
+            out[device_id].append((float(ts), list(streams) if isinstance(streams, list) else []))
     return out
 
 

@@ -14,6 +14,7 @@ The engine (``RolloutEngine._health_check``) reads the rows; everything here is 
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -76,19 +77,19 @@ def stream_health(
         e
         for ts, streams in samples
         if ts >= since and (until is None or ts < until)
-        for e in streams
-        if e.get("name") == stream
+        for e in (streams if isinstance(streams, list) else ())
+        if isinstance(e, Mapping) and e.get("name") == stream
     ]
     if len(entries) < min_samples:
         return None
-    latencies = [float(e["infer_ms_p95"]) for e in entries if e.get("infer_ms_p95") is not None]
-    fps = [float(e["fps"]) for e in entries if e.get("fps") is not None]
+    latencies = [v for e in entries if (v := _number(e, "infer_ms_p95")) is not None]
+    fps = [v for e in entries if (v := _number(e, "fps")) is not None]
     errors = frames = 0.0
     for a, b in itertools.pairwise(entries):
-        de = float(b.get("errors", 0)) - float(a.get("errors", 0))
-        df = float(b.get("frames_processed", 0)) - float(a.get("frames_processed", 0))
+        de = (_number(b, "errors") or 0.0) - (_number(a, "errors") or 0.0)
+        df = (_number(b, "frames_processed") or 0.0) - (_number(a, "frames_processed") or 0.0)
         if de < 0 or df < 0:  # the agent restarted: its counters started again from zero
-            de, df = float(b.get("errors", 0)), float(b.get("frames_processed", 0))
+            de, df = _number(b, "errors") or 0.0, _number(b, "frames_processed") or 0.0
         errors += de
         frames += df
     return StreamHealth(
@@ -97,6 +98,15 @@ def stream_health(
         error_rate=errors / (frames + errors) if frames + errors > 0 else None,
         samples=len(entries),
     )
+
+
+def _number(entry: Mapping[str, Any], key: str) -> float | None:
+    """A finite number of a telemetry entry; None when absent or not one (a malformed
+    sample in the database is no evidence, and one device's must not stop the check)."""
+    value = entry.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 # --- windows ------------------------------------------------------------------------------

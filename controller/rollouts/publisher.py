@@ -23,7 +23,8 @@ from controller.rollouts.desired import (
     mark_published,
     unpublished_desired,
 )
-from protocol import Desired, ModelRef, desired_topic, encode
+from protocol import Desired, ModelRef, ProtocolError, desired_topic, encode_checked
+from protocol.limits import MAX_SAFE_INT
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ PublishFn = Callable[[Sequence[tuple[str, bytes]]], list[bool]]
 
 
 def desired_message(row: DesiredRow) -> Desired:
+    """The retained message of a desired state; ValueError/ValidationError if it has none."""
+    if not 1 <= row.rev <= MAX_SAFE_INT:
+        raise ValueError(f"rev {row.rev} is outside 1..{MAX_SAFE_INT} (not JSON-safe)")
     return Desired(
         schema=1,
         rev=row.rev,
@@ -55,46 +59,54 @@ class DesiredPublisher:
         self.batch_size = batch_size
         self.published = 0
         """Messages acknowledged since start (for tests and the benchmark)."""
+        self._reported: set[tuple[str, int | None]] = set()
 
     def publish_pending(self) -> int:
         """Publish unpublished desired states until none is left or one is not acknowledged;
-        returns how many were acknowledged."""
+        returns how many were acknowledged. A malformed row (one device's) is skipped, logged
+        once, and left unpublished: it never holds up the others."""
         done = 0
+        after: tuple[float, str] | None = None
         while True:
             with self.db.connect() as conn:
-                rows = unpublished_desired(conn, limit=self.batch_size)
-            if not rows:
+                page = unpublished_desired(conn, limit=self.batch_size, after=after)
+            if page.last is None:
                 return done
-            messages = []
-            for row in rows:
+            after = page.last
+            for device_id, fault in page.faults.items():
+                self._invalid(device_id, None, fault.reason)
+            rows, messages = [], []
+            for row in page.rows:
                 try:
-                    messages.append((desired_topic(row.device_id), encode(desired_message(row))))
-                except (msgspec.ValidationError, ValueError) as err:  # never written by the engine
-                    log.error(
-                        "desired state of %s rev %d is invalid: %s", row.device_id, row.rev, err
-                    )
-                    messages.append(("", b""))
-            acks = self.publish([m for m in messages if m[0]])
-            it = iter(acks)
-            acked = [
-                (row.device_id, row.rev)
-                for row, (topic, _) in zip(rows, messages, strict=True)
-                if topic and next(it)
-            ]
+                    payload = encode_checked(desired_message(row))
+                    messages.append((desired_topic(row.device_id), payload))
+                # never written by the engine: a row edited by hand, a bound it cannot meet
+                except (msgspec.ValidationError, ValueError, ProtocolError) as err:
+                    self._invalid(row.device_id, row.rev, str(err))
+                    continue
+                rows.append(row)
+            acks = self.publish(messages) if messages else []
+            acked = [(row.device_id, row.rev) for row, ok in zip(rows, acks, strict=True) if ok]
             with self.db.begin() as conn:
                 mark_published(conn, acked, now=self.clock())
             done += len(acked)
             self.published += len(acked)
             if len(acked) < len(rows):
-                missing = len(rows) - len(acked)
                 log.warning(
                     "%d desired state(s) not acknowledged by the MQTT broker; publishing them again "
                     "on the next pass",
-                    missing,
+                    len(rows) - len(acked),
                 )
                 return done
-            if len(rows) < self.batch_size:
+            if page.size < self.batch_size:
                 return done
+
+    def _invalid(self, device_id: str, rev: int | None, why: str) -> None:
+        if (device_id, rev) not in self._reported:
+            self._reported.add((device_id, rev))
+            log.error(
+                "desired state of %s (rev %s) is invalid, not published: %s", device_id, rev, why
+            )
 
     def republish_all(self) -> int:
         """Mark every desired state unpublished (after a connect without a broker session,

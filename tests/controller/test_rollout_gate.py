@@ -187,7 +187,7 @@ def test_api_refuses_bad_gates_with_422_naming_the_field_and_the_range(
 ) -> None:
     resp = operator.post("/api/v1/rollouts", json={**BODY, "gate": bad})
     assert resp.status_code == 422, resp.text
-    errors = resp.json()["detail"]
+    errors = resp.json()["errors"]
     assert len(errors) == 1
     assert errors[0]["loc"] == ["body", "gate", *([field] if field else [])]
     assert message in errors[0]["msg"]
