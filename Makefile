@@ -38,18 +38,43 @@ $(VENV)/.dev: pyproject.toml | $(PY)
 install-runtime: $(VENV)/.runtime
 install-dev: $(VENV)/.dev .venv-tflite/.done
 
+# $(call apt_install_no_service,PACKAGES,SERVICES): install Debian packages without starting
+# or enabling the services they ship (make test leaves the machine's services as it found
+# them). /usr/sbin/policy-rc.d exiting 101 forbids starting any service during the install
+# (one already there is set aside and put back), and SERVICES are disabled afterwards
+# (systemctl edits the unit links even where systemd is not running).
+POLICY_RC_D ?= /usr/sbin/policy-rc.d
+define apt_install_no_service
+$(SUDO) sh -c 'p=$(POLICY_RC_D); \
+	[ ! -e $$p ] || mv $$p $$p.edgefleet-saved; \
+	printf "#!/bin/sh\nexit 101\n" >$$p && chmod 755 $$p; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1); rc=$$?; \
+	rm -f $$p; [ ! -e $$p.edgefleet-saved ] || mv $$p.edgefleet-saved $$p; \
+	for s in $(2); do systemctl disable --now $$s >/dev/null 2>&1 \
+		|| systemctl disable $$s >/dev/null 2>&1 || true; done; exit $$rc'
+endef
+
 mosquitto:
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
-		echo "Installing Mosquitto (Debian package): the embedded broker and the tests use it"; \
-		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; }
+		echo "Installing Mosquitto (Debian package; its system service is left disabled):" \
+			"the embedded broker and the tests use it"; \
+		$(call apt_install_no_service,mosquitto,mosquitto); }
 
-# promtool (Debian package prometheus) checks packaging/prometheus/alerts.yml in the tests.
-promtool:
-	@command -v promtool >/dev/null 2>&1 || { \
-		echo "Installing promtool (Debian package prometheus, without its recommends)"; \
-		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq --no-install-recommends prometheus \
-		|| echo "promtool could not be installed; the alert-rule checks will say so"; }
+# promtool checks packaging/prometheus/alerts.yml in the tests. Only its binary is taken out
+# of the Debian package prometheus (apt-get download, dpkg-deb -x) into $(PROMTOOL_DIR):
+# nothing is installed system-wide and no Prometheus server is enabled or started.
+# make pytest puts $(PROMTOOL_DIR) first on PATH; tests/test_observability_files.py looks there.
+PROMTOOL_DIR := $(VENV)/tools
+promtool: $(PROMTOOL_DIR)/promtool
+
+$(PROMTOOL_DIR)/promtool:
+	@echo "Fetching promtool (the binary only, out of the Debian package prometheus)"
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	{ (cd "$$tmp" && apt-get download -qq prometheus) >/dev/null 2>&1 \
+		|| { $(SUDO) apt-get update -qq && (cd "$$tmp" && apt-get download -qq prometheus); }; } && \
+	dpkg-deb -x "$$tmp"/prometheus_*.deb "$$tmp/root" && mkdir -p $(@D) && \
+	install -m 755 "$$tmp/root/usr/bin/promtool" $@ \
+	|| echo "promtool could not be fetched; the alert-rule checks will say so"
 
 # GStreamer's RTSP server with the system python3's GObject bindings: tests/rtsp_server.py
 # serves the shipped video over RTSP to real agents (tests/test_agent_stop_rtsp.py).
@@ -76,7 +101,7 @@ typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy protocol common inference agent controller tools tests bench
 
 pytest: install-dev mosquitto promtool rtsp-deps
-	PATH="$$PATH:/usr/sbin" $(VENV)/bin/pytest $(PYTEST_ARGS)
+	PATH="$(abspath $(PROMTOOL_DIR)):$$PATH:/usr/sbin" $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: install-dev mosquitto promtool rtsp-deps lint typecheck pytest
 

@@ -174,8 +174,9 @@ def open_capture(
         path = Path(spec.path)
         if not path.exists():
             raise SourceError(
-                f"cannot open video file {spec.path}: it does not exist; check the stream's "
-                "`source` path (relative paths are resolved from the agent's working directory)"
+                f"cannot open video file {path.absolute()}: it does not exist; check the "
+                "stream's `source` (a relative path in the config file is resolved from the "
+                "config file's folder)"
             )
         if not path.is_file():
             raise SourceError(f"cannot open video file {spec.path}: it is not a regular file")

@@ -124,12 +124,16 @@ def run(ctx: click.Context, config_path: Path) -> None:
 @click.pass_context
 def check_config(ctx: click.Context, config_path: Path) -> None:
     """Validate a config file and the models it names; exit 2 on the first problem."""
-    from agent.config import deprecations, load_config, resolve_model
+    from agent.config import check_sources, deprecations, load_config, resolve_model
+    from agent.errors import ConfigError
     from agent.ota.bundle import key_id, load_trusted_keys
     from inference.detector import load_detector
 
     try:
         loaded = load_config(config_path)
+        problems, source_warnings = check_sources(loaded)
+        if problems:
+            raise ConfigError(f"{config_path}: " + f"\n{config_path}: ".join(problems))
         base = config_path.resolve().parent
         for s in loaded.config.streams:
             detector = load_detector(resolve_model(s.model, base), backend=s.backend, threads=1)
@@ -145,7 +149,7 @@ def check_config(ctx: click.Context, config_path: Path) -> None:
             click.echo(f"ota: trusted keys {', '.join(key_id(k) for k in keys)}")
         else:
             click.secho("ota: no trusted_keys: every model update will be refused", fg="yellow")
-        for warning in deprecations(loaded.config):
+        for warning in [*source_warnings, *deprecations(loaded.config)]:
             click.secho(f"warning: {warning}", fg="yellow")
     except (AgentError, InferenceError) as err:
         _fail(err, ctx.obj["verbose"])
@@ -153,7 +157,13 @@ def check_config(ctx: click.Context, config_path: Path) -> None:
 
 
 @main.command()
-@click.option("-m", "--model", required=True, help="Model manifest (.json) or builtin:NAME.")
+@click.option(
+    "-m",
+    "--model",
+    required=True,
+    help="Model manifest (.json), a model file (.tflite/.onnx) with its manifest beside it, "
+    "or builtin:NAME.",
+)
 @click.argument("sources", nargs=-1, required=True)
 @click.option(
     "--jsonl",

@@ -344,3 +344,53 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
                 "'model' at a manifest .json or use builtin:blazeface-short-int8"
             )
     return loaded
+
+
+def source_uri(loaded: LoadedConfig, source: str) -> str:
+    """A stream's source as the agent opens it: a relative video file path resolved against
+    the config file's folder (``agent.app`` does the same); cameras and URLs as written."""
+    if "://" in source or source.isdigit() or source.startswith(("v4l2:", "/dev/")):
+        return source
+    return str(loaded.resolve(source))
+
+
+def check_sources(loaded: LoadedConfig) -> tuple[list[str], list[str]]:
+    """``(errors, warnings)`` about the streams' sources on this machine (``check-config``).
+
+    A video file that does not exist is an error. A camera device that does not exist is a
+    warning: a USB camera may be plugged in later, and the agent keeps retrying it. Network
+    streams are not contacted; a malformed source raises :class:`~agent.errors.SourceError`.
+    """
+    import sys
+
+    from agent.capture import parse_source
+
+    folder = loaded.path.parent if loaded.path else Path.cwd()
+    errors: list[str] = []
+    warnings: list[str] = []
+    for s in loaded.config.streams:
+        spec = parse_source(source_uri(loaded, s.source))
+        if spec.kind == "file" and spec.path is not None:
+            path = Path(spec.path)
+            relative = (
+                ""
+                if Path(s.source).expanduser().is_absolute()
+                else (
+                    f" (the relative source {s.source!r} is resolved from the config file's "
+                    f"folder {folder})"
+                )
+            )
+            if not path.exists():
+                errors.append(
+                    f"stream {s.name!r}: video file {path} does not exist{relative}; fix "
+                    "the stream's `source`"
+                )
+            elif not path.is_file():
+                errors.append(f"stream {s.name!r}: video file {path} is not a regular file")
+        node = spec.device_path
+        if node is not None and sys.platform.startswith("linux") and not Path(node).exists():
+            warnings.append(
+                f"stream {s.name!r}: camera {node} does not exist now; the agent keeps "
+                "retrying until it appears (list cameras with `v4l2-ctl --list-devices`)"
+            )
+    return errors, warnings

@@ -8,12 +8,21 @@ binary started as a child process with a generated config: password authenticati
 its files under ``{data_dir}/broker``. Production points ``broker.url`` at Mosquitto/EMQX
 instead (``packaging/mosquitto``).
 
-One trust domain: the controller and every agent log in with the same username and password
-and there is no ACL, so any client holding that password can already publish any device's
-state or desired state. Binding client ids to usernames (``use_username_as_clientid``, what
-the shipped config does against session takeover) would make all of them, the controller
-included, disconnect each other here; per-device credentials and ACLs need the shipped
-config (packaging/mosquitto/README.md).
+Users: the controller's own login (``embedded_broker.username``, its password generated
+once) and one login per enrolled device (``edgefleet devices enroll``: username = device
+id, the hashes come from the database through ``device_users``). The password file is
+rewritten on every start and by :meth:`EmbeddedBroker.refresh_users`, which reloads the
+broker (SIGHUP). Device users get the ACL patterns of ``packaging/mosquitto/acl``
+(:data:`DEVICE_ACL`): each device publishes only its own topics and reads only its own
+desired state. The controller's login keeps read/write on ``edgefleet/v1/#`` because agents
+set up before enrolment (and ``tools/demo.py``) still log in with it; for the same reason
+``use_username_as_clientid`` stays off here (agents sharing one username would disconnect
+each other and the controller); the shipped config has it (packaging/mosquitto/README.md).
+
+When ``port_fallback`` is set (the port was not configured explicitly) and the default
+port is taken — typically by a system Mosquitto on 1883 — the broker takes a free port,
+remembered in ``{workdir}/port`` so that agents configured with it reconnect after a
+restart, and logs which one.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +57,18 @@ MAX_PACKET_SIZE = BROKER_MESSAGE_SIZE_LIMIT + PACKET_HEADROOM
 the largest edgefleet message goes through, a larger packet is dropped and its sender
 disconnected. (Mosquitto 2.0 asks to replace ``message_size_limit``, the payload-only limit,
 with this whole-packet one.)"""
+
+DEFAULT_PORT = 1883
+DEVICE_ACL = (
+    "pattern write edgefleet/v1/%u/status",
+    "pattern write edgefleet/v1/%u/telemetry",
+    "pattern write edgefleet/v1/%u/reported",
+    "pattern write edgefleet/v1/%u/events",
+    "pattern write edgefleet/v1/%u/detections/#",
+    "pattern read edgefleet/v1/%u/desired",
+    "pattern write homeassistant/+/%u/+/config",
+)
+"""What an enrolled device may do: the patterns of ``packaging/mosquitto/acl``."""
 
 _PR_SET_PDEATHSIG = 1
 _SEARCH = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
@@ -83,6 +105,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def port_configured(config_file: Path | None) -> bool:
+    """Whether the controller's config file sets ``embedded_broker.port`` itself."""
+    if config_file is None:
+        return False
+    from protocol.config_file import ConfigSource, parse_toml
+    from protocol.errors import ProtocolError
+
+    try:
+        raw = parse_toml(ConfigSource(str(config_file), config_file.read_text(encoding="utf-8")))
+    except (OSError, ProtocolError):
+        return True  # the config loader has read it; if in doubt, treat it as explicit
+    table = raw.get("embedded_broker")
+    return isinstance(table, dict) and "port" in table
+
+
 def _die_with_parent() -> Callable[[], None] | None:
     """Linux: the broker gets SIGTERM when the controller dies, even by SIGKILL."""
     if not sys.platform.startswith("linux"):
@@ -116,8 +153,15 @@ class EmbeddedBroker:
         username: str = "edgefleet",
         password: str | None = None,
         mosquitto: str | None = None,
+        port_fallback: bool = False,
+        device_users: Callable[[], list[tuple[str, str]]] | None = None,
     ) -> None:
+        """``port_fallback``: take a free port when ``port`` is taken (it was not configured
+        explicitly); ``device_users``: the enrolled devices' (username, password hash)."""
         self.workdir = workdir
+        self.port_fallback = port_fallback
+        self._device_users = device_users
+        self._users_lock = threading.Lock()  # API requests rewrite the password file
         self.host = host
         self.port = port
         self.username = username
@@ -154,10 +198,16 @@ class EmbeddedBroker:
     def _write_config(self) -> Path:
         persist = self.workdir / "persist"
         persist.mkdir(parents=True, exist_ok=True)
-        passwd = self.workdir / "passwd"
-        fd = os.open(passwd, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(f"{self.username}:{password_hash(self.password)}\n")
+        passwd = self._write_users()
+        acl = self.workdir / "acl"
+        rules = [
+            "# Written by the edgefleet controller on every start; edits are overwritten.",
+            *DEVICE_ACL,
+            f"user {self.username}",
+            "topic readwrite edgefleet/v1/#",
+            "topic readwrite homeassistant/#",
+        ]
+        acl.write_text("\n".join(rules) + "\n", encoding="utf-8")
         conf = self.workdir / "mosquitto.conf"
         lines = [
             "# Written by the edgefleet controller on every start; edits are overwritten.",
@@ -165,6 +215,7 @@ class EmbeddedBroker:
             f"listener {self.port} {self.host}",
             "allow_anonymous false",
             f"password_file {passwd}",
+            f"acl_file {acl}",
             "persistence true",
             f"persistence_location {persist}/",
             "autosave_interval 30",
@@ -194,14 +245,7 @@ class EmbeddedBroker:
         """
         exe = find_mosquitto(self._mosquitto)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.port == 0:
-            self.port = free_port(self.host)
-        elif _port_in_use(self.host if self.host != "0.0.0.0" else "127.0.0.1", self.port):  # noqa: S104
-            raise BrokerError(
-                f"port {self.port} on {self.host} is already in use (another MQTT broker?): "
-                "pass --mqtt-port 0 (any free port) or set embedded_broker.port, or point "
-                "broker.url at that broker"
-            )
+        self._choose_port()
         conf = self._write_config()
         log.info(
             "starting the embedded MQTT broker (mosquitto %s; amqtt cannot serve MQTT v5 clients)",
@@ -229,6 +273,57 @@ class EmbeddedBroker:
             time.sleep(0.05)
         self.stop()
         raise BrokerError(f"the embedded mosquitto did not listen on {self.url} within {timeout}s")
+
+    def _choose_port(self) -> None:
+        probe = self.host if self.host != "0.0.0.0" else "127.0.0.1"  # noqa: S104
+        if self.port == 0:
+            self.port = free_port(self.host)
+            return
+        if not _port_in_use(probe, self.port):
+            return
+        if not self.port_fallback:
+            raise BrokerError(
+                f"port {self.port} on {self.host} is already in use (another MQTT broker?): "
+                "pass --mqtt-port 0 (any free port) or set embedded_broker.port, or point "
+                "broker.url at that broker"
+            )
+        taken, remembered = self.port, self.workdir / "port"
+        try:
+            last = int(remembered.read_text(encoding="utf-8").strip())
+        except (OSError, ValueError):
+            last = 0
+        self.port = last if last and not _port_in_use(probe, last) else free_port(self.host)
+        remembered.write_text(f"{self.port}\n", encoding="utf-8")
+        log.warning(
+            "port %d on %s is taken (another MQTT broker?): the embedded MQTT broker uses port "
+            "%d instead (kept for the next start); set embedded_broker.port or --mqtt-port to "
+            "choose one",
+            taken,
+            self.host,
+            self.port,
+        )
+
+    def _write_users(self) -> Path:
+        """The password file: the controller's login and every enrolled device's."""
+        users = [(self.username, password_hash(self.password))]
+        if self._device_users is not None:
+            users += [(u, h) for u, h in self._device_users() if u != self.username]
+        passwd = self.workdir / "passwd"
+        tmp = passwd.with_name("passwd.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(f"{u}:{h}\n" for u, h in users))
+        tmp.replace(passwd)
+        return passwd
+
+    def refresh_users(self) -> None:
+        """Rewrite the password file from ``device_users`` and make mosquitto reread it."""
+        with self._users_lock:
+            self._write_users()
+            proc = self.proc
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
+                log.info("embedded MQTT broker reloaded its users")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

@@ -286,6 +286,15 @@ class ControllerClient:
 
     # --- rollouts -------------------------------------------------------------------------
 
+    def create_credentials(self, device_id: str) -> dict[str, Any]:
+        """Enrol ``device_id`` on the embedded broker: a new password, broker URL, keys."""
+        result: dict[str, Any] = self._request("POST", f"/api/v1/devices/{device_id}/credentials")
+        return result
+
+    def revoke_credentials(self, device_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("DELETE", f"/api/v1/devices/{device_id}/credentials")
+        return result
+
     def create_rollout(self, body: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self._request("POST", "/api/v1/rollouts", json=body)
         return result

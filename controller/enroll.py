@@ -76,8 +76,10 @@ def agent_config(
     key_file: str | None = None,
     state_dir: str = "/var/lib/edgefleet",
     source: str = DEFAULT_SOURCE,
+    trusted_keys: list[str] | None = None,
 ) -> str:
-    """The agent's TOML config for ``device_id`` with the given broker credentials."""
+    """The agent's TOML config for ``device_id`` with the given broker credentials
+    (and ``[ota] trusted_keys``, the controller's signing keys, when given)."""
     broker = [f"url = {_q(broker_url)}"]
     for key, value in (
         ("username", username),
@@ -88,14 +90,16 @@ def agent_config(
     ):
         if value is not None:
             broker.append(f"{key} = {_q(value)}")
+    ota = ""
+    if trusted_keys:
+        ota = f"\n[ota]\ntrusted_keys = [{', '.join(_q(k) for k in trusted_keys)}]\n"
     return (
         "# edgefleet agent configuration written by `edgefleet devices enroll`.\n"
         "# Validate with:  edgefleet-agent check-config FILE\n"
         "config_version = 1\n"
         f"device_id = {_q(device_id)}\n"
         f"state_dir = {_q(state_dir)}\n"
-        "\n[broker]\n" + "\n".join(broker) + "\n"
-        "\n[[streams]]\n"
+        "\n[broker]\n" + "\n".join(broker) + "\n" + ota + "\n[[streams]]\n"
         'name = "front"\n'
         f"source = {_q(source)}\n"
         f"model = {_q(DEFAULT_MODEL)}\n"

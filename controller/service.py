@@ -20,11 +20,13 @@ from typing import Any
 
 from controller.api import create_app
 from controller.api.auth import AuthLimiter
+from controller.api.credentials import EnrolmentTarget
 from controller.blobstore import hosting_from_config
-from controller.broker import EmbeddedBroker
+from controller.broker import DEFAULT_PORT, EmbeddedBroker, port_configured
 from controller.config import ControllerConfig, LoadedConfig, convert_config
 from controller.db.session import Database
 from controller.errors import ConfigError, ControllerError
+from controller.fleet.credentials import broker_users
 from controller.fleet.retention import RetentionResult, apply_retention
 from controller.fleet.tokens import create_token, revoke_tokens_named
 from controller.ingest.decode import INGESTED_KINDS
@@ -94,7 +96,15 @@ class Controller:
     """Database + migrations, (embedded) broker, MQTT ingestion, retention job, rollouts
     (engine + desired-state publisher), HTTP API."""
 
-    def __init__(self, loaded: LoadedConfig, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        mqtt_port_explicit: bool = False,
+    ) -> None:
+        """``mqtt_port_explicit``: the embedded broker's port came from the command line
+        (a taken port is then an error, not a reason to take a free one)."""
         self.loaded = loaded
         cfg = loaded.config
         self.config = cfg
@@ -121,6 +131,10 @@ class Controller:
                 username=eb.username,
                 password=eb.password,
                 mosquitto=eb.mosquitto,
+                port_fallback=eb.port == DEFAULT_PORT
+                and not mqtt_port_explicit
+                and not port_configured(loaded.path),
+                device_users=self._device_users,
             )
         self.app = create_app(
             db=self.db,
@@ -131,6 +145,11 @@ class Controller:
             ),
         )
         self.app.state.models = hosting_from_config(loaded)
+        self.app.state.enrolment = EnrolmentTarget(
+            broker_url=lambda: self.broker.url if self.broker.embedded else None,
+            reload=self._reload_broker_users,
+            trusted_keys=[loaded.resolve(k) for k in cfg.models.trusted_keys],
+        )
         self.rollout_engine = RolloutEngine(self.db, base_url=self._rollout_base_url, clock=clock)
         self.rollouts: RolloutRunner | None = None
         if cfg.rollouts.enabled:
@@ -204,6 +223,7 @@ class Controller:
                 f"  agents connect with: url = {b.url!r}, username = {b.username!r}, "
                 f"password {where}",
                 f"  (agent config snippet with the password: {broker_dir / 'agent.toml'})",
+                "  a device's own login and agent config: edgefleet devices enroll DEVICE_ID",
             ]
         else:
             lines.append(f"  MQTT broker: {b.url}")
@@ -326,6 +346,14 @@ class Controller:
         self._started = False
 
     # --- parts ------------------------------------------------------------------------
+
+    def _device_users(self) -> list[tuple[str, str]]:
+        with self.db.begin() as conn:
+            return broker_users(conn)
+
+    def _reload_broker_users(self) -> None:
+        if self.embedded_broker is not None:
+            self.embedded_broker.refresh_users()
 
     def _mqtt_settings(self) -> MqttSettings:
         b = self.config.broker

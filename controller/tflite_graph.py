@@ -426,8 +426,11 @@ def _interpreter_facts(data: bytes, runs: int) -> tuple[int | None, float | None
     try:
         from ai_edge_litert.interpreter import Interpreter
 
-        interp = Interpreter(model_content=data, num_threads=1)
-        interp.allocate_tensors()
+        from inference.backends.native_log import quiet_native_stderr
+
+        with quiet_native_stderr():
+            interp = Interpreter(model_content=data, num_threads=1)
+            interp.allocate_tensors()
         partitions = sum(1 for d in interp._get_ops_details() if d.get("op_name") == "DELEGATE")
         detail = interp.get_input_details()[0]
         interp.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))

@@ -1,6 +1,7 @@
 """A loaded model bundle: manifest + backend + preprocessor + decoder.
 
-``load_detector(manifest_path)`` reads and checks the manifest and the model file,
+``load_detector(manifest_path)`` reads and checks the manifest and the model file (a model
+file's path stands for the manifest beside it, see :func:`inference.models.manifest_for`),
 loads the model with the manifest's runtime (or the one asked for) and returns a
 ``Detector``:
 
@@ -26,6 +27,7 @@ import numpy.typing as npt
 from inference.backends import Backend, create_backend, model_family
 from inference.decoders import Decoder, make_decoder
 from inference.errors import ModelError
+from inference.models import manifest_for
 from inference.preprocess import Prepared, Preprocessor
 from protocol import Detection, Manifest, ProtocolError, decode_manifest
 
@@ -139,7 +141,9 @@ class _LazyOutputs:
 
 
 def read_manifest(manifest_path: Path) -> Manifest:
-    """Read and strictly check a model manifest; ModelError naming the file otherwise."""
+    """Read and strictly check a model manifest (or the manifest beside a model file);
+    ModelError naming the file otherwise."""
+    manifest_path = manifest_for(Path(manifest_path))
     try:
         data = manifest_path.read_bytes()
     except FileNotFoundError as err:
@@ -204,13 +208,13 @@ def load_detector(
     min_score: float | None = None,
     verify: bool = False,
 ) -> Detector:
-    """Load the model bundle described by ``manifest_path``.
+    """Load the model bundle described by ``manifest_path`` (or a model file's manifest).
 
     ``backend`` defaults to the manifest's runtime (``litert`` and ``tflite`` can stand in
     for each other); ``min_score`` defaults to the manifest's; ``verify`` also checks the
     sha256 of every file the manifest lists (sizes are always checked).
     """
-    manifest_path = Path(manifest_path)
+    manifest_path = manifest_for(Path(manifest_path))
     manifest = read_manifest(manifest_path)
     folder = manifest_path.parent
     _check_files(manifest, manifest_path, verify=verify)

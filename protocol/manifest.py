@@ -7,8 +7,9 @@ bundle format adds golden samples, a latency budget, compatibility and a signatu
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -101,6 +102,35 @@ class Compatibility(_Strict, frozen=True, kw_only=True):
     architectures: list[str] = msgspec.field(default_factory=list)
 
 
+LINEAGE_MAX_ENTRIES = 32
+"""At most this many ``lineage.metrics`` and this many ``lineage.labels``."""
+_TEXT = r"^[^\x00-\x1f\x7f]*$"  # one line, no control characters
+_KEY = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$"
+LineageKey = Annotated[str, msgspec.Meta(pattern=_KEY)]
+
+
+class Lineage(_Strict, frozen=True, kw_only=True):
+    """Where a model came from (``edgefleet model publish``); signed with the manifest."""
+
+    source_commit: (
+        Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=_TEXT)] | None
+    ) = None
+    """The commit the model was built from (any VCS id, max 128 characters)."""
+    training_data: (
+        Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=_TEXT)] | None
+    ) = None
+    """The training data set: a URI, a name or a version (max 512 characters)."""
+    metrics: Annotated[dict[LineageKey, float], msgspec.Meta(max_length=LINEAGE_MAX_ENTRIES)] = (
+        msgspec.field(default_factory=dict)
+    )
+    """Evaluation results, name (max 64 characters) to a finite number, e.g. ``{"map50": 0.71}``."""
+    labels: Annotated[
+        dict[LineageKey, Annotated[str, msgspec.Meta(max_length=256, pattern=_TEXT)]],
+        msgspec.Meta(max_length=LINEAGE_MAX_ENTRIES),
+    ] = msgspec.field(default_factory=dict)
+    """Free-form key (max 64 characters) to value (max 256), e.g. ``{"pipeline": "URL"}``."""
+
+
 class Manifest(_Strict, frozen=True, kw_only=True):
     schema: Literal[1]
     name: str
@@ -117,6 +147,8 @@ class Manifest(_Strict, frozen=True, kw_only=True):
     latency_budget_ms: float | None = None
     compatibility: Compatibility = msgspec.field(default_factory=Compatibility)
     description: str = ""
+    lineage: Lineage | msgspec.UnsetType = msgspec.UNSET
+    """Optional provenance; absent from the encoding (and so from the signed bytes) when unset."""
 
     @property
     def ref(self) -> str:
@@ -144,6 +176,10 @@ def decode_manifest(data: bytes | str) -> Manifest:
         *(g.image for g in manifest.golden),
     ]:
         check_relative_path(rel)
+    if isinstance(manifest.lineage, Lineage):
+        for metric, value in manifest.lineage.metrics.items():
+            if not math.isfinite(value):
+                raise ProtocolError(f"lineage metric {metric!r} is {value}: use a finite number")
     if manifest.files and manifest.model not in {f.path for f in manifest.files}:
         raise ProtocolError(f"manifest model {manifest.model!r} is not listed in files")
     return manifest

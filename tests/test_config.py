@@ -170,6 +170,7 @@ def test_check_config_loads_the_trusted_keys(tmp_path: Path) -> None:
 
     write_public_key(Ed25519PrivateKey.generate(), tmp_path / "signing.pub")
     (tmp_path / "bad.pub").write_text("not a key")
+    (tmp_path / "video.mp4").write_bytes(b"")  # GOOD's source: check-config checks it exists
     path = tmp_path / "agent.toml"
     for keys, code, fragment in [
         ('["signing.pub"]', 0, "ota: trusted keys "),

@@ -47,7 +47,10 @@ def test_demo_tells_the_rollout_and_the_automatic_rollback(tmp_path: Path) -> No
     # The broken build is refused by the canary's health gate and never reaches the others.
     assert "demo-cam-1 ota.failed [shadow_agreement]" in out
     assert "agrees with the current model on 0.0% of boxes" in out
-    assert "rollout 2 aborted (stage_failed)" in out
+    # The expected abort is the story's success, told as such; `error:` is for real errors.
+    assert "rollout 2 aborted as intended (stage_failed): stage 1: 1 of 1" in out
+    errors = [line for line in out.splitlines() if line.strip().startswith("error:")]
+    assert not errors, errors
     assert "demo-cam-2 now runs blazeface-short-int8@1.1.0" not in out
     assert "demo-cam-3 ota.downloading" not in out.split("Rolling out 1.1.0")[1]
     assert "never reached the others" in out

@@ -345,15 +345,20 @@ def test_dashboard_panels_are_well_formed_and_do_not_overlap() -> None:
         assert topic in titles, f"dashboard has no panel about {topic}"
 
 
+# `make promtool` takes the binary out of the Debian package into .venv/tools (nothing is
+# installed system-wide); a promtool on PATH is used where that folder has none.
+PROMTOOL_LOCAL = REPO / ".venv" / "tools" / "promtool"
+PROMTOOL: str | None = str(PROMTOOL_LOCAL) if PROMTOOL_LOCAL.is_file() else shutil.which("promtool")
+
 needs_promtool = pytest.mark.skipif(
-    shutil.which("promtool") is None, reason="promtool not installed"
+    PROMTOOL is None, reason="promtool not installed: run `make promtool`"
 )
 
 
 def _promtool(*args: str | Path) -> str:
     """Run promtool; assert it succeeded and return its standard output."""
     result = subprocess.run(
-        ["promtool", *map(str, args)], capture_output=True, text=True, timeout=60
+        [str(PROMTOOL), *map(str, args)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout

@@ -219,8 +219,12 @@ class Demo:
         )
         _note(self.must("model", "push", str(bundle)).splitlines()[0])
 
-    def rollout(self, ref: str, *, bake: str) -> tuple[int, int]:
-        """Create a rollout over the whole fleet (canary, then the rest) and watch it."""
+    def rollout(self, ref: str, *, bake: str, expect_abort: bool = False) -> tuple[int, int]:
+        """Create a rollout over the whole fleet (canary, then the rest) and watch it.
+
+        ``expect_abort``: the story wants this rollout aborted, so the watch's report of
+        the abort (``error: rollout N aborted …``, exit 1) is told as the outcome it is;
+        anything else the CLI says keeps its ``error:``."""
         args = (
             "rollout", "create", ref, "--select", "all", "--stages", "1,100%", "--bake", bake,
             "--max-failures", "0%", "--min-executed", "1", "--timeout", "90s", "--json",
@@ -230,10 +234,12 @@ class Demo:
         rid = int(created["id"])
         _note(f"rollout {rid}: stages {created['stages']} of {created['device_count']} devices")
         print(f"   $ edgefleet rollout watch {rid}", flush=True)
-        return rid, self.stream_cli("rollout", "watch", str(rid))
+        aborted = f"error: rollout {rid} aborted " if expect_abort else None
+        return rid, self.stream_cli("rollout", "watch", str(rid), expected_error=aborted)
 
-    def stream_cli(self, *args: str) -> int:
-        """Run the CLI and print its lines as they come (between the live MQTT lines)."""
+    def stream_cli(self, *args: str, expected_error: str | None = None) -> int:
+        """Run the CLI and print its lines as they come (between the live MQTT lines); a
+        line starting with ``expected_error`` is the outcome the story wants, told as such."""
         with subprocess.Popen(
             [sys.executable, "-m", "controller.cli", *args],
             env=self._env(),
@@ -243,7 +249,13 @@ class Demo:
         ) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:
-                print(f"   \033[1m{line.rstrip()}\033[0m", flush=True)
+                text = line.rstrip()
+                if expected_error and text.startswith(expected_error):
+                    rest = text[len(expected_error) :]
+                    text = f"{expected_error[len('error: ') :]}as intended {rest}"
+                    print(f"   \033[1;32m{text}\033[0m", flush=True)
+                    continue
+                print(f"   \033[1m{text}\033[0m", flush=True)
             return proc.wait(300)
 
 
@@ -324,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - the story, st
         )
         demo.publish_bundle(demo.blind_manifest(), "1.1.0", [no_face])
         _say("Rolling out 1.1.0: the canary's health gate should refuse it before it goes live")
-        rid, code = demo.rollout(f"{INT8}@1.1.0", bake="4s")
+        rid, code = demo.rollout(f"{INT8}@1.1.0", bake="4s", expect_abort=True)
         demo.show("rollout", "status", str(rid), "--devices")
         stop.wait(2)
         models = printer.models()

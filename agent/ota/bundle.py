@@ -232,7 +232,7 @@ def _check_members(path: Path, members: list[tarfile.TarInfo]) -> dict[str, tarf
             raise BundleError(
                 "unsafe_member",
                 f"bundle {path} contains {name!r}, a {kind}: only regular files are "
-                "allowed; rebuild the bundle with `edgefleet bundle build`",
+                "allowed; rebuild the bundle with `edgefleet model package`",
             )
         try:
             bundle_format.check_member_name(name)
@@ -260,7 +260,7 @@ def _read_small(
         raise BundleError(
             missing,
             f"bundle {path} has no {name}: only signed bundles are installed; sign it with "
-            "`edgefleet bundle build --key`",
+            "`edgefleet model sign BUNDLE --key signing.key`",
         )
     if member.size > MAX_MANIFEST_BYTES:
         raise BundleError("bad_manifest", f"bundle {path}: {name} is too large")

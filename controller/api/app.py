@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from controller.api import errors
 from controller.api.auth import AuthLimiter
 from controller.api.bodylimit import BodyLimit
+from controller.api.credentials import router as credentials_router
 from controller.api.models import router as models_router
 from controller.api.params import MAX_JSON_BODY_BYTES
 from controller.api.rollouts import router as rollouts_router
@@ -56,6 +57,7 @@ def create_app(
     app.include_router(router)
     app.include_router(models_router)
     app.include_router(rollouts_router)
+    app.include_router(credentials_router)
 
     @app.get("/healthz", tags=["ops"], responses={503: {"model": Health}})
     def healthz(request: Request) -> Response:

@@ -59,6 +59,7 @@ def _model_out(m: registry.ModelInfo) -> ModelOut:
         created_at=m.created_at,
         download_url=bundle_path(m),
         manifest=m.manifest,
+        lineage=m.lineage,
     )
 
 

@@ -206,6 +206,11 @@ class ModelOut(BaseModel):
         description="path of the bundle for devices (carries its own download key; no token needed)"
     )
     manifest: dict[str, Any]
+    lineage: dict[str, Any] | None = Field(
+        default=None,
+        description="the manifest's lineage (source_commit, training_data, metrics, labels); "
+        "null when it has none",
+    )
 
 
 class ModelList(BaseModel):

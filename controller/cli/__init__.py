@@ -23,13 +23,16 @@ from controller.cli import (
     db,
     devices,
     keys,
+    model_init,
     models,
+    publish,
     quantize,
     rollouts,
     security,
     serve,
     tokens,
 )
+from controller.cli.extras import missing_module_message
 from controller.cli.settings import CLI_CONFIG_ENV, CliState, cli_state
 from controller.client import DEFAULT_URL
 from controller.errors import ControllerError
@@ -46,6 +49,15 @@ class _Cli(click.Group):
             if state is not None and state.verbose:
                 traceback.print_exc(file=sys.stderr)
             click.echo(f"error: {err}", err=True)
+            ctx.exit(1)
+        except ImportError as err:  # an optional runtime (cv2, LiteRT, ...) is not installed
+            message = missing_module_message(err)
+            if message is None:
+                raise
+            state = ctx.find_object(CliState)
+            if state is not None and state.verbose:
+                traceback.print_exc(file=sys.stderr)
+            click.echo(f"error: {message}", err=True)
             ctx.exit(1)
 
 
@@ -94,15 +106,19 @@ def main(
     state.ca_file, state.client_cert, state.client_key = ca_file, client_cert, client_key
     if verbose:
         logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO)
+        logging.getLogger("alembic").setLevel(logging.INFO)  # migrations shown only with -v
 
 
 main.add_command(serve.controller)
 main.add_command(db.db)
 main.add_command(tokens.tokens)
 main.add_command(devices.devices)
-devices.devices.add_command(security.devices_enroll)  # local files only
+devices.devices.add_command(security.devices_enroll)  # over the API, or local files
+devices.devices.add_command(security.devices_revoke)  # over the API
 main.add_command(keys.keys)
 main.add_command(models.model)
 models.model.add_command(quantize.model_quantize)  # local files only
+models.model.add_command(model_init.model_init)  # local files only
+models.model.add_command(publish.model_publish)  # package + sign + push, for CI
 main.add_command(security.certs)  # local files only
 main.add_command(rollouts.rollout)  # staged rollouts over the API

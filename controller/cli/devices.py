@@ -1,18 +1,22 @@
 """``edgefleet devices list|show|tag``: devices known to the controller (via the HTTP API).
 
-``devices enroll`` (local files only) is in :mod:`controller.cli.security`.
+``devices enroll`` and ``devices revoke`` (through the API, or local files) are in
+:mod:`controller.cli.security`.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 import click
 
 from controller.cli.options import json_option
-from controller.cli.output import ago, escape, make_console, print_json
+from controller.cli.output import ago, escape, make_console, plural, print_json, uncut_column
 from controller.cli.settings import cli_state
+from controller.errors import ControllerError
+from controller.rollouts.spec import format_duration
 
 
 @click.group()
@@ -57,7 +61,17 @@ def devices_list(
     console = make_console()
     console.print(table)
     online_n = sum(1 for d in found if d["online"])
-    console.print(f"{len(found)} devices, {online_n} online")
+    console.print(f"{plural(len(found), 'device')}, {online_n} online")
+
+
+def _uptime(device: dict[str, Any], now: float) -> str:
+    """Since the agent started (its ``started_at``) until now while the device is online,
+    until it was last seen otherwise; ``-`` when it never said when it started."""
+    started = device["started_at"]
+    if not started:
+        return "-"
+    until = now if device["online"] else device["last_seen"]
+    return format_duration(max(0, round(until - started)))
 
 
 @devices.command("show")
@@ -85,18 +99,22 @@ def devices_show(ctx: click.Context, device_id: str, as_json: bool) -> None:
     console.print(
         f"[bold]{escape(device['id'])}[/]  {state}  agent {escape(device['agent_version'] or '-')}"
     )
-    uptime = (
-        f"{(device['status_ts'] or now) - device['started_at']:.0f}s"
-        if device["started_at"]
-        else "-"
-    )
+    uptime = _uptime(device, now)
     console.print(
         f"first seen {ago(device['first_seen'], now)}, last seen {ago(device['last_seen'], now)}, "
         f"uptime {uptime}, tags: {escape(', '.join(device['tags']) or '-')}, "
         f"desired rev {device['desired_rev'] if device['desired_rev'] is not None else '-'}"
     )
     if device["streams"]:
-        table = Table("STREAM", "SOURCE", "ACTIVE MODEL", "PREVIOUS", "PHASE", "ERROR")
+        problems = [s["error"] or s["reason"] or "" for s in device["streams"]]
+        table = Table(
+            "STREAM",
+            "SOURCE STATE",
+            "ACTIVE MODEL",
+            "PREVIOUS",
+            "PHASE",
+            uncut_column("ERROR", problems),
+        )
         for s in device["streams"]:
             table.add_row(
                 *(
@@ -132,6 +150,18 @@ def devices_show(ctx: click.Context, device_id: str, as_json: bool) -> None:
         )
 
 
+def _check_tag(tag: str) -> None:
+    """The API's tag rule (``controller.api.params.TAG_PATTERN``), said in words here
+    before the request is sent."""
+    from controller.api.params import PATTERN_HINTS, TAG_PATTERN
+
+    if re.fullmatch(TAG_PATTERN, tag):
+        return
+    fixed = re.sub(r"[^A-Za-z0-9_.:-]+", ":", tag).strip(":_.-")[:64]
+    hint = f"; did you mean {fixed}?" if fixed and re.fullmatch(TAG_PATTERN, fixed) else ""
+    raise ControllerError(f"invalid tag {tag!r}: {PATTERN_HINTS[TAG_PATTERN]}{hint}")
+
+
 @devices.command("tag")
 @click.argument("device_id")
 @click.argument("add", nargs=-1)
@@ -145,7 +175,13 @@ def devices_tag(
     remove: tuple[str, ...],
     as_json: bool,
 ) -> None:
-    """Add tags (arguments) and remove tags (-r) of a device; prints its tags."""
+    """Add tags (arguments) and remove tags (-r) of a device; prints its tags.
+
+    A tag is 1-64 letters, digits, '_', '.', ':' or '-', starting with a letter or digit;
+    KEY:VALUE by convention (e.g. site:berlin), which ``rollout create --select
+    tag=site:berlin`` selects."""
+    for tag in add:
+        _check_tag(tag)
     with cli_state(ctx).client() as client:
         if add or remove:
             result = client.change_tags(device_id, add=list(add), remove=list(remove))

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from controller.cli.options import json_option
-from controller.cli.output import ago, escape, make_console, print_json
+from controller.cli.output import ago, escape, lineage_lines, make_console, print_json
 from controller.cli.settings import cli_state
 
 
@@ -186,7 +186,7 @@ def model_list(ctx: click.Context, name: str | None, as_json: bool) -> None:
         )
     console = make_console()
     console.print(table)
-    console.print(f"{len(found)} models")
+    console.print(f"{len(found)} model{'' if len(found) == 1 else 's'}")
 
 
 @model.command("show")
@@ -229,3 +229,5 @@ def model_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     for g in man.get("golden", []):
         found_s = ", ".join(f"{e[0]} {e[1]:.3f}" for e in g["expected"]) or "nothing"
         console.print(f"golden {escape(g['image'])}: {escape(found_s)}")
+    for line in lineage_lines(m):
+        console.print(escape(line))

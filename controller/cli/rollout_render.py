@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from controller.cli.output import escape
+from controller.cli.output import escape, uncut_column
 from controller.rollouts import gate, spec
+from controller.rollouts.records import FAILURES, counted_status, failures
 
 STATE_STYLE = {
     "active": "cyan",
@@ -35,19 +36,29 @@ def stage_label(r: dict[str, Any]) -> str:
     return f"{r['current_stage'] + 1}/{len(r['stages'])}"
 
 
+def failed_rolled_back(r: dict[str, Any]) -> int:
+    """Failed executions (``records.FAILURES``) whose model was given back afterwards; 0
+    where the rollout comes without its devices (``rollout list``)."""
+    return sum(1 for d in r.get("devices", []) if _failed(d) and d["rollback_rev"] is not None)
+
+
 def summary(r: dict[str, Any]) -> str:
+    """The rollout in one line. Failed counts failed and timed-out executions, rolled back
+    afterwards or not (docs/controller.md, "Failed executions"); "rolled back" after it
+    counts the executions given their previous model back without having failed."""
     c = r["counts"]
     in_flight = c.get("queued", 0) + c.get("in_progress", 0)
+    back = failed_rolled_back(r)
     parts = [
         f"rollout {r['id']} {r['state']}",
         f"stage {stage_label(r)}",
         f"{c.get('succeeded', 0)}/{r['executions']} succeeded",
-        f"{r['failures']} failed",
+        f"{r['failures']} failed" + (f" ({back} rolled back)" if back else ""),
     ]
     if in_flight:
         parts.append(f"{in_flight} in progress")
     if c.get("rolled_back"):
-        parts.append(f"{c['rolled_back']} rolled back")
+        parts.append(f"{c['rolled_back']} {'more ' if back else ''}rolled back")
     return ", ".join(parts)
 
 
@@ -68,17 +79,22 @@ def evidence_line(d: dict[str, Any], *, with_stream: bool = False) -> str | None
     return f"{who} {d['phase'] or d['status']}{reason}: {evidence['summary']}"
 
 
-def _problem(d: dict[str, Any]) -> bool:
-    return d["status"] in ("failed", "timed_out") or bool(
-        d["reason"] and d["status"] == "rolled_back"
-    )
+def _failed(d: dict[str, Any]) -> bool:
+    return counted_status(d["status"], d["reason"]) in FAILURES
+
+
+def device_status(d: dict[str, Any]) -> str:
+    """``failed, rolled back`` for a failed execution whose model was given back."""
+    stored = str(d["status"])
+    counted = counted_status(stored, d["reason"])
+    return f"{counted}, rolled back" if counted != stored else stored
 
 
 def render(r: dict[str, Any], *, devices: bool) -> Any:
     """A rich renderable of one rollout: header, stage table, problem devices, evidence."""
     from rich.console import Group
     from rich.progress_bar import ProgressBar
-    from rich.table import Table
+    from rich.table import Column, Table
     from rich.text import Text
 
     header = Text.from_markup(
@@ -103,7 +119,7 @@ def render(r: dict[str, Any], *, devices: bool) -> Any:
     table = Table("STAGE", "DEVICES", "STATE", "PROGRESS", "OK", "FAILED", "WORKING", "BAKE")
     for s in r["stage_progress"]:
         c = s["counts"]
-        finished = c.get("succeeded", 0) + c.get("failed", 0) + c.get("timed_out", 0)
+        finished = c.get("succeeded", 0) + failures(c)
         working = c.get("queued", 0) + c.get("in_progress", 0)
         bake = ""
         if s["bake_left_s"] is not None:
@@ -116,21 +132,30 @@ def render(r: dict[str, Any], *, devices: bool) -> Any:
                 total=max(s["size"], 1), completed=finished + c.get("rolled_back", 0), width=20
             ),
             str(c.get("succeeded", 0)),
-            str(c.get("failed", 0) + c.get("timed_out", 0)),
+            str(failures(c)),
             str(working),
             bake,
         )
     parts.append(table)
-    shown = [d for d in r.get("devices", []) if devices or _problem(d)]
+    shown = [d for d in r.get("devices", []) if devices or _failed(d)]
     if shown:
         listed = shown[: None if devices else SHOWN_DEVICES]
-        dt = Table("DEVICE", "STREAM", "STAGE", "STATUS", "PHASE", "REV", "PREVIOUS", "REASON")
+        dt = Table(
+            "DEVICE",
+            "STREAM",
+            "STAGE",
+            Column("STATUS", no_wrap=True),
+            "PHASE",
+            "REV",
+            "PREVIOUS",
+            uncut_column("REASON", (d["reason"] or "" for d in listed)),
+        )
         for d in listed:
             dt.add_row(
                 escape(d["device_id"]),
                 escape(d["stream"]),
                 str(d["stage"] + 1),
-                d["status"],
+                device_status(d),
                 escape(d["phase"] or "-"),
                 str(d["rev"] or "-") + (f"→{d['rollback_rev']}" if d["rollback_rev"] else ""),
                 escape(d["previous_model"] or "baseline"),

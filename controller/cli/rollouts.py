@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from controller.cli.options import json_option
-from controller.cli.output import ago, escape, make_console, print_json
+from controller.cli.output import ago, escape, make_console, plural, print_json
 from controller.cli.rollout_render import (
     gate_line,
     render,
@@ -239,7 +239,7 @@ def rollout_list(ctx: click.Context, states: tuple[str, ...], limit: int, as_jso
         )
     console = make_console()
     console.print(table)
-    console.print(f"{len(found)} rollouts")
+    console.print(plural(len(found), "rollout"))
 
 
 @rollout.command("status")

@@ -1,7 +1,10 @@
-"""CLI commands for TLS and broker security: ``edgefleet certs init|issue``, ``devices enroll``.
+"""CLI commands for TLS and broker security: ``edgefleet certs init|issue``, ``devices
+enroll|revoke``.
 
-``certs`` is a group of its own; ``devices_enroll`` is a command the main CLI adds to its
-``devices`` group. All of them work on local files only (no API, no database).
+``certs`` is a group of its own and works on local files only. ``devices_enroll`` and
+``devices_revoke`` are commands the main CLI adds to its ``devices`` group: without
+``--password-file``/``--cert-dir`` they enrol the device on the running controller's
+embedded broker over the API; with them, they work on local files (an external Mosquitto).
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from controller.enroll import DEFAULT_BROKER_URL, EnrollError
+from controller.cli.settings import cli_state
+from controller.enroll import DEFAULT_BROKER_URL, DEFAULT_SOURCE, EnrollError
 
 
 @click.group()
@@ -75,7 +79,11 @@ def certs_issue(
 
 @click.command("enroll")
 @click.argument("device_id")
-@click.option("--broker-url", default=DEFAULT_BROKER_URL, show_default=True)
+@click.option(
+    "--broker-url",
+    help="Broker URL for the agent [default: the controller's embedded broker; with "
+    f"--password-file/--cert-dir: {DEFAULT_BROKER_URL}].",
+)
 @click.option(
     "--ca",
     "ca_file",
@@ -85,45 +93,56 @@ def certs_issue(
 @click.option(
     "--cert-dir",
     type=click.Path(file_okay=False),
-    help="Write a device certificate DEVICE_ID.pem/.key here (CN = device id).",
+    help="Local mode: write a device certificate DEVICE_ID.pem/.key here (CN = device id).",
 )
 @click.option(
     "--password-file",
     type=click.Path(dir_okay=False),
-    help="Mosquitto password file to add/update the device's random password in.",
+    help="Local mode: the Mosquitto password file (external broker) to add the device to.",
 )
 @click.option(
     "--state-dir", default="/var/lib/edgefleet", show_default=True, help="The agent's state_dir."
 )
+@click.option("--source", default=DEFAULT_SOURCE, show_default=True, help="The stream's source.")
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
     help="Write the agent config here (0600) instead of printing it.",
 )
+@click.pass_context
 def devices_enroll(
+    ctx: click.Context,
     device_id: str,
-    broker_url: str,
+    broker_url: str | None,
     ca_file: str | None,
     cert_dir: str | None,
     password_file: str | None,
     state_dir: str,
+    source: str,
     out: str | None,
 ) -> None:
-    """Create broker credentials for DEVICE_ID and a ready agent config.
+    """Create broker credentials for DEVICE_ID and print a ready agent config.
 
-    Reload Mosquitto (SIGHUP) after changing the password file.
+    By default the running controller (--url/--token, admin role) adds the device to its
+    embedded broker: a new random password (an earlier one stops working), kept across
+    restarts. With --password-file/--cert-dir it works on local files for an external
+    Mosquitto instead: reload Mosquitto (SIGHUP) after changing the password file.
     """
     from controller.enroll import enroll, write_config
 
     if out is not None and Path(out).exists():
         raise EnrollError(f"{out} already exists; refusing to overwrite it: pass another --out")
+    if password_file is None and cert_dir is None:
+        _enroll_over_api(ctx, device_id, broker_url, ca_file, state_dir, source, out)
+        return
     result = enroll(
         device_id,
-        broker_url=broker_url,
+        broker_url=broker_url or DEFAULT_BROKER_URL,
         ca_file=ca_file,
         cert_dir=cert_dir,
         password_file=password_file,
         state_dir=state_dir,
+        source=source,
     )
     if out is None:
         click.echo(result.config, nl=False)
@@ -137,3 +156,61 @@ def devices_enroll(
             f"password     added for user {device_id!r} to {password_file} (SIGHUP mosquitto)"
         )
     click.echo("\n".join(done), err=True)
+
+
+def _enroll_over_api(
+    ctx: click.Context,
+    device_id: str,
+    broker_url: str | None,
+    ca_file: str | None,
+    state_dir: str,
+    source: str,
+    out: str | None,
+) -> None:
+    from controller.enroll import agent_config, write_config
+    from protocol.errors import ProtocolError
+    from protocol.topics import validate_device_id
+
+    try:
+        validate_device_id(device_id)
+    except ProtocolError as err:
+        raise EnrollError(str(err)) from err
+    with cli_state(ctx).client() as client:
+        creds = client.create_credentials(device_id)
+    keys = [k["path"] for k in creds["trusted_keys"]]
+    if out is not None:  # the keys go next to the config; it names them relatively
+        keys = []
+        for i, key in enumerate(creds["trusted_keys"]):
+            path = Path(out).with_name(f"{Path(out).stem}-trusted-{i}.pub")
+            path.write_text(key["pem"], encoding="utf-8")
+            keys.append(path.name)
+    config = agent_config(
+        device_id,
+        broker_url=broker_url or creds["broker_url"],
+        username=creds["username"],
+        password=creds["password"],
+        ca_file=str(Path(ca_file).resolve()) if ca_file else None,
+        state_dir=state_dir,
+        source=source,
+        trusted_keys=keys,
+    )
+    if out is None:
+        click.echo(config, nl=False)
+        return
+    write_config(out, config)
+    click.echo(
+        f"agent config {out} (broker {broker_url or creds['broker_url']}, user {device_id!r})",
+        err=True,
+    )
+
+
+@click.command("revoke")
+@click.argument("device_id")
+@click.pass_context
+def devices_revoke(ctx: click.Context, device_id: str) -> None:
+    """Take DEVICE_ID's login on the embedded broker away (admin role); the broker reloads
+    and refuses the device from then on. (External broker: remove its line from the
+    password file and SIGHUP mosquitto.)"""
+    with cli_state(ctx).client() as client:
+        client.revoke_credentials(device_id)
+    click.echo(f"revoked the broker login of {device_id!r}")

@@ -21,7 +21,12 @@ def controller() -> None:
 @click.option("--broker-url", help="Use this MQTT broker instead of the embedded one.")
 @click.option("--bind", help="API listen address [default: 127.0.0.1].")
 @click.option("--port", type=int, help="API port [default: 8080; 0 = any free port].")
-@click.option("--mqtt-port", type=int, help="Embedded broker port [default: 1883; 0 = any free].")
+@click.option(
+    "--mqtt-port",
+    type=int,
+    help="Embedded broker port; a taken one is an error [default: 1883, or a free port "
+    "(printed) when 1883 is taken; 0 = any free].",
+)
 @click.option(
     "--dev-token",
     is_flag=True,
@@ -44,7 +49,9 @@ def serve(
     """Run the controller: migrations, MQTT ingestion, HTTP API (until Ctrl-C/SIGTERM).
 
     With no config it needs nothing: SQLite under ./edgefleet-data (or --data-dir) and an
-    embedded MQTT broker on 127.0.0.1:1883 whose credentials it prints.
+    embedded MQTT broker on 127.0.0.1:1883 (a free port, printed, when 1883 is taken and
+    --mqtt-port/embedded_broker.port is not set). `edgefleet devices enroll ID` then prints
+    a ready agent config with the device's own login.
     """
     from controller.service import Controller
 
@@ -67,7 +74,7 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
-    ctl = Controller(loaded)
+    ctl = Controller(loaded, mqtt_port_explicit=mqtt_port is not None)
     token: str | None = None
     if dev_token:
         ctl.migrate()

@@ -315,6 +315,17 @@ class DeviceDesired(Base):
     __table_args__ = (Index("ix_device_desired_published", "published"),)
 
 
+class DeviceCredential(Base):
+    """A device's login on the embedded MQTT broker (``edgefleet devices enroll``): the
+    username is the device id, the password is kept only as a Mosquitto ``$7$`` hash."""
+
+    __tablename__ = "device_credentials"
+
+    device_id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(CODE_LEN * 2))
+    created_at: Mapped[float] = mapped_column(Double())
+
+
 devices = cast(Table, Device.__table__)
 device_tags = cast(Table, DeviceTag.__table__)
 device_streams = cast(Table, DeviceStream.__table__)
@@ -325,3 +336,4 @@ models = cast(Table, Model.__table__)
 rollouts = cast(Table, Rollout.__table__)
 rollout_devices = cast(Table, RolloutDevice.__table__)
 device_desired = cast(Table, DeviceDesired.__table__)
+device_credentials = cast(Table, DeviceCredential.__table__)

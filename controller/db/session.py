@@ -123,8 +123,17 @@ def alembic_config(connection: Connection | None = None) -> Any:
     return cfg
 
 
+def quiet_alembic() -> None:
+    """Alembic logs about ten INFO lines (plugins, context, each revision) on every upgrade,
+    at every controller start: keep it at WARNING unless someone set its level (``-v``)."""
+    alembic_log = logging.getLogger("alembic")
+    if alembic_log.level == logging.NOTSET:
+        alembic_log.setLevel(logging.WARNING)
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Apply the migrations up to ``revision`` (idempotent). PostgreSQL: under an advisory lock."""
+    quiet_alembic()  # before the import: importing alembic.command logs its plugins
     from alembic import command
 
     try:
@@ -141,6 +150,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 
 def downgrade(engine: Engine, revision: str) -> None:
+    quiet_alembic()
     from alembic import command
 
     with engine.begin() as conn:
@@ -148,6 +158,7 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 
 def current_revision(engine: Engine) -> str | None:
+    quiet_alembic()  # MigrationContext.configure logs "Context impl ..." at INFO
     from alembic.runtime.migration import MigrationContext
 
     with engine.connect() as conn:

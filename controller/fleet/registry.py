@@ -31,6 +31,12 @@ class ModelInfo:
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
+    @property
+    def lineage(self) -> dict[str, Any] | None:
+        """The signed manifest's ``lineage`` (source commit, data, metrics, labels), if any."""
+        found = self.manifest.get("lineage")
+        return found if isinstance(found, dict) else None
+
 
 class DuplicateModelError(ControllerError):
     """``name@version`` is already stored (raised inside the caller's transaction)."""

@@ -22,7 +22,6 @@ from controller.fleet.registry import get_model
 from controller.rollouts import executions, gate, records, spec
 from controller.rollouts.locks import PG_CREATE_LOCK, lock_rollout, pg_lock_sql
 from controller.rollouts.records import (
-    FAILURES,
     FINISHED,
     LIVE_STATES,
     RolloutDetail,
@@ -321,5 +320,5 @@ def summary_counts(counts: dict[str, int]) -> tuple[int, int, int]:
     return (
         total,
         sum(counts.get(s, 0) for s in FINISHED),
-        sum(counts.get(s, 0) for s in FAILURES),
+        records.failures(counts),
     )

@@ -9,7 +9,7 @@ from typing import Any
 
 from controller.fleet.registry import ModelInfo
 from controller.rollouts.executions import Execution
-from controller.rollouts.records import FAILURES, FINISHED, RolloutInfo
+from controller.rollouts.records import FINISHED, TIMEOUT_REASON, RolloutInfo, failures
 from protocol.messages import DEPLOYING_PHASES, FAILED_PHASES
 
 IN_FLIGHT = ("pending", "queued", "in_progress")
@@ -52,7 +52,7 @@ def next_status(
             return (
                 "timed_out",
                 phase,
-                f"timeout: the device still reports its earlier {phase} of this model "
+                f"{TIMEOUT_REASON}the device still reports its earlier {phase} of this model "
                 f"({e.report_reason}) and did not deploy it again within {timeout_s:.0f}s",
             )
         where = (
@@ -62,7 +62,7 @@ def next_status(
                 "never took up the desired state" if status == "queued" else "no progress reported"
             )
         )
-        return "timed_out", phase, f"timeout: {where} after {timeout_s:.0f}s"
+        return "timed_out", phase, f"{TIMEOUT_REASON}{where} after {timeout_s:.0f}s"
     return status, phase, reason
 
 
@@ -83,7 +83,7 @@ def abort_reason(r: RolloutInfo, counts: Mapping[int, Mapping[str, int]]) -> tup
     for stage in sorted(counts):
         c = counts[stage]
         size = sum(c.values())
-        stage_failed = sum(c.get(s, 0) for s in FAILURES)
+        stage_failed = failures(c)
         finished += sum(c.get(s, 0) for s in FINISHED)
         failed += stage_failed
         unfinished = sum(c.get(s, 0) for s in IN_FLIGHT)

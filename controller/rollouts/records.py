@@ -38,6 +38,30 @@ DEVICE_STATUSES: tuple[str, ...] = (
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "timed_out"})
 """Executed: the device is done with the rollout's model, one way or the other."""
 FAILURES: frozenset[str] = frozenset({"failed", "timed_out"})
+"""The one definition of a failed execution (docs/controller.md, "Failed executions"):
+counted statuses (``counted_status``) in this set are failures for the failure budget and
+the abort criteria, the API's ``failures``, the CLI's FAILED columns and summary line and
+the metrics. Being rolled back afterwards is a detail of a failure, not another outcome."""
+TIMEOUT_REASON = "timeout: "
+"""How the reason of a timed-out execution starts (``decisions.next_status``)."""
+
+
+def counted_status(status: str, reason: str | None) -> str:
+    """The status an execution counts under in every count: its stored status, except that
+    a ``rolled_back`` one that had failed or timed out first (its failure reason stays,
+    ``executions.mark_rolled_back``) still counts as ``failed`` or ``timed_out``. Only
+    executions rolled back without a failure (succeeded, or still deploying when the
+    rollout ended) count as ``rolled_back``."""
+    if status == "rolled_back" and reason:
+        return "timed_out" if reason.startswith(TIMEOUT_REASON) else "failed"
+    return status
+
+
+def failures(counts: Mapping[str, int]) -> int:
+    """Failed executions among counted statuses (``FAILURES``)."""
+    return sum(counts.get(s, 0) for s in FAILURES)
+
+
 WATCHED: tuple[str, ...] = ("queued", "in_progress", "succeeded")
 """Statuses re-derived from the reported state on every tick (failed/timed_out are final)."""
 
@@ -182,32 +206,38 @@ def rollouts_to_tick(conn: Connection) -> list[int]:
     return [int(i) for i in conn.execute(query).scalars()]
 
 
-def status_counts(conn: Connection, rollout_ids: Sequence[int]) -> dict[int, dict[str, int]]:
-    """Rollout id → status → executions."""
-    out: dict[int, dict[str, int]] = {i: {} for i in rollout_ids}
-    if not rollout_ids:
-        return out
-    query = (
-        select(rollout_devices.c.rollout_id, rollout_devices.c.status, func.count())
-        .where(rollout_devices.c.rollout_id.in_(list(rollout_ids)))
-        .group_by(rollout_devices.c.rollout_id, rollout_devices.c.status)
+def _counted(conn: Connection, key: Any, where: Any) -> dict[int, dict[str, int]]:
+    """``key`` value → counted status (``counted_status``) → executions, for the rows
+    ``where`` selects: grouped in SQL, rolled-back rows one by one (their reason decides)."""
+    out: dict[int, dict[str, int]] = defaultdict(dict)
+    rd = rollout_devices
+    grouped = (
+        select(key, rd.c.status, func.count())
+        .where(where, rd.c.status != "rolled_back")
+        .group_by(key, rd.c.status)
     )
-    for rid, status, n in conn.execute(query):
-        out[int(rid)][str(status)] = int(n)
+    rows: list[tuple[Any, str, int]] = [(k, str(s), int(n)) for k, s, n in conn.execute(grouped)]
+    rolled_back = select(key, rd.c.status, rd.c.reason).where(where, rd.c.status == "rolled_back")
+    rows += [(k, counted_status(str(s), why), 1) for k, s, why in conn.execute(rolled_back)]
+    for k, status, n in rows:
+        c = out[int(k)]
+        c[status] = c.get(status, 0) + n
+    return out
+
+
+def status_counts(conn: Connection, rollout_ids: Sequence[int]) -> dict[int, dict[str, int]]:
+    """Rollout id → counted status (``counted_status``) → executions."""
+    out: dict[int, dict[str, int]] = {i: {} for i in rollout_ids}
+    if rollout_ids:
+        where = rollout_devices.c.rollout_id.in_(list(rollout_ids))
+        out.update(_counted(conn, rollout_devices.c.rollout_id, where))
     return out
 
 
 def stage_counts(conn: Connection, rollout_id: int) -> dict[int, dict[str, int]]:
-    """Stage → status → executions."""
-    out: dict[int, dict[str, int]] = defaultdict(dict)
-    query = (
-        select(rollout_devices.c.stage, rollout_devices.c.status, func.count())
-        .where(rollout_devices.c.rollout_id == rollout_id)
-        .group_by(rollout_devices.c.stage, rollout_devices.c.status)
-    )
-    for stage, status, n in conn.execute(query):
-        out[int(stage)][str(status)] = int(n)
-    return dict(out)
+    """Stage → counted status (``counted_status``) → executions."""
+    where = rollout_devices.c.rollout_id == rollout_id
+    return dict(_counted(conn, rollout_devices.c.stage, where))
 
 
 def stage_times(conn: Connection, rollout_id: int) -> dict[int, tuple[float | None, float | None]]:

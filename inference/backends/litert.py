@@ -22,6 +22,7 @@ from inference.backends.base import (
     corrupt_model_error,
     quantization,
 )
+from inference.backends.native_log import quiet_native_stderr
 from inference.errors import BackendUnavailableError, ModelError
 
 __all__ = ["LiteRTBackend", "TFLiteInterpreterBackend"]
@@ -59,10 +60,11 @@ class TFLiteInterpreterBackend(Backend):
         interpreter_class = self._interpreter_class()
         check_model_file(model_path, self.suffixes, self.key)
         try:
-            interp: _Interpreter = interpreter_class(
-                model_path=str(model_path), num_threads=threads
-            )
-            interp.allocate_tensors()
+            with quiet_native_stderr():  # no "Created ... XNNPACK delegate" line per model
+                interp: _Interpreter = interpreter_class(
+                    model_path=str(model_path), num_threads=threads
+                )
+                interp.allocate_tensors()
         except (ValueError, RuntimeError) as err:
             raise corrupt_model_error(model_path, self.key, err) from err
         self._interp: _Interpreter | None = interp
@@ -126,7 +128,7 @@ class LiteRTBackend(TFLiteInterpreterBackend):
         except ImportError as err:
             raise BackendUnavailableError(
                 f"the 'litert' backend needs LiteRT, which is not installed ({err}): "
-                "pip install ai-edge-litert (64-bit Linux x86_64/aarch64, Python 3.10-3.13), "
-                "or choose another backend"
+                "pip install 'edgefleet[inference]' (or pip install ai-edge-litert; 64-bit Linux "
+                "x86_64/aarch64, Python 3.10-3.13), or choose another backend"
             ) from err
         return Interpreter

@@ -90,7 +90,7 @@ def test_operator_packages_signs_verifies_pushes_lists_and_shows_a_model(
     listed = cli.json("model", "list")
     assert [m["ref"] for m in listed] == ["face@1.0.0"]
     table = cli("model", "list")
-    assert "face@1.0.0" in table.stdout and "1 models" in table.stdout
+    assert "face@1.0.0" in table.stdout and "1 model\n" in table.stdout
     shown = cli.json("model", "show", "face@1.0.0")
     assert shown["manifest"]["latency_budget_ms"] == 40.0
     newest = cli("model", "show", "face")
