@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from controller.cli.options import json_option
+from controller.cli.options import json_option, packaging_options
 from controller.cli.output import ago, escape, lineage_lines, make_console, print_json
 from controller.cli.settings import cli_state
 
@@ -26,19 +26,12 @@ def model() -> None:
 @click.argument("src", type=click.Path(exists=True, dir_okay=False))
 @click.option("--name", required=True, help="Model name (a-z, 0-9, '.', '_', '-').")
 @click.option("--version", "version", required=True, help="Model version, e.g. 1.2.0.")
-@click.option("--runtime", type=click.Choice(["litert", "onnx"]), help="Override the runtime.")
+@packaging_options
 @click.option(
     "--manifest-template",
     type=click.Path(exists=True, dir_okay=False),
     help="Manifest JSON to use when SRC is a model file.",
 )
-@click.option(
-    "--golden",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="PNG image whose detections become a golden sample (repeatable).",
-)
-@click.option("--latency-budget-ms", type=float, help="Per-inference latency budget.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Bundle to write.")
 def model_package(
     src: str,

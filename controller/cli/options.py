@@ -13,6 +13,23 @@ def json_option(func: Any) -> Any:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(func)
 
 
+def packaging_options(func: Any) -> Any:
+    """``--runtime``, ``--golden`` and ``--latency-budget-ms``: what ``model package`` and
+    ``model publish`` put in a bundle besides the model and its manifest."""
+    func = click.option("--latency-budget-ms", type=float, help="Per-inference latency budget.")(
+        func
+    )
+    func = click.option(
+        "--golden",
+        multiple=True,
+        type=click.Path(exists=True, dir_okay=False),
+        help="PNG image whose detections become a golden sample (repeatable).",
+    )(func)
+    return click.option(
+        "--runtime", type=click.Choice(["litert", "onnx"]), help="Override the runtime."
+    )(func)
+
+
 def db_options(func: Any) -> Any:
     """``--config``, ``--data-dir`` and ``--db``: a command that works on the database."""
     func = click.option(

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from controller.cli.options import json_option
+from controller.cli.options import json_option, packaging_options
 from controller.errors import ApiError, AuthError, ConnectionFailedError, ControllerError
 
 EXIT_PUBLISHED = 0
@@ -307,19 +307,12 @@ def _publish(ctx: click.Context, src: Path, opts: dict[str, Any]) -> None:
     show_default=True,
     help="When NAME@VERSION exists: fail (exit 4), or skip (exit 0) if it is identical.",
 )
-@click.option("--runtime", type=click.Choice(["litert", "onnx"]), help="Override the runtime.")
+@packaging_options
 @click.option(
     "--manifest-template",
     type=click.Path(exists=True, dir_okay=False),
     help="Manifest JSON for a model file [default: the .json of the same name next to it].",
 )
-@click.option(
-    "--golden",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="PNG image whose detections become a golden sample (repeatable).",
-)
-@click.option("--latency-budget-ms", type=float, help="Per-inference latency budget.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also keep the signed bundle here.")
 @json_option
 @click.pass_context
