@@ -78,8 +78,9 @@ MAX_SIGNATURE_LEN: Final = 256
 # Anchored with ``^…$(?!\n)``: msgspec and Python's jsonschema match with re.search, where a
 # plain ``$`` also matches before a final newline; the lookahead keeps ECMA readers exact too.
 
-_NAME = r"[a-z0-9][a-z0-9_-]{0,63}"
-_MODEL_NAME = r"[a-z0-9][a-z0-9._-]{0,63}"
+NAME_BODY: Final = r"[a-z0-9][a-z0-9_-]{0,63}"
+"""A device id or stream name, unanchored (the topic rules and the HTTP API build on it)."""
+MODEL_NAME_BODY: Final = r"[a-z0-9][a-z0-9._-]{0,63}"
 _MODEL_VERSION = r"[^\s@/\\\x00-\x1f\x7f]{1,64}"
 
 
@@ -87,12 +88,12 @@ def _whole(body: str) -> str:
     return f"^{body}$(?!\\n)"
 
 
-ID_PATTERN: Final = _whole(_NAME)
+ID_PATTERN: Final = _whole(NAME_BODY)
 """Device ids and stream names (the topic levels)."""
-MODEL_NAME_PATTERN: Final = _whole(_MODEL_NAME)
+MODEL_NAME_PATTERN: Final = _whole(MODEL_NAME_BODY)
 MODEL_VERSION_PATTERN: Final = _whole(_MODEL_VERSION)
 """1-64 characters, no whitespace, control character, ``@``, ``/`` or ``\\``."""
-MODEL_REF_PATTERN: Final = _whole(f"{_MODEL_NAME}@{_MODEL_VERSION}")
+MODEL_REF_PATTERN: Final = _whole(f"{MODEL_NAME_BODY}@{_MODEL_VERSION}")
 CODE_PATTERN: Final = _whole(r"[a-z0-9][a-z0-9_.-]{0,99}")
 SHA256_PATTERN: Final = _whole(r"[0-9a-f]{64}")
 

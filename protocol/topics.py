@@ -11,11 +11,12 @@ import re
 from dataclasses import dataclass
 
 from protocol.errors import ProtocolError
+from protocol.limits import NAME_BODY
 
 TOPIC_ROOT = "edgefleet/v1"
 
-_DEVICE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-_STREAM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_DEVICE_ID = re.compile(NAME_BODY)
+_STREAM_NAME = _DEVICE_ID
 
 
 class Kind(str, enum.Enum):

@@ -16,6 +16,8 @@ from annotated_types import Ge, Gt, Le, MaxLen
 from pydantic import AllowInfNan, StringConstraints
 
 from controller.fleet.devices import MAX_TAGS_PER_DEVICE
+from controller.rollouts.spec import TAG_BODY, VERSION_BODY
+from protocol.limits import MODEL_NAME_BODY, NAME_BODY
 from protocol.messages import EventLevel
 
 MAX_DB_INT: Final = 2**63 - 1
@@ -37,13 +39,14 @@ MAX_MODEL_REF_LEN: Final = 200
 
 NO_NUL: Final = r"^[^\x00]*$"
 NO_CONTROL: Final = r"^[^\x00-\x1f\x7f]*$"
-DEVICE_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-TAG_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
-MODEL_NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-MODEL_VERSION_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
-MODEL_REF_PATTERN: Final = r"^ *[a-z0-9][a-z0-9._-]{0,63}@[A-Za-z0-9][A-Za-z0-9._+-]{0,63} *$"
-STREAM_PATTERN: Final = r"^(\*|[a-z0-9][a-z0-9_-]{0,63})$"
-SELECT_PATTERN: Final = r"^ *(all|tag=[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}|[a-z0-9][a-z0-9_-]{0,63}) *$"
+# The bodies are the protocol's (ids, model names) and the rollout selector's (tags, versions).
+DEVICE_ID_PATTERN: Final = f"^{NAME_BODY}$"
+TAG_PATTERN: Final = f"^{TAG_BODY}$"
+MODEL_NAME_PATTERN: Final = f"^{MODEL_NAME_BODY}$"
+MODEL_VERSION_PATTERN: Final = f"^{VERSION_BODY}$"
+MODEL_REF_PATTERN: Final = f"^ *{MODEL_NAME_BODY}@{VERSION_BODY} *$"
+STREAM_PATTERN: Final = f"^(\\*|{NAME_BODY})$"
+SELECT_PATTERN: Final = f"^ *(all|tag={TAG_BODY}|{NAME_BODY}) *$"
 _SHARE = r"(100(\.0{1,6})?|[1-9][0-9]?(\.[0-9]{1,6})?|0\.[0-9]{0,5}[1-9][0-9]{0,5})%"
 _STAGE = rf" *([1-9][0-9]{{0,8}}|{_SHARE}) *"
 STAGE_PATTERN: Final = f"^{_STAGE}$"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from controller.errors import RolloutError
 from protocol import ProtocolError, validate_device_id, validate_stream_name
+from protocol.limits import MODEL_NAME_BODY
 
 ALL_STREAMS = "*"
 DEFAULT_STAGES = "1,10%,50%,100%"
@@ -24,8 +25,12 @@ DEFAULT_TIMEOUT = "15m"
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
-_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
-_REF = re.compile(r"([a-z0-9][a-z0-9._-]{0,63})@([A-Za-z0-9][A-Za-z0-9._+-]{0,63})")
+TAG_BODY = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
+"""A device tag, unanchored (the HTTP API's patterns build on it)."""
+VERSION_BODY = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}"
+"""A model version as rollouts and the API accept it, unanchored."""
+_TAG = re.compile(TAG_BODY)
+_REF = re.compile(f"({MODEL_NAME_BODY})@({VERSION_BODY})")
 
 
 def invalid(message: str) -> RolloutError:
