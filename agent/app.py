@@ -189,6 +189,14 @@ class AgentApp:
             with self._status_lock:
                 self._publisher.publish_status(self._status("online"))
 
+    def _connection_changed(self, connected: bool) -> None:
+        """On every (re)connect retain a fresh status: its ``ts`` says the device is back.
+
+        The sender would otherwise re-send the status retained before the outage, and the
+        controller's "last status" would not move (paho's network thread calls this)."""
+        if connected:
+            self.publish_status()
+
     # --- lifecycle -----------------------------------------------------------------------
 
     def _on_source_state(self, handle: StreamHandle) -> Callable[[str, str | None], None]:
@@ -352,6 +360,7 @@ class AgentApp:
             will_payload=self._status("offline", streams=False),
             tls_resolver=self._loaded.resolve,
             reconnect_max_s=cfg.broker.reconnect_max_s,
+            on_connection_change=self._connection_changed,
         )
         self._publisher.start()
         if cfg.homeassistant.enabled:

@@ -90,9 +90,14 @@ def agent_config(
     ):
         if value is not None:
             broker.append(f"{key} = {_q(value)}")
-    ota = ""
     if trusted_keys:
         ota = f"\n[ota]\ntrusted_keys = [{', '.join(_q(k) for k in trusted_keys)}]\n"
+    else:
+        ota = (
+            "\n[ota]\n# No trusted signing key: every model update is refused (no_trusted_keys)\n"
+            "# until the public key that signs the bundles is listed here, e.g.\n"
+            '# trusted_keys = ["signing.pub"]\n'
+        )
     return (
         "# edgefleet agent configuration written by `edgefleet devices enroll`.\n"
         "# Validate with:  edgefleet-agent check-config FILE\n"

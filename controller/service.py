@@ -35,9 +35,16 @@ from controller.mqtt import MqttSettings, MqttSubscriber
 from controller.rollouts.engine import RolloutEngine
 from controller.rollouts.publisher import DesiredPublisher
 from controller.rollouts.runner import RolloutRunner
+from protocol.bundle import key_id
+from protocol.topics import status_topic
 
 log = logging.getLogger(__name__)
 
+NO_TRUSTED_KEYS = (
+    "no trusted signing key: devices enrolled now refuse every model update "
+    "(no_trusted_keys); make one with `edgefleet keys generate --out keys` and serve with "
+    "--trusted-key keys/signing.pub (or models.trusted_keys)"
+)
 DEV_TOKEN_NAME = "dev"  # noqa: S105 - the name of the token, not a secret
 DEV_TOKEN_FILE = "dev-token"  # noqa: S105 - a file name
 
@@ -148,6 +155,7 @@ class Controller:
         self.app.state.enrolment = EnrolmentTarget(
             broker_url=lambda: self.broker.url if self.broker.embedded else None,
             reload=self._reload_broker_users,
+            forget_status=self._forget_status,
             trusted_keys=[loaded.resolve(k) for k in cfg.models.trusted_keys],
         )
         self.rollout_engine = RolloutEngine(self.db, base_url=self._rollout_base_url, clock=clock)
@@ -227,6 +235,12 @@ class Controller:
             ]
         else:
             lines.append(f"  MQTT broker: {b.url}")
+        hosting = self.app.state.models
+        if hosting.trusted_keys:
+            ids = ", ".join(key_id(k) for k in hosting.trusted_keys)
+            lines.append(f"  model bundles must be signed with: {ids} (models.trusted_keys)")
+        else:
+            lines.append(f"  {NO_TRUSTED_KEYS}")
         return "\n".join(lines)
 
     # --- lifecycle --------------------------------------------------------------------
@@ -354,6 +368,15 @@ class Controller:
     def _reload_broker_users(self) -> None:
         if self.embedded_broker is not None:
             self.embedded_broker.refresh_users()
+
+    def _forget_status(self, device_id: str) -> None:
+        """Clear ``device_id``'s retained status (an empty retained message deletes it)."""
+        if not self._publish([(status_topic(device_id), b"")])[0]:
+            log.warning(
+                "could not clear the retained status of revoked device %s (MQTT down?); a "
+                "controller restart may show it online until its next status",
+                device_id,
+            )
 
     def _mqtt_settings(self) -> MqttSettings:
         b = self.config.broker

@@ -8,6 +8,7 @@ within that (plus the time a connect takes).
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -17,8 +18,10 @@ import pytest
 
 from agent.config import BrokerConfig, parse_config
 from agent.errors import ConfigError
+from protocol.topics import status_topic
 from tests.agent_proc import VIDEO, start_agent, stop_agent, stream_block, write_config
 from tests.broker import Mosquitto
+from tests.mqtt_sub import Received, Subscriber
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -74,6 +77,7 @@ def test_agents_reconnect_within_reconnect_max_s_after_an_outage(
             assert proc.poll() is None, logs[name].read_text(errors="replace")[-3000:]
         mosquitto.start()
         back = time.monotonic()
+        back_wall = time.time()
         came_back: dict[str, float] = {}
 
         def all_back() -> bool:
@@ -89,6 +93,28 @@ def test_agents_reconnect_within_reconnect_max_s_after_an_outage(
         )
         for name, max_s in agents.items():
             assert came_back[name] <= (max_s or default_max) + MARGIN_S, came_back
+        # The status each agent retains after the reconnect is a fresh one (its ts is after
+        # the broker came back), not the payload from before the outage sent again: the
+        # controller's "last status" must move when a device comes back.
+        watcher = Subscriber(
+            mosquitto.port, [status_topic(f"re-{n}") for n in agents], persistent=False
+        )
+        try:
+
+            def fresh(messages: list[Received]) -> bool:
+                newest = {}
+                for m in messages:
+                    status = json.loads(m.payload)
+                    newest[status["device_id"]] = (status["state"], status["ts"])
+                return all(
+                    newest.get(f"re-{n}", ("", 0.0))[0] == "online"
+                    and newest[f"re-{n}"][1] >= back_wall - 1.0
+                    for n in agents
+                )
+
+            watcher.wait_for(fresh, timeout=10)
+        finally:
+            watcher.close()
         for name, proc in procs.items():
             code, _ = stop_agent(proc)
             assert code == 0, logs[name].read_text(errors="replace")[-3000:]

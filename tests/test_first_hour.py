@@ -1,21 +1,16 @@
 """docs/first-hour.md, walked as a new user walks it (issue 11).
 
 The commands are the doc's own: every line after a ``$ `` prompt in its ``console`` blocks,
-run in order by bash in a clean copy of the checkout (the files git tracks or would track),
-with a fresh virtual environment's ``edgefleet`` and ``edgefleet-agent`` first on PATH,
-HOME in a temporary folder and another broker already listening on 1883 (this machine's
-system Mosquitto, or one started here). The two long-running commands (``controller
-serve``, ``edgefleet-agent run``) run in the background as they would in their own
-terminals; the ``export`` line is the one the controller printed. For the key lines below
-the test checks that the doc shows them and that the real output has them, so the doc and
-the product cannot drift apart.
-
-The fresh environment: ``python -m venv`` with a ``.pth`` naming the clean checkout and
-entry-point scripts made from pyproject's ``[project.scripts]`` (what ``pip install -e``
-writes), and a second ``.pth`` naming the dev venv's site-packages for the third-party
-dependencies (installing those would need the network and minutes). ``pip install
---no-deps --no-build-isolation -e`` cannot be used: the dev venv's setuptools (65) predates
-the SPDX ``license = "Apache-2.0"`` that pyproject.toml needs setuptools >= 69 for.
+run in order by bash, with HOME in a temporary folder and another broker already listening
+on 1883 (this machine's system Mosquitto, or one started here). The install is real: the
+doc's ``git clone`` (its URL is a placeholder) is a copy of the files git tracks or would
+track, as a clone of this commit has them; ``make install-runtime mosquitto`` builds the
+checkout's own ``.venv`` with pip (the host's pip settings and cache pass through, as they
+would for a user); ``source .venv/bin/activate`` puts it first on PATH. The two
+long-running commands (``controller serve``, ``edgefleet-agent run``) run in the background
+as they would in their own terminals; the ``export`` line is the one the controller
+printed. For the key lines below the test checks that the doc shows them and that the real
+output has them, so the doc and the product cannot drift apart.
 """
 
 from __future__ import annotations
@@ -28,7 +23,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,11 +32,6 @@ import pytest
 
 from tests.broker import Mosquitto, free_port
 from tests.waiting import stop_process, wait_for
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "first-hour.md"
@@ -54,9 +43,13 @@ POLLED = ("edgefleet devices list", "edgefleet devices show ")
 # (command as in the doc, its occurrence there from 1) -> lines its output must have.
 KEY_LINES: dict[tuple[str, int], list[str]] = {
     ("edgefleet keys generate --out keys", 1): ["public key:  keys/signing.pub"],
-    ("edgefleet controller serve --config controller.toml --dev-token", 1): [
+    (
+        "edgefleet controller serve --data-dir fleet --dev-token --trusted-key keys/signing.pub",
+        1,
+    ): [
         "port 1883 on 127.0.0.1 is taken",
         "embedded MQTT broker (mosquitto): mqtt://127.0.0.1:",
+        "model bundles must be signed with: ",
         "export EDGEFLEET_URL=",
         "ready",
     ],
@@ -99,12 +92,13 @@ KEY_LINES: dict[tuple[str, int], list[str]] = {
         "│ blazeface-short-int8@1.0.0 │ blazeface-short-int8@1.1.0 │ committed │",
         "ota.committed: back on the baseline model",
     ],
-    ("edgefleet controller serve --config controller.toml", 1): [
+    ("edgefleet controller serve --data-dir fleet --trusted-key keys/signing.pub", 1): [
         "embedded MQTT broker (mosquitto): mqtt://127.0.0.1:",
         "ready",
     ],
     ("edgefleet devices show cam-1", 3): ["cam-1  online  agent 0.1.0"],
     ("edgefleet devices revoke cam-1", 1): ["revoked the broker login of 'cam-1'"],
+    ("edgefleet devices list", 2): ["│ cam-1  │ revoked │", "1 device, 0 online"],
 }
 
 # (command, occurrence) -> lines the agent's terminal shows after it (the doc shows them too).
@@ -114,7 +108,9 @@ AGENT_LINES: dict[tuple[str, int], list[str]] = {
         "now running blazeface-short-int8@1.1.0 (was blazeface-short-int8@1.0.0)",
         "committed blazeface-short-int8@1.1.0: blazeface-short-int8@1.1.0 passed probation",
     ],
-    ("edgefleet controller serve --config controller.toml", 1): ["reconnected to MQTT broker"],
+    ("edgefleet controller serve --data-dir fleet --trusted-key keys/signing.pub", 1): [
+        "reconnected to MQTT broker"
+    ],
     ("edgefleet devices revoke cam-1", 1): ["refused the connection: Not authorized"],
 }
 
@@ -187,26 +183,24 @@ def clean_checkout(dest: Path) -> None:
             shutil.copy2(src, dest / rel)
 
 
-def fresh_venv(venv: Path, checkout: Path) -> Path:
-    """A new venv with edgefleet installed editable from ``checkout``; returns its bin/."""
-    base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True)
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    site = venv / "lib" / version / "site-packages"
-    (site / "a_edgefleet_checkout.pth").write_text(f"{checkout}\n", encoding="utf-8")
-    deps = sysconfig.get_paths()["purelib"]
-    (site / "z_dev_venv_dependencies.pth").write_text(f"{deps}\n", encoding="utf-8")
-    scripts = tomllib.loads((checkout / "pyproject.toml").read_text(encoding="utf-8"))
-    for name, target in scripts["project"]["scripts"].items():
-        module, func = target.split(":")
-        script = venv / "bin" / name
-        script.write_text(
-            f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom {module} import {func}\n"
-            f"sys.exit({func}())\n",
-            encoding="utf-8",
-        )
-        script.chmod(0o755)
-    return venv / "bin"
+def pip_environment() -> dict[str, str]:
+    """The host's pip settings (index, certificates, constraints) and cache, as a user's pip
+    would find them in their own HOME: the walk's HOME is a temporary folder."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("PIP_")}
+    if "PIP_CACHE_DIR" not in env:
+        cache = subprocess.run(
+            [sys.executable, "-m", "pip", "cache", "dir"], capture_output=True, text=True
+        ).stdout.strip()
+        if cache:
+            env["PIP_CACHE_DIR"] = cache
+    for name in ("XDG_CONFIG_HOME", "PIP_CONFIG_FILE"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    if "PIP_CONFIG_FILE" not in env:
+        user_conf = Path.home() / ".config" / "pip" / "pip.conf"
+        if user_conf.is_file():
+            env["PIP_CONFIG_FILE"] = str(user_conf)
+    return env
 
 
 @pytest.fixture
@@ -224,16 +218,21 @@ def broker_on_1883(tmp_path: Path) -> Iterator[None]:
         yield
 
 
+CLONE = "git clone <the edgefleet repository URL> edgefleet && cd edgefleet"
+INSTALL = "make install-runtime mosquitto"
+ACTIVATE = "source .venv/bin/activate"
+
+
 class Walk:
-    def __init__(self, tmp: Path, bin_dir: Path, checkout: Path) -> None:
-        self.cwd = checkout
+    def __init__(self, tmp: Path) -> None:
+        self.cwd = tmp
         self.tmp = tmp
         # FIRST_HOUR_API_PORT=8080 reproduces the doc's outputs exactly (when 8080 is free).
         self.api_port = int(os.environ.get("FIRST_HOUR_API_PORT") or free_port())
         home = tmp / "home"
         home.mkdir()
         self.env = {
-            "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
+            "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
             "HOME": str(home),
             "LANG": "C.UTF-8",
             "COLUMNS": "120",  # a terminal wide enough for the tables
@@ -264,11 +263,13 @@ class Walk:
         wait_for(up, timeout=60, what=lambda: f"`{command}` to be ready:\n{self.log(name)}")
         return self.log(name)
 
-    def run(self, command: str, timeout: float = 120) -> str:
+    def run(
+        self, command: str, timeout: float = 120, extra_env: dict[str, str] | None = None
+    ) -> str:
         done = subprocess.run(
             ["bash", "-c", command],
             cwd=self.cwd,
-            env=self.env,
+            env={**self.env, **(extra_env or {})},
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -281,7 +282,19 @@ class Walk:
     def step(self, step: Step) -> None:
         command, key = step.command, (step.command, step.occurrence)
         expected = KEY_LINES.get(key, [])
-        if command.startswith("export EDGEFLEET_URL="):
+        if command.split("#")[0].strip() == CLONE:
+            self.cwd = self.tmp / "edgefleet"
+            clean_checkout(self.cwd)
+            output = ""
+        elif command.split("#")[0].strip() == INSTALL:
+            output = self.run(command, timeout=900, extra_env=pip_environment())
+        elif command.split("#")[0].strip() == ACTIVATE:
+            output = ""
+            for line in self.run(f"{ACTIVATE} && env").splitlines():
+                name, _, value = line.partition("=")
+                if name in ("PATH", "VIRTUAL_ENV"):
+                    self.env[name] = value
+        elif command.startswith("export EDGEFLEET_URL="):
             printed = EXPORT.findall(self.log("controller"))
             assert printed, f"the controller printed no export line:\n{self.log('controller')}"
             assert EXPORT.fullmatch(command), command
@@ -345,28 +358,19 @@ class Walk:
 
 
 def test_first_hour(tmp_path: Path, broker_on_1883: None) -> None:
-    checkout = tmp_path / "edgefleet"
-    clean_checkout(checkout)
-    bin_dir = fresh_venv(tmp_path / "venv", checkout)
-    where = subprocess.run(
-        [
-            bin_dir / "python",
-            "-c",
-            "import agent, controller as c; print(agent.__file__, c.__file__)",
-        ],
-        cwd=tmp_path,
-        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    assert all(Path(p).is_relative_to(checkout) for p in where), where
-
     steps = doc_steps(DOC.read_text(encoding="utf-8"))
-    walk = Walk(tmp_path, bin_dir, checkout)
+    assert [s.command.split("#")[0].strip() for s in steps[:3]] == [CLONE, INSTALL, ACTIVATE]
+    walk = Walk(tmp_path)
     try:
         for step in steps:
             walk.step(step)
+            if step.command.startswith(ACTIVATE):
+                # The fresh .venv runs the checkout's code, not this test's environment.
+                where = walk.run(
+                    "python -c 'import agent, controller as c; print(agent.__file__, c.__file__)'"
+                ).split()
+                assert all(Path(p).is_relative_to(walk.cwd) for p in where), where
+                assert Path(walk.env["VIRTUAL_ENV"]) == walk.cwd / ".venv", walk.env
             if step.command.startswith(BACKGROUND[0]) and walk.restarted_at:
                 walk.heard_again()
         assert walk.background["agent"][0].poll() is None, "the agent keeps running"

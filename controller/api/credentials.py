@@ -5,7 +5,9 @@ password for the device (username = device id; only its hash is stored, the pass
 this answer and nowhere else), rewrites the embedded broker's password file from the
 database and reloads the broker; the answer carries what an agent config needs (broker URL
 with the port the broker really listens on, the controller's trusted signing keys).
-``DELETE`` removes the login and reloads the broker: the device can no longer connect.
+``DELETE`` removes the login and reloads the broker: the device can no longer connect; it
+is shown offline (state ``revoked``, event ``device.revoked``) and its retained status on
+the broker is cleared, so a restarted controller does not see it online again.
 With an external broker (``broker.url``) the controller cannot add users: 409, enrol with
 ``edgefleet devices enroll ID --password-file FILE`` on the broker's host instead.
 """
@@ -36,6 +38,8 @@ class EnrolmentTarget:
     """The embedded broker's URL; None with an external broker."""
     reload: Callable[[], None]
     """Rewrite the embedded broker's password file from the database and reload it."""
+    forget_status: Callable[[str], None] = lambda _device_id: None
+    """Clear a revoked device's retained status on the broker (it said "online")."""
     trusted_keys: list[Path] = field(default_factory=list)
 
 
@@ -114,11 +118,12 @@ def delete_credentials(request: Request, device_id: DeviceId, _token: Admin) -> 
     target = _target(request)
     db: Database = request.app.state.db
     with db.begin() as conn:
-        revoked = revoke_credential(conn, device_id)
+        revoked = revoke_credential(conn, device_id, now=request.app.state.clock())
     if not revoked:
         raise HTTPException(
             status_code=status.HTTP_404_NOT_FOUND,
             detail=f"device {device_id!r} has no broker login; nothing to revoke",
         )
     target.reload()
+    target.forget_status(device_id)
     return RevokedOut(device_id=device_id, revoked=True)

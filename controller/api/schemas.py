@@ -85,7 +85,11 @@ class StreamOut(_Out):
 class DeviceOut(_Out):
     id: str
     online: bool
-    state: str | None = Field(description="last status: online, offline (last will) or stopping")
+    state: str | None = Field(
+        description=(
+            "last status: online, offline (last will) or stopping; revoked after `devices revoke`"
+        )
+    )
     first_seen: float = Field(description="epoch seconds (controller clock)")
     last_seen: float
     status_ts: float | None

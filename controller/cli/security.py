@@ -178,6 +178,13 @@ def _enroll_over_api(
     with cli_state(ctx).client() as client:
         creds = client.create_credentials(device_id)
     keys = [k["path"] for k in creds["trusted_keys"]]
+    if not keys:
+        click.echo(
+            "warning: the controller trusts no signing key, so this device will refuse every "
+            "model update (no_trusted_keys): serve with --trusted-key PUBLIC_KEY "
+            "(models.trusted_keys) and enrol it again, or set [ota] trusted_keys on the device",
+            err=True,
+        )
     if out is not None:  # the keys go next to the config; it names them relatively
         keys = []
         for i, key in enumerate(creds["trusted_keys"]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -32,6 +33,14 @@ def controller() -> None:
     is_flag=True,
     help="Create a fresh admin token named 'dev', print it and write it to DATA_DIR/dev-token.",
 )
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A public key (PEM) model bundles must be signed with; repeat for more. Replaces "
+    "models.trusted_keys; `devices enroll` gives it to devices ([ota] trusted_keys).",
+)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
 @click.pass_context
 def serve(
@@ -44,6 +53,7 @@ def serve(
     port: int | None,
     mqtt_port: int | None,
     dev_token: bool,
+    trusted_keys: tuple[str, ...],
     log_level: str | None,
 ) -> None:
     """Run the controller: migrations, MQTT ingestion, HTTP API (until Ctrl-C/SIGTERM).
@@ -65,6 +75,7 @@ def serve(
             "api.port": port,
             "embedded_broker.port": mqtt_port,
             "log_level": log_level,
+            "models.trusted_keys": [str(Path(k).resolve()) for k in trusted_keys] or None,
         },
     )
     verbose = cli_state(ctx).verbose

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import secrets
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.engine import Connection
 
 from controller.broker import password_hash
-from controller.db.models import device_credentials
+from controller.db.models import device_credentials, devices, events
+
+REVOKED_STATE = "revoked"
+"""``devices.state`` of a device whose login was revoked, until it connects again."""
 
 
 def issue_credential(conn: Connection, device_id: str, *, now: float) -> str:
@@ -29,12 +32,34 @@ def issue_credential(conn: Connection, device_id: str, *, now: float) -> str:
     return password
 
 
-def revoke_credential(conn: Connection, device_id: str) -> bool:
-    """Remove the device's login; False when it had none."""
+def revoke_credential(conn: Connection, device_id: str, *, now: float) -> bool:
+    """Remove the device's login, mark it offline and record why; False when it had none.
+
+    The device cannot say it went offline itself: the broker drops it on the reload and
+    refuses its last will along with its login.
+    """
     result = conn.execute(
         delete(device_credentials).where(device_credentials.c.device_id == device_id)
     )
-    return bool(result.rowcount)
+    if not result.rowcount:
+        return False
+    known = conn.execute(
+        update(devices).where(devices.c.id == device_id).values(online=False, state=REVOKED_STATE)
+    ).rowcount
+    if known:
+        conn.execute(
+            events.insert().values(
+                device_id=device_id,
+                ts=now,
+                received_at=now,
+                code="device.revoked",
+                level="warning",
+                message="broker login revoked: the device can no longer connect "
+                "(enrol it again with `edgefleet devices enroll`)",
+                details={},
+            )
+        )
+    return True
 
 
 def broker_users(conn: Connection) -> list[tuple[str, str]]:

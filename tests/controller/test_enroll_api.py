@@ -394,7 +394,13 @@ def test_enrolled_agent_connects_survives_a_restart_and_revoke_locks_it_out(
 
         def seen_after_restart() -> bool:
             device = serve.device("cam-1")
-            return device is not None and device["online"] and device["last_seen"] > restarted
+            # status_ts too: the agent retains a fresh status on reconnect, not the old one.
+            return (
+                device is not None
+                and device["online"]
+                and device["last_seen"] > restarted
+                and (device["status_ts"] or 0.0) > restarted
+            )
 
         wait_for(seen_after_restart, timeout=60, what="cam-1 online after the restart")
 
@@ -419,9 +425,56 @@ def test_enrolled_agent_connects_survives_a_restart_and_revoke_locks_it_out(
         probe = Probe(port, "cam-1", password.group(1))
         probe.close()
         assert not probe.accepted, probe.events
+        # The controller shows it offline at once (its last will is refused with its login),
+        # says why, and still does after a restart (the retained "online" status is cleared).
+        device = serve.device("cam-1")
+        assert device is not None and not device["online"] and device["state"] == "revoked"
+        events = serve.cli("devices", "show", "cam-1") or ""
+        assert "device.revoked" in events, events
+        serve.stop()
+        serve.start()
+        time.sleep(2.0)  # the retained messages of the broker reach the new session
+        device = serve.device("cam-1")
+        assert device is not None and not device["online"] and device["state"] == "revoked"
     finally:
         if agent is not None:
             stop_agent(agent, timeout=15)
         serve.stop()
     assert agent is not None and agent.returncode is not None
     assert -agent.returncode != signal.SIGKILL
+
+
+def test_quick_start_without_a_signing_key_says_so_and_trusted_key_fixes_it(
+    tmp_path: Path,
+) -> None:
+    """The plain quick start (`serve --data-dir D --dev-token`) trusts no signing key: the
+    controller says so at start, `enroll` warns and the config says why updates are refused;
+    `serve --trusted-key` gives enrolled devices the key."""
+    _, public, key = generate_keys(tmp_path / "keys")
+    serve = Serve(tmp_path, "--mqtt-port", "0")
+    try:
+        started = serve.start()
+        assert "no trusted signing key" in started and "--trusted-key" in started
+        printed = serve.cli("devices", "enroll", "cam-1") or ""
+        assert "warning: the controller trusts no signing key" in printed
+        assert "# No trusted signing key: every model update is refused" in printed
+        config = tmp_path / "cam-1.toml"
+        config.write_text(printed[printed.index("# edgefleet agent configuration") :])
+        checked = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "check-config", str(config)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        serve.stop()
+
+        serve.args = ("--mqtt-port", "0", "--trusted-key", str(public))
+        started = serve.start()
+        assert f"model bundles must be signed with: {key}" in started
+        printed = serve.cli("devices", "enroll", "cam-1") or ""
+        assert "warning" not in printed
+        assert f'trusted_keys = ["{public}"]' in printed
+    finally:
+        serve.stop()
