@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -56,11 +57,12 @@ class Device(Base):
 
     id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
     first_seen: Mapped[float] = mapped_column(Double())
-    last_seen: Mapped[float] = mapped_column(Double())
+    last_seen: Mapped[float] = mapped_column(Double(), index=True)
     """When the controller last received any message of the device."""
     online: Mapped[bool] = mapped_column(Boolean(), default=False)
     state: Mapped[str | None] = mapped_column(String(SHORT_LEN))
-    """Last ``status.state``: online, offline (also the last will) or stopping."""
+    """Last ``status.state``: online, offline (also the last will) or stopping; ``revoked``
+    after ``devices revoke`` (controller.fleet.credentials)."""
     status_ts: Mapped[float | None] = mapped_column(Double())
     agent_version: Mapped[str | None] = mapped_column(String(VERSION_LEN))
     started_at: Mapped[float | None] = mapped_column(Double())
@@ -70,6 +72,10 @@ class Device(Base):
     """``desired_rev`` of the last reported state."""
     reported_at: Mapped[float | None] = mapped_column(Double())
     last_telemetry_at: Mapped[float | None] = mapped_column(Double())
+    cpu_percent: Mapped[float | None] = mapped_column(Double())
+    """From the latest telemetry message (like ``mem_percent`` and ``temp_c``)."""
+    mem_percent: Mapped[float | None] = mapped_column(Double())
+    temp_c: Mapped[float | None] = mapped_column(Double())
 
     __table_args__ = (Index("ix_devices_online", "online"),)
 
@@ -105,6 +111,10 @@ class DeviceStream(Base):
     gate: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     """The health gate's evidence for ``target`` (``protocol.GateEvidence`` as JSON)."""
     updated_at: Mapped[float] = mapped_column(Double())
+    fps: Mapped[float | None] = mapped_column(Double())
+    """From the latest telemetry message (like ``infer_ms_p95`` and ``latency_ms_p95``)."""
+    infer_ms_p95: Mapped[float | None] = mapped_column(Double())
+    latency_ms_p95: Mapped[float | None] = mapped_column(Double())
 
     __table_args__ = (Index("ix_device_streams_active_model", "active_model"),)
 
@@ -326,6 +336,26 @@ class DeviceCredential(Base):
     created_at: Mapped[float] = mapped_column(Double())
 
 
+class DeviceSnapshot(Base):
+    """The latest camera snapshot of a stream (agent ``[snapshots]``): a JPEG with the
+    detections drawn, and the detections themselves."""
+
+    __tablename__ = "device_snapshots"
+
+    device_id: Mapped[str] = mapped_column(
+        String(ID_LEN), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    stream: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    ts: Mapped[float] = mapped_column(Double())
+    """When the frame was captured (device clock)."""
+    received_at: Mapped[float] = mapped_column(Double())
+    model: Mapped[str | None] = mapped_column(String(MODEL_LEN))
+    width: Mapped[int] = mapped_column(Integer())
+    height: Mapped[int] = mapped_column(Integer())
+    detections: Mapped[list[dict[str, Any]]] = mapped_column(JSON(), default=list)
+    jpeg: Mapped[bytes] = mapped_column(LargeBinary())
+
+
 devices = cast(Table, Device.__table__)
 device_tags = cast(Table, DeviceTag.__table__)
 device_streams = cast(Table, DeviceStream.__table__)
@@ -337,3 +367,4 @@ rollouts = cast(Table, Rollout.__table__)
 rollout_devices = cast(Table, RolloutDevice.__table__)
 device_desired = cast(Table, DeviceDesired.__table__)
 device_credentials = cast(Table, DeviceCredential.__table__)
+device_snapshots = cast(Table, DeviceSnapshot.__table__)
