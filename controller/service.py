@@ -21,11 +21,12 @@ from typing import Any
 from controller.api import create_app
 from controller.api.auth import AuthLimiter
 from controller.api.credentials import EnrolmentTarget
+from controller.api.tls import check_api_tls
 from controller.blobstore import hosting_from_config
 from controller.broker import DEFAULT_PORT, EmbeddedBroker, port_configured
 from controller.config import ControllerConfig, LoadedConfig, convert_config
 from controller.db.session import Database
-from controller.errors import ConfigError, ControllerError
+from controller.errors import ControllerError
 from controller.fleet.credentials import broker_users
 from controller.fleet.retention import RetentionResult, apply_retention
 from controller.fleet.tokens import create_token, revoke_tokens_named
@@ -47,46 +48,6 @@ NO_TRUSTED_KEYS = (
 )
 DEV_TOKEN_NAME = "dev"  # noqa: S105 - the name of the token, not a secret
 DEV_TOKEN_FILE = "dev-token"  # noqa: S105 - a file name
-
-
-@dataclass(frozen=True, slots=True)
-class ApiTls:
-    """The HTTP API's TLS files, resolved and checked (they load into an SSL context)."""
-
-    cert_file: Path
-    key_file: Path
-    client_ca_file: Path | None
-
-
-def check_api_tls(loaded: LoadedConfig) -> ApiTls | None:
-    """The API's TLS settings, None for plain HTTP; ConfigError if the files do not load."""
-    api = loaded.config.api
-    if api.tls_cert_file is None or api.tls_key_file is None:
-        return None
-    tls = ApiTls(
-        cert_file=loaded.resolve(api.tls_cert_file),
-        key_file=loaded.resolve(api.tls_key_file),
-        client_ca_file=loaded.resolve(api.tls_client_ca_file) if api.tls_client_ca_file else None,
-    )
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        ctx.load_cert_chain(tls.cert_file, tls.key_file)
-    except (OSError, ssl.SSLError) as err:
-        raise ConfigError(
-            f"api.tls_cert_file {tls.cert_file} / api.tls_key_file {tls.key_file} cannot be "
-            f"loaded ({getattr(err, 'strerror', None) or err}): use a PEM certificate and its "
-            "unencrypted key, e.g. from `edgefleet certs issue NAME --kind server --ca-dir DIR`"
-        ) from err
-    if tls.client_ca_file is not None:
-        try:
-            ctx.load_verify_locations(cafile=tls.client_ca_file)
-        except (OSError, ssl.SSLError) as err:
-            raise ConfigError(
-                f"api.tls_client_ca_file {tls.client_ca_file} cannot be loaded "
-                f"({getattr(err, 'strerror', None) or err}): use the PEM CA certificate that "
-                "signs the client certificates (e.g. the ca.pem of `edgefleet certs init`)"
-            ) from err
-    return tls
 
 
 @dataclass(frozen=True, slots=True)
