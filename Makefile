@@ -6,15 +6,15 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help deb lock demo test install-dev install-runtime mosquitto promtool rtsp-deps lint typecheck pytest schemas bench clean
+.PHONY: help deb lock demo test install-dev install-runtime mosquitto chromium promtool rtsp-deps lint typecheck pytest schemas bench clean
 
 help:
 	@echo "make demo    - set up .venv and run the demo (agent + controller on the shipped model and video)"
-	@echo "make test    - set up .venv with dev tools, install Mosquitto if missing, run ruff, mypy, pytest"
+	@echo "make test    - set up .venv with dev tools, install Mosquitto and Chromium if missing, run ruff, mypy, pytest"
 	@echo "make schemas - regenerate docs/protocol/*.schema.json and docs/config/*.schema.json"
 	@echo "make deb     - build the edgefleet-agent Debian package into dist/"
 	@echo "make lock    - regenerate the hash-pinned lock files in requirements/ (PyPI)"
-	@echo "make bench   - run the benchmarks in bench/ (ingest, pipeline, a 1,000-device rollout, hot swap, health gate)"
+	@echo "make bench   - run the benchmarks in bench/ (ingest, pipeline, a 1,000-device rollout, hot swap, health gate, the fleet page at 10,000 devices, snapshots, local HTTP inference)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,14 @@ mosquitto:
 			"the embedded broker and the tests use it"; \
 		$(call apt_install_no_service,mosquitto,mosquitto); }
 
+# The console's browser tests (tests/browser/) drive Debian's Chromium through Playwright's
+# Python package (never `playwright install`: it launches /usr/bin/chromium). chromium ships
+# no service, but one of its recommended packages does (upower): left disabled, not started.
+chromium:
+	@[ -x /usr/bin/chromium ] || { \
+		echo "Installing Chromium (Debian package): the console's browser tests drive it"; \
+		$(call apt_install_no_service,chromium,upower); }
+
 # promtool checks packaging/prometheus/alerts.yml in the tests. Only its binary is taken out
 # of the Debian package prometheus (apt-get download, dpkg-deb -x) into $(PROMTOOL_DIR):
 # nothing is installed system-wide and no Prometheus server is enabled or started.
@@ -104,10 +112,10 @@ typecheck: $(VENV)/.dev
 # 9 minutes instead of 14 on a 2-core machine. `make pytest PYTEST_ARGS="-n 0 -x"` runs
 # it in one process.
 PYTEST_ARGS ?= -n 2
-pytest: install-dev mosquitto promtool rtsp-deps
+pytest: install-dev mosquitto chromium promtool rtsp-deps
 	PATH="$(abspath $(PROMTOOL_DIR)):$$PATH:/usr/sbin" $(VENV)/bin/pytest $(PYTEST_ARGS)
 
-test: install-dev mosquitto promtool rtsp-deps lint typecheck pytest
+test: install-dev mosquitto chromium promtool rtsp-deps lint typecheck pytest
 
 schemas: $(VENV)/.runtime
 	$(PY) -m protocol docs/protocol
@@ -120,6 +128,9 @@ bench: $(VENV)/.runtime
 	$(PY) -m bench.rollout
 	$(PY) -m bench.swap
 	$(PY) -m bench.gate
+	$(PY) -m bench.fleet
+	$(PY) -m bench.snapshots
+	$(PY) -m bench.http
 
 # The edgefleet-agent .deb (self-contained venv under /opt/edgefleet): docs/operations.md.
 # Build it on the devices' Debian release and architecture; DEB_ARGS passes options on.

@@ -17,11 +17,12 @@ from pathlib import Path
 from types import FrameType
 
 from agent import __version__
-from agent.config import LoadedConfig, StreamConfig, resolve_model
+from agent.config import LoadedConfig, StreamConfig, resolve_model, source_uri
 from agent.drift import StreamDrift
 from agent.errors import AgentError
 from agent.facts import collect_facts
 from agent.homeassistant import discovery_messages
+from agent.http_api import HttpApi, start_http
 from agent.metrics import AgentMetrics, serve_metrics
 from agent.ota import OtaError
 from agent.ota.manager import OtaManager
@@ -33,6 +34,7 @@ from agent.pipeline import ObserverGroup, StreamPipeline
 from agent.publisher import Publisher
 from agent.sdnotify import Notifier, ProgressWatchdog, ReadinessGate
 from agent.sequence import SequenceCounter
+from agent.snapshots import snapshot_worker
 from agent.sources import FrameSource
 from agent.spool.queue import Spool
 from agent.stream import StreamHandle
@@ -82,13 +84,6 @@ def tune_process() -> None:
     cv2.setNumThreads(1)
 
 
-def _source_uri(loaded: LoadedConfig, source: str) -> str:
-    """Resolve relative video file paths against the config file's folder."""
-    if "://" in source or source.isdigit() or source.startswith(("v4l2:", "/dev/")):
-        return source
-    return str(loaded.resolve(source))
-
-
 class AgentApp:
     """The device daemon. ``run()`` blocks until SIGTERM/SIGINT or every finite source ended."""
 
@@ -129,6 +124,7 @@ class AgentApp:
         self._telemetry: TelemetryLoop | None = None
         self._stop_metrics: Callable[[], None] | None = None
         self._ota: OtaManager | None = None
+        self._http: HttpApi | None = None
 
     # --- messages ------------------------------------------------------------------------
 
@@ -320,7 +316,7 @@ class AgentApp:
             return
         handle.source = FrameSource(
             name=cfg.name,
-            uri=_source_uri(self._loaded, cfg.source),
+            uri=source_uri(self._loaded, cfg.source),
             loop=cfg.loop,
             realtime=cfg.realtime,
             reconnect_min_s=cfg.reconnect_min_s,
@@ -336,6 +332,7 @@ class AgentApp:
             next_seq=next_seq,
             stats=handle.stats,
             observer=ObserverGroup(handle.health, handle.drift, self._ready.observer(handle.name)),
+            snapshots=snapshot_worker(self._config, cfg.name, self._publisher.publish_retained),
         )
         handle.pipeline.start()
         handle.source.start()
@@ -391,6 +388,7 @@ class AgentApp:
                 port=cfg.metrics.port,
             )
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.bind, cfg.metrics.port)
+        self._http = start_http(self._loaded, self.streams)
         interval = self._notifier.watchdog_interval_s
         if interval is not None:
             self._watchdog = ProgressWatchdog(
@@ -410,6 +408,7 @@ class AgentApp:
             agent_version=__version__,
             off_delay_s=ha.off_delay_s,
             prefix=ha.prefix,
+            cameras=self._config.snapshots.enabled,
         ):
             self._publisher.publish_retained(message.topic, message.payload)
         log.info("announced %d streams to Home Assistant (%s/…)", len(self.streams), ha.prefix)
@@ -456,6 +455,8 @@ class AgentApp:
             # Subscribers see `stopping` before the final `offline` replaces it.
             pub.flush_retained(timeout=0.5)
         self._stop.set()
+        if self._http is not None:
+            self._http.stop(timeout=0.5)
         sources = [h.source for h in self.streams if h.source is not None]
         for source in sources:
             source.request_stop()

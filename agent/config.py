@@ -124,6 +124,56 @@ class HomeAssistantConfig(ConfigSection, frozen=True, kw_only=True):
     (0 = only a frame without detections turns it off)."""
 
 
+class SnapshotsConfig(ConfigSection, frozen=True, kw_only=True):
+    """Camera snapshots (opt-in): the latest frame with a detection, boxes and labels drawn,
+    as a retained JPEG per stream on ``edgefleet/v1/{device}/snapshot/{stream}`` (and the raw
+    image on ``.../jpeg`` for Home Assistant's camera with ``[homeassistant] enabled``)."""
+
+    enabled: bool = False
+    interval_s: Annotated[float, Meta(ge=1.0, le=86400.0, description="seconds")] = 30.0
+    """At most one snapshot per stream per this many seconds."""
+    max_bytes: Annotated[int, Meta(ge=5000, le=180_000, description="bytes")] = 100_000
+    """Largest JPEG: a bigger one is encoded again at a lower quality, then at half the size;
+    one still bigger is dropped (counted in ``edgefleet_agent_snapshots_total``)."""
+    quality: Annotated[int, Meta(ge=30, le=95, description="JPEG quality")] = 80
+    """JPEG quality of the first try."""
+
+
+HttpToken = Annotated[
+    str,
+    Meta(
+        min_length=16,
+        max_length=256,
+        pattern=r"^[!-~]+$(?!\n)",
+        description="16-256 visible ASCII characters, e.g. `openssl rand -hex 24`",
+    ),
+]
+
+
+class HttpConfig(ConfigSection, frozen=True, kw_only=True):
+    """Local HTTP inference (opt-in, docs/http.md): POST a JPEG or PNG, get its detections in
+    the MQTT detections shape. Requests never starve the camera streams: a bounded queue
+    (503 with Retry-After when full) and their own low-priority inference threads."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    """Address to listen on; keep loopback unless other hosts must reach it (then set a token)."""
+    port: Port = 8090
+    token: HttpToken | None = None
+    """Bearer token every request except ``/healthz`` and ``/readyz`` must carry; better
+    ``token_file``, which keeps it out of the config."""
+    token_file: str | None = None
+    """File whose first line is the token; relative to the config file."""
+    max_queue: Annotated[int, Meta(ge=1, le=64, description="requests")] = 4
+    """Requests waiting for an inference thread; one more is answered 503 with Retry-After."""
+    max_concurrency: Annotated[int, Meta(ge=1, le=8, description="threads")] = 1
+    """Requests inferred at the same time (each thread has its own copy of the model)."""
+    max_body_bytes: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024, description="bytes")] = (
+        10 * 1024 * 1024
+    )
+    """Largest image body; a bigger one is answered 413 before it is read."""
+
+
 class OtaConfig(ConfigSection, frozen=True, kw_only=True):
     """Over-the-air model updates (docs/ota.md): desired state from the controller."""
 
@@ -213,6 +263,8 @@ class AgentConfig(ConfigSection, frozen=True, kw_only=True):
     drift: DriftConfig = msgspec.field(default_factory=DriftConfig)
     watchdog: WatchdogConfig = msgspec.field(default_factory=WatchdogConfig)
     homeassistant: HomeAssistantConfig = msgspec.field(default_factory=HomeAssistantConfig)
+    snapshots: SnapshotsConfig = msgspec.field(default_factory=SnapshotsConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     streams: list[StreamConfig]
 
 
@@ -254,6 +306,10 @@ def parse_config(text: str, *, source: str = "<config>") -> AgentConfig:
     except ProtocolError as err:
         raise ConfigError(f"{src.at('device_id')}: {err}") from err
     _check_streams(config.streams, src)
+    if config.http.token is not None and config.http.token_file is not None:
+        raise ConfigError(
+            f"{src.at('http', 'token_file')}: set http.token or http.token_file, not both"
+        )
     return config
 
 
@@ -336,6 +392,12 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
                 f"{p}: ota.trusted_keys: {loaded.resolve(key)} does not exist; copy the "
                 "controller's signing.pub there or fix the path"
             )
+    token_file = config.http.token_file
+    if token_file is not None and not loaded.resolve(token_file).is_file():
+        raise ConfigError(
+            f"{p}: http.token_file: {loaded.resolve(token_file)} does not exist; write the "
+            "token there (e.g. `openssl rand -hex 24 > FILE`, mode 0600) or fix the path"
+        )
     for s in config.streams:
         model = resolve_model(s.model, p.parent.resolve())
         if not model.is_file():

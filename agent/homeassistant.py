@@ -7,7 +7,10 @@ docs (https://www.home-assistant.io/integrations/mqtt/#mqtt-discovery):
   (``value_json.detections | length`` of the detections topic);
 - ``binary_sensor.edgefleet_{device}_{stream}_detected`` (device_class occupancy): ON
   while the last frame had detections, OFF after ``off_delay_s`` without any (the agent
-  publishes frames without detections only with ``publish_empty``).
+  publishes frames without detections only with ``publish_empty``);
+- with ``[snapshots] enabled``, ``camera.edgefleet_{device}_{stream}_snapshot``: the latest
+  snapshot, the raw JPEG on ``edgefleet/v1/{device}/snapshot/{stream}/jpeg`` (Home
+  Assistant's MQTT camera reads image bytes, not JSON).
 
 Both read availability from the retained status topic (``value_json.state``: online /
 offline, the broker's last will sets offline). Discovery configs are published retained,
@@ -20,7 +23,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from protocol import detections_topic, status_topic, validate_device_id
+from protocol import detections_topic, snapshot_jpeg_topic, status_topic, validate_device_id
 
 DISCOVERY_PREFIX = "homeassistant"
 MANUFACTURER = "edgefleet"
@@ -153,6 +156,28 @@ def detected_sensor_config(
     return config
 
 
+def camera_config(
+    *,
+    device_id: str,
+    stream: str,
+    agent_version: str,
+    device_model: str = "edgefleet agent",
+) -> dict[str, Any]:
+    """The discovery config of the snapshot camera of one stream (``[snapshots]``)."""
+    config = _common(
+        device_id=device_id,
+        stream=stream,
+        component="camera",
+        suffix="snapshot",
+        name=f"{stream} snapshot",
+        agent_version=agent_version,
+        device_model=device_model,
+    )
+    del config["state_topic"], config["qos"]
+    config.update(topic=snapshot_jpeg_topic(device_id, stream), icon="mdi:cctv")
+    return config
+
+
 def discovery_messages(
     *,
     device_id: str,
@@ -161,8 +186,10 @@ def discovery_messages(
     device_model: str = "edgefleet agent",
     off_delay_s: int = 5,
     prefix: str = DISCOVERY_PREFIX,
+    cameras: bool = False,
 ) -> list[DiscoveryMessage]:
-    """Retained discovery configs (sensor + binary_sensor) for every stream of a device."""
+    """Retained discovery configs (sensor + binary_sensor, and a camera with ``cameras``:
+    ``[snapshots] enabled``) for every stream of a device."""
     validate_device_id(device_id)
     messages: list[DiscoveryMessage] = []
     for stream in streams:
@@ -191,18 +218,40 @@ def discovery_messages(
                 _encode(detected),
             )
         )
+        if cameras:
+            camera = camera_config(
+                device_id=device_id,
+                stream=stream,
+                agent_version=agent_version,
+                device_model=device_model,
+            )
+            messages.append(
+                DiscoveryMessage(
+                    discovery_topic("camera", device_id, stream, "snapshot", prefix=prefix),
+                    _encode(camera),
+                )
+            )
     return messages
 
 
 def removal_messages(
-    *, device_id: str, streams: Sequence[str], prefix: str = DISCOVERY_PREFIX
+    *,
+    device_id: str,
+    streams: Sequence[str],
+    prefix: str = DISCOVERY_PREFIX,
+    cameras: bool = False,
 ) -> list[DiscoveryMessage]:
-    """Empty retained payloads that make Home Assistant remove the entities again."""
+    """Empty retained payloads that make Home Assistant remove the entities again
+    (``cameras``: the snapshot cameras too)."""
     validate_device_id(device_id)
     messages: list[DiscoveryMessage] = []
     for stream in streams:
         detections_topic(device_id, stream)  # validates the stream name
-        for component, suffix in (("sensor", "count"), ("binary_sensor", "detected")):
+        for component, suffix in (
+            ("sensor", "count"),
+            ("binary_sensor", "detected"),
+            *((("camera", "snapshot"),) if cameras else ()),
+        ):
             messages.append(
                 DiscoveryMessage(
                     discovery_topic(component, device_id, stream, suffix, prefix=prefix), b""

@@ -6,7 +6,7 @@ inference loop pays nothing for metrics.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -31,6 +31,8 @@ class StreamMetrics:
     latency_ms_p95: float | None
     last_progress_age_s: float | None
     score_psi: float | None = None
+    snapshots: Mapping[str, int] | None = None
+    """Snapshots by result (published, too_large, skipped); None with ``[snapshots]`` off."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +122,13 @@ class AgentCollector(Collector):
                 "Drift KPI: PSI of recent detection scores against the active model's baseline",
                 labels=["stream"],
             ),
+            "snapshots": CounterMetricFamily(
+                "edgefleet_agent_snapshots",
+                "Camera snapshots by result: published, too_large (over max_bytes even at the "
+                "lowest quality and half size: dropped), skipped (replaced by a newer frame "
+                "before it was encoded, or failed)",
+                labels=["stream", "result"],
+            ),
             "progress_age": GaugeMetricFamily(
                 "edgefleet_stream_last_inference_age_seconds",
                 "Seconds since the last finished inference",
@@ -144,6 +153,8 @@ class AgentCollector(Collector):
                     families[key].add_metric([s.name], value / 1000.0)
             if s.score_psi is not None:
                 families["score_psi"].add_metric([s.name], s.score_psi)
+            for result, n in (s.snapshots or {}).items():
+                families["snapshots"].add_metric([s.name, result], n)
             if s.last_progress_age_s is not None:
                 families["progress_age"].add_metric([s.name], s.last_progress_age_s)
         yield from families.values()

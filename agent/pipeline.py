@@ -18,6 +18,7 @@ from agent.config import StreamConfig
 from agent.errors import AgentError
 from agent.ota.shadow import ShadowOutcome, ShadowRunner
 from agent.publisher import RefusedLog
+from agent.snapshots import SnapshotWorker
 from agent.sources import Frame, FrameSource
 from agent.stats import StreamStats
 from inference.detector import Detector, Prepared
@@ -90,8 +91,12 @@ class StreamPipeline:
         next_seq: Callable[[], int],
         stats: StreamStats | None = None,
         observer: FrameObserver | None = None,
+        snapshots: SnapshotWorker | None = None,
     ) -> None:
+        """``snapshots``: takes the frames with detections as camera snapshots (``[snapshots]``);
+        the pipeline starts and stops it with itself."""
         self.name = config.name
+        self.snapshots = snapshots
         self._observer = observer
         self._config = config
         self._source = source
@@ -121,11 +126,15 @@ class StreamPipeline:
         return self._detector
 
     def start(self) -> None:
+        if self.snapshots is not None:
+            self.snapshots.start()
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
+        if self.snapshots is not None:
+            self.snapshots.stop()
 
     def swap_detector(self, new: Detector, timeout: float = 10.0) -> Detector:
         """Switch to ``new`` between two frames; return the old detector (caller closes it).
@@ -212,10 +221,7 @@ class StreamPipeline:
             detections = [d for d in detections if d.label in self._labels]
         if len(detections) > MAX_DETECTIONS:  # best first: keep the best
             detections = detections[:MAX_DETECTIONS]
-        if detections or self._config.publish_empty:
-            payload = self._encode(frame, detector, result.infer_ms, detections)
-            if payload is not None:
-                self._publish(self._topic, payload)
+        self._emit(frame, detector, result.infer_ms, detections)
         self.stats.record(
             infer_ms=result.infer_ms,
             latency_ms=(time.monotonic() - frame.mono) * 1000.0,
@@ -227,6 +233,17 @@ class StreamPipeline:
             if ahead is None:
                 ahead = shadow.run(frame.image, detector, prepared)
             shadow.record(result, ahead)
+
+    def _emit(
+        self, frame: Frame, detector: Detector, infer_ms: float, detections: list[Detection]
+    ) -> None:
+        """Publish the frame's detections message; offer the frame as a snapshot."""
+        if detections or self._config.publish_empty:
+            payload = self._encode(frame, detector, infer_ms, detections)
+            if payload is not None:
+                self._publish(self._topic, payload)
+        if self.snapshots is not None and detections:
+            self.snapshots.offer(frame.image, frame.ts, detector.ref, detections)
 
     @property
     def refused(self) -> int:

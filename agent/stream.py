@@ -72,6 +72,7 @@ class StreamHandle:
 
     def metrics(self) -> StreamMetrics:
         snap = self.stats.snapshot()
+        shots = self.pipeline.snapshots if self.pipeline is not None else None
         src = self.source.stats() if self.source else None
         return StreamMetrics(
             name=self.name,
@@ -91,6 +92,7 @@ class StreamHandle:
             if snap.last_progress
             else None,
             score_psi=self.drift.psi(),
+            snapshots=shots.counts() if shots is not None else None,
         )
 
     def stop_pipeline(self, timeout: float) -> None:

@@ -65,6 +65,7 @@ DEVICE_ACL = (
     "pattern write edgefleet/v1/%u/reported",
     "pattern write edgefleet/v1/%u/events",
     "pattern write edgefleet/v1/%u/detections/#",
+    "pattern write edgefleet/v1/%u/snapshot/#",
     "pattern read edgefleet/v1/%u/desired",
     "pattern write homeassistant/+/%u/+/config",
 )

@@ -140,7 +140,7 @@ class IngestCollector(Collector):
         rejected = CounterMetricFamily(
             "edgefleet_ingest_rejected",
             "MQTT messages refused and not stored, by kind and reason (too_large, not_json, "
-            "invalid, out_of_bounds, topic_mismatch, nul, topic, empty, error, database)",
+            "invalid, out_of_bounds, topic_mismatch, nul, not_jpeg, topic, empty, error, database)",
             labels=["kind", "reason"],
         )
         for (kind, reason), n in sorted(s.rejected_by_reason.items()):

@@ -171,6 +171,7 @@ class Controller:
         b = self.broker
         lines = [
             f"edgefleet controller: API {self.api_url} (OpenAPI: {self.api_url}/docs)",
+            f"  console: {self.api_url}/ui/ (log in with an API token)",
             f"  database: {self.db.url}",
         ]
         if self.tls is not None:

@@ -43,7 +43,7 @@ def schemas() -> dict[str, dict[str, Any]]:
             if kind != "manifest"
             else "edgefleet model manifest",
             "description": f"Payload of {TOPIC_ROOT}/{{device_id}}/{kind}"
-            + ("/{stream}" if kind == "detections" else "")
+            + ("/{stream}" if kind in ("detections", "snapshot") else "")
             if kind != "manifest"
             else "manifest.json of a model bundle",
             **doc,

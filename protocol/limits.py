@@ -55,6 +55,12 @@ MAX_FACTS: Final = 32
 """Entries of ``status.facts``."""
 MAX_DETAILS: Final = 32
 """Entries of ``events.details``."""
+MAX_SNAPSHOT_DETECTIONS: Final = 50
+"""Detections listed with a snapshot (the best ones; the JPEG shows the same)."""
+MAX_SNAPSHOT_JPEG_BYTES: Final = 180_000
+"""Largest JPEG of a snapshot (the agent's ``[snapshots] max_bytes`` caps it lower)."""
+MAX_SNAPSHOT_JPEG_B64: Final = 4 * ((MAX_SNAPSHOT_JPEG_BYTES + 2) // 3)
+"""Its length in base64 characters (240,000)."""
 
 # --- string lengths ---------------------------------------------------------------------
 
@@ -96,6 +102,7 @@ MODEL_VERSION_PATTERN: Final = _whole(_MODEL_VERSION)
 MODEL_REF_PATTERN: Final = _whole(f"{MODEL_NAME_BODY}@{_MODEL_VERSION}")
 CODE_PATTERN: Final = _whole(r"[a-z0-9][a-z0-9_.-]{0,99}")
 SHA256_PATTERN: Final = _whole(r"[0-9a-f]{64}")
+BASE64_PATTERN: Final = _whole(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 
 RULES: Final[dict[str, str]] = {
     ID_PATTERN: "1-64 characters of a-z, 0-9, '_' or '-', starting with a letter or digit",
@@ -104,6 +111,7 @@ RULES: Final[dict[str, str]] = {
     MODEL_REF_PATTERN: "name@version (a model name, '@', a model version)",
     CODE_PATTERN: "a code of 1-100 of a-z, 0-9, '.', '_' or '-', e.g. source.failed",
     SHA256_PATTERN: "64 lowercase hex digits",
+    BASE64_PATTERN: "standard base64 (A-Z, a-z, 0-9, '+', '/', '=' padding; no line breaks)",
 }
 """Each pattern in words, for error messages."""
 _REGEX_IN_ERROR = re.compile(r"matching regex '((?:[^'\\]|\\.)*)'")
@@ -128,10 +136,12 @@ MAX_MESSAGE_BYTES: Final[dict[str, int]] = {
     "desired": 256 * 1024,
     "reported": 256 * 1024,
     "events": 32 * 1024,
+    "snapshot": 256 * 1024,
 }
 """Largest payload per topic kind (``detections`` without its stream). Each holds a message
 whose every field is at its bound with ASCII text (tests/test_protocol_bounds.py: status
-59 KB, telemetry 32 KB, detections 249 KB, desired 179 KB, reported 228 KB, events 13 KB);
+59 KB, telemetry 32 KB, detections 249 KB, desired 179 KB, reported 228 KB, events 13 KB,
+snapshot 253 KB);
 status and events have room for error text that is not ASCII (up to 4 bytes a character)."""
 
 BROKER_MESSAGE_SIZE_LIMIT: Final = max(MAX_MESSAGE_BYTES.values())
@@ -160,6 +170,15 @@ ReasonText = Annotated[str, Meta(max_length=MAX_REASON_LEN)]
 SummaryText = Annotated[str, Meta(max_length=MAX_SUMMARY_LEN)]
 Url = Annotated[str, Meta(min_length=1, max_length=MAX_URL_LEN)]
 Signature = Annotated[str, Meta(max_length=MAX_SIGNATURE_LEN)]
+JpegBase64 = Annotated[
+    str,
+    Meta(
+        min_length=4,
+        max_length=MAX_SNAPSHOT_JPEG_B64,
+        pattern=BASE64_PATTERN,
+        description="a JPEG image, standard base64",
+    ),
+]
 
 Timestamp = Annotated[
     float, Meta(ge=MIN_TS, le=MAX_TS, description="UNIX epoch seconds, 1970 to 2100")

@@ -24,6 +24,7 @@ from protocol.limits import (
     MAX_DETECTIONS,
     MAX_FACTS,
     MAX_INSTALLED,
+    MAX_SNAPSHOT_DETECTIONS,
     MAX_STREAMS,
     AgentVersion,
     Code,
@@ -32,6 +33,7 @@ from protocol.limits import (
     ErrorText,
     Fps,
     Id,
+    JpegBase64,
     Key,
     Label,
     MessageText,
@@ -342,6 +344,29 @@ class Event(_Message, frozen=True, kw_only=True):
     )
 
 
+# --- snapshot -------------------------------------------------------------------------
+
+
+class Snapshot(_Message, frozen=True, kw_only=True):
+    """The latest camera snapshot of a stream (retained): a JPEG of a frame with at least one
+    detection, boxes and labels drawn, published at most once per the agent's
+    ``[snapshots] interval_s``."""
+
+    device_id: Id
+    stream: Id
+    ts: Timestamp
+    """When the frame was captured (device clock)."""
+    model: ModelRefText | None
+    """``name@version`` of the model whose detections are drawn."""
+    width: Side
+    height: Side
+    """Of the JPEG (half the frame's when the agent downscaled it to fit ``max_bytes``)."""
+    detections: Annotated[list[Detection], Meta(max_length=MAX_SNAPSHOT_DETECTIONS)]
+    """The detections drawn (boxes normalized to the image, best first)."""
+    jpeg: JpegBase64
+    """The JPEG file, standard base64."""
+
+
 MESSAGE_TYPES: dict[str, type[_Message]] = {
     "status": Status,
     "telemetry": Telemetry,
@@ -349,8 +374,9 @@ MESSAGE_TYPES: dict[str, type[_Message]] = {
     "desired": Desired,
     "reported": Reported,
     "events": Event,
+    "snapshot": Snapshot,
 }
-"""Topic kind (last level, ``detections`` without its stream) to message type."""
+"""Topic kind (``detections`` and ``snapshot`` without their stream) to message type."""
 
 M = TypeVar("M", bound=_Message)
 

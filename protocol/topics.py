@@ -20,7 +20,8 @@ _STREAM_NAME = _DEVICE_ID
 
 
 class Kind(str, enum.Enum):
-    """The topic kinds below a device: the last topic level (``detections`` adds the stream)."""
+    """The topic kinds below a device: the level after the device id (``detections`` and
+    ``snapshot`` add the stream)."""
 
     STATUS = "status"
     TELEMETRY = "telemetry"
@@ -28,6 +29,13 @@ class Kind(str, enum.Enum):
     DESIRED = "desired"
     REPORTED = "reported"
     EVENTS = "events"
+    SNAPSHOT = "snapshot"
+
+
+STREAM_KINDS = frozenset({Kind.DETECTIONS, Kind.SNAPSHOT})
+"""Kinds whose topic ends with a stream name."""
+JPEG_LEVEL = "jpeg"
+"""Last level of a snapshot's raw-JPEG topic (for Home Assistant's MQTT camera)."""
 
 
 def validate_device_id(device_id: str) -> str:
@@ -52,7 +60,7 @@ def validate_stream_name(stream: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Topic:
-    """A parsed edgefleet topic. ``stream`` is set only for detections."""
+    """A parsed edgefleet topic. ``stream`` is set only for detections and snapshots."""
 
     device_id: str
     kind: Kind
@@ -66,12 +74,14 @@ class Topic:
 def topic(device_id: str, kind: Kind, stream: str | None = None) -> str:
     """Build a topic string, validating the device id and stream name."""
     validate_device_id(device_id)
-    if kind is Kind.DETECTIONS:
+    if kind in STREAM_KINDS:
         if stream is None:
-            raise ProtocolError("a detections topic needs a stream name")
+            raise ProtocolError(f"a {kind.value} topic needs a stream name")
         validate_stream_name(stream)
     elif stream is not None:
-        raise ProtocolError(f"only detections topics carry a stream name, not {kind.value}")
+        raise ProtocolError(
+            f"only detections and snapshot topics carry a stream name, not {kind.value}"
+        )
     return str(Topic(device_id, kind, stream))
 
 
@@ -85,6 +95,17 @@ def telemetry_topic(device_id: str) -> str:
 
 def detections_topic(device_id: str, stream: str) -> str:
     return topic(device_id, Kind.DETECTIONS, stream)
+
+
+def snapshot_topic(device_id: str, stream: str) -> str:
+    """The retained JSON snapshot (:class:`protocol.messages.Snapshot`) of a stream."""
+    return topic(device_id, Kind.SNAPSHOT, stream)
+
+
+def snapshot_jpeg_topic(device_id: str, stream: str) -> str:
+    """The retained raw JPEG of a stream's snapshot (Home Assistant's MQTT camera reads
+    image bytes); published only with ``[homeassistant] enabled``."""
+    return f"{snapshot_topic(device_id, stream)}/{JPEG_LEVEL}"
 
 
 def desired_topic(device_id: str) -> str:
@@ -112,10 +133,16 @@ def parse_topic(value: str) -> Topic:
         raise ProtocolError(
             f"topic {value!r}: unknown kind {parts[3]!r} (known: {known})"
         ) from None
-    if kind is Kind.DETECTIONS:
+    if kind in STREAM_KINDS:
         if len(parts) != 5:
+            jpeg = (
+                f" ({kind.value}/{{stream}}/{JPEG_LEVEL} is the raw image for Home Assistant, "
+                "not a message)"
+                if kind is Kind.SNAPSHOT and len(parts) == 6 and parts[5] == JPEG_LEVEL
+                else ""
+            )
             raise ProtocolError(
-                f"topic {value!r}: detections topics end with /detections/{{stream}}"
+                f"topic {value!r}: {kind.value} topics end with /{kind.value}/{{stream}}{jpeg}"
             )
         return Topic(device_id, kind, validate_stream_name(parts[4]))
     if len(parts) != 4:
@@ -132,7 +159,7 @@ def subscription(kind: Kind, *, device_id: str = "+", shared_group: str | None =
     if device_id != "+":
         validate_device_id(device_id)
     filt = f"{TOPIC_ROOT}/{device_id}/{kind.value}"
-    if kind is Kind.DETECTIONS:
+    if kind in STREAM_KINDS:
         filt += "/+"
     if shared_group is not None:
         filt = f"$share/{shared_group}/{filt}"

@@ -4,7 +4,8 @@ Every kind the controller subscribes to, through the real decode + enqueue
 (``Ingestor.handle``) and write path into a real SQLite file, and once through a real
 Mosquitto to the real subscriber and writer thread. The oracle is independent of the code
 under test: the exported JSON Schemas (docs/protocol, checked with ``jsonschema``), the
-size limits, UTF-8 without NUL or lone surrogates, and the topic's device. Asserted: nothing
+size limits, UTF-8 without NUL or lone surrogates, the topic's device (and stream), and a
+snapshot's ``jpeg`` being base64 of a JPEG (FF D8 FF). Asserted: nothing
 raises, a message is stored exactly when the oracle accepts it (so good input generated
 within the bounds IS stored), nothing outside the bounds reaches the database, and a burst
 of hostile messages does not grow the process's memory.
@@ -12,9 +13,12 @@ of hostile messages does not grow the process's memory.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import gc
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +47,10 @@ from tests.waiting import wait_for
 
 DEVICE = "cam-1"
 KINDS = [k.value for k in INGESTED_KINDS]
+STREAM_KINDS = ("snapshot",)
+"""Kinds whose topic ends with a stream name (``.../{kind}/{stream}``)."""
+RETAINED = ("status", "reported", "snapshot")
+"""An empty payload on these clears a retained topic."""
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --- the oracle --------------------------------------------------------------------------
@@ -71,12 +79,27 @@ def _bad_text(value: Any) -> bool:
     return False
 
 
+def kind_of(topic: str) -> str:
+    parts = topic.split("/")
+    return parts[3] if len(parts) > 3 else ""
+
+
+def _jpeg_ok(value: Any) -> bool:
+    try:
+        return base64.b64decode(value, validate=True).startswith(b"\xff\xd8\xff")
+    except (binascii.Error, ValueError, TypeError):
+        return False
+
+
 def acceptable(topic: str, payload: bytes) -> bool:
     """What the protocol says of a message on ``topic``, without the code under test."""
     parts = topic.split("/")
-    if len(parts) != 4 or parts[3] not in KINDS or not payload:
+    kind = kind_of(topic)
+    levels = 5 if kind in STREAM_KINDS else 4
+    stream_ok = levels == 4 or re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", parts[-1])
+    if len(parts) != levels or kind not in KINDS or not payload or not stream_ok:
         return False
-    kind, device = parts[3], parts[2]
+    device = parts[2]
     if len(payload) > L.MAX_MESSAGE_BYTES[kind]:
         return False
     try:
@@ -85,7 +108,11 @@ def acceptable(topic: str, payload: bytes) -> bool:
         return False
     if _bad_text(doc) or not VALIDATORS[kind].is_valid(doc):
         return False
-    return bool(doc.get("device_id") == device)
+    return (
+        doc.get("device_id") == device
+        and (levels == 4 or doc.get("stream") == parts[4])
+        and (kind != "snapshot" or _jpeg_ok(doc.get("jpeg")))
+    )
 
 
 # --- messages within the bounds, derived from the message types ---------------------------
@@ -113,6 +140,9 @@ PATTERNS: dict[str, st.SearchStrategy[str]] = {
     L.MODEL_REF_PATTERN: st.builds("{}@{}".format, _NAME, _VERSION),
     L.CODE_PATTERN: _word(_ALNUM, _ALNUM + "_.-", 100),
     L.SHA256_PATTERN: st.text("0123456789abcdef", min_size=64, max_size=64),
+    L.BASE64_PATTERN: st.binary(min_size=1, max_size=40).map(
+        lambda b: base64.b64encode(b"\xff\xd8\xff" + b).decode()  # a JPEG's first bytes
+    ),
 }
 """Text matching each pattern of protocol.limits (from_regex is ten times slower)."""
 
@@ -243,6 +273,8 @@ def _set(doc: Any, path: tuple[Any, ...], value: Any) -> None:
 def hostile(draw: st.DrawFn) -> tuple[str, bytes]:
     kind, message = draw(good_messages)
     doc = msgspec.to_builtins(message)
+    if kind == "snapshot" and draw(st.booleans()):  # valid base64, but of what?
+        doc["jpeg"] = base64.b64encode(draw(st.binary(min_size=3, max_size=40))).decode()
     for _ in range(draw(st.integers(0, 3))):
         paths = _paths(doc)
         if not paths:
@@ -274,12 +306,16 @@ def hostile(draw: st.DrawFn) -> tuple[str, bytes]:
         payload = payload[: draw(st.integers(0, len(payload)))]
     topic_kind = draw(st.sampled_from([kind, kind, kind, *KINDS]))
     device = draw(st.sampled_from([DEVICE, DEVICE, DEVICE, "cam-2"]))
+    stream = getattr(message, "stream", None) or "front"
+    if topic_kind in STREAM_KINDS:
+        topic_kind += "/" + draw(st.sampled_from([stream, stream, stream, "front", "Bad"]))
     return f"edgefleet/v1/{device}/{topic_kind}", payload
 
 
 def good(kind_message: tuple[str, Any]) -> tuple[str, bytes]:
     kind, message = kind_message
-    return f"edgefleet/v1/{DEVICE}/{kind}", encode(message)
+    level = f"{kind}/{message.stream}" if kind in STREAM_KINDS else kind
+    return f"edgefleet/v1/{DEVICE}/{level}", encode(message)
 
 
 # --- the database ------------------------------------------------------------------------
@@ -317,6 +353,8 @@ def assert_stored_within_bounds(db: Database) -> None:
         d = conn.execute(
             text("SELECT min(desired_rev), max(desired_rev), max(status_ts) FROM devices")
         ).one()
+        jpegs = [bytes(r[0]) for r in conn.execute(text("SELECT jpeg FROM device_snapshots"))]
+    assert all(j.startswith(b"\xff\xd8\xff") for j in jpegs), "only JPEGs are stored"
     if t[0] is not None:
         assert t[0] >= L.MIN_TS and t[1] <= L.MAX_TS
         assert t[2] >= 0 and t[3] <= L.MAX_SAFE_INT and t[4] <= L.MAX_SAFE_INT
@@ -332,7 +370,8 @@ def assert_stored_within_bounds(db: Database) -> None:
 
 
 def expected(topic: str, payload: bytes) -> str:
-    if not payload and topic.rsplit("/", 1)[1] in ("status", "reported"):
+    levels = 5 if kind_of(topic) in STREAM_KINDS else 4
+    if not payload and kind_of(topic) in RETAINED and len(topic.split("/")) == levels:
         return "ignored"  # clears a retained topic
     return "queued" if acceptable(topic, payload) else "malformed"
 
@@ -343,15 +382,13 @@ def ingest(db: Database, batch: list[tuple[str, bytes]]) -> None:
     outcomes = [ingestor.handle(topic, payload) for topic, payload in batch]  # never raises
     for (topic, payload), outcome in zip(batch, outcomes, strict=True):
         assert outcome == expected(topic, payload), (topic, payload[:300])
-        hypothesis.event(f"{topic.rsplit('/', 1)[1]}: {outcome}")
+        hypothesis.event(f"{kind_of(topic)}: {outcome}")
     ingestor.write_pending()
     snap = ingestor.snapshot()
     assert snap.rejected == 0, f"decoded but refused by the database: {snap.malformed_by_kind}"
     assert snap.stored == outcomes.count("queued")
     after = counts(db)
-    stored = [
-        t.rsplit("/", 1)[1] for (t, _), o in zip(batch, outcomes, strict=True) if o == "queued"
-    ]
+    stored = [kind_of(t) for (t, _), o in zip(batch, outcomes, strict=True) if o == "queued"]
     assert after["telemetry"] - before["telemetry"] == stored.count("telemetry")
     assert after["events"] - before["events"] == stored.count("events")
     assert_stored_within_bounds(db)
@@ -371,7 +408,7 @@ def test_good_messages_of_every_kind_generated_within_the_bounds_are_stored(
     db: Database, batch: list[tuple[str, bytes]]
 ) -> None:
     for topic, payload in batch:
-        kind = topic.rsplit("/", 1)[1]
+        kind = kind_of(topic)
         if len(payload) <= L.MAX_MESSAGE_BYTES[kind]:  # non-ASCII text at its bounds may not be
             assert acceptable(topic, payload), "the oracle accepts what the types generate"
     ingest(db, batch)
@@ -486,7 +523,7 @@ def test_through_a_real_broker_the_ingestion_loop_stores_exactly_the_acceptable_
     assert ingestor.wait_idle(15)
     assert ingestor.stats.rejected == 0
     after = counts(db)
-    ok = [t.rsplit("/", 1)[1] for t, p in batch if acceptable(t, p)]
+    ok = [kind_of(t) for t, p in batch if acceptable(t, p)]
     assert after["telemetry"] - before["telemetry"] == ok.count("telemetry")
     assert after["events"] - before["events"] == ok.count("events")
     assert_stored_within_bounds(db)

@@ -45,7 +45,7 @@ def _detections(**over: object) -> Detections:
 
 def test_topics_round_trip_for_every_kind() -> None:
     for kind in Kind:
-        stream = "front" if kind is Kind.DETECTIONS else None
+        stream = "front" if kind in (Kind.DETECTIONS, Kind.SNAPSHOT) else None
         text = protocol.topic("cam-01", kind, stream)
         assert text.startswith("edgefleet/v1/cam-01/")
         parsed = parse_topic(text)

@@ -36,6 +36,7 @@ from protocol import (
     ModelRef,
     ProtocolError,
     Reported,
+    Snapshot,
     Status,
     StreamReport,
     StreamStatus,
@@ -344,6 +345,18 @@ def _worst_cases() -> dict[str, msgspec.Struct]:
             stream=uid(1),
             phase="downloading",
             details={uid(i): "d" * L.MAX_VALUE_LEN for i in range(L.MAX_DETAILS)},
+        ),
+        "snapshot": Snapshot(
+            schema=1,
+            device_id=uid(0),
+            stream=uid(1),
+            ts=F,
+            model=REF,
+            width=L.MAX_FRAME_SIDE,
+            height=L.MAX_FRAME_SIDE,
+            detections=[Detection(label="l" * L.MAX_LABEL_LEN, score=F, box=(F, F, F, F))]
+            * L.MAX_SNAPSHOT_DETECTIONS,
+            jpeg="A" * L.MAX_SNAPSHOT_JPEG_B64,
         ),
     }
 

@@ -18,6 +18,8 @@ from controller.api.params import MAX_JSON_BODY_BYTES
 from controller.api.rollouts import router as rollouts_router
 from controller.api.routes import router
 from controller.api.schemas import Health
+from controller.api.snapshots import router as snapshots_router
+from controller.console import install as install_console
 from controller.db.session import Database
 from controller.ingest.stats import IngestSnapshot
 from controller.metrics import build_registry
@@ -58,6 +60,8 @@ def create_app(
     app.include_router(models_router)
     app.include_router(rollouts_router)
     app.include_router(credentials_router)
+    install_console(app)  # the web console under /ui (controller.console)
+    app.include_router(snapshots_router)
 
     @app.get("/healthz", tags=["ops"], responses={503: {"model": Health}})
     def healthz(request: Request) -> Response:

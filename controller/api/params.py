@@ -16,6 +16,7 @@ from annotated_types import Ge, Gt, Le, MaxLen
 from pydantic import AllowInfNan, StringConstraints
 
 from controller.fleet.devices import MAX_TAGS_PER_DEVICE
+from controller.fleet.listing import MAX_QUERY_LEN
 from controller.rollouts.spec import TAG_BODY, VERSION_BODY
 from protocol.limits import MODEL_NAME_BODY, NAME_BODY
 from protocol.messages import EventLevel
@@ -109,6 +110,9 @@ ModelVersion = Annotated[str, _text(MODEL_VERSION_PATTERN, 64)]
 ModelRef = Annotated[str, _text(MODEL_REF_PATTERN, MAX_MODEL_REF_LEN)]
 ModelFilter = Annotated[str, _text(NO_CONTROL, MAX_MODEL_REF_LEN, 1)]
 """``name@version`` as a filter (matched exactly; an unknown one matches nothing)."""
+FleetSearch = Annotated[str, _text(NO_CONTROL, MAX_QUERY_LEN)]
+"""Free text of the device listings: a device id, tag or model substring (any case; empty:
+no filter)."""
 StreamSpec = Annotated[str, _text(STREAM_PATTERN, 64)]
 SelectItem = Annotated[str, _text(SELECT_PATTERN, 80)]
 StageItem = Annotated[str, _text(STAGE_PATTERN, 40)]

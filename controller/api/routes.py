@@ -14,6 +14,7 @@ from controller.api.params import (
     DeviceId,
     EpochSeconds,
     EventCode,
+    FleetSearch,
     Level,
     ModelFilter,
     Offset,
@@ -25,6 +26,7 @@ from controller.api.schemas import (
     DeviceOut,
     EventList,
     EventOut,
+    FleetPageOut,
     TagsIn,
     TagsOut,
     TelemetryList,
@@ -36,8 +38,9 @@ from controller.api.schemas import (
     WhoAmI,
 )
 from controller.db.session import Database
-from controller.fleet import devices, history, tokens
+from controller.fleet import devices, history, listing, tokens
 from controller.fleet.devices import MAX_TAGS_PER_DEVICE
+from controller.fleet.listing import Order, SortKey, StateFilter
 
 __all__ = ["bundle_path", "router"]
 
@@ -62,23 +65,78 @@ def whoami(token: Viewer) -> WhoAmI:
     return WhoAmI(id=token.id, name=token.name, role=token.role)
 
 
+_Q = Query(description="a device id substring, tag substring or model substring (any case)")
+_STATE = Query(description="online; offline (neither online nor revoked); revoked")
+_SORT = Query(
+    description="sort key; fps and p95 are the largest over the device's streams; "
+    "missing values last in both orders, ties by id"
+)
+_TAGS = Query(description="only devices with all these tags")
+_MODEL = Query(description="only devices running name@version")
+
+
 @router.get("/devices", tags=["devices"])
 def list_devices(
     request: Request,
     _token: Viewer,
-    tag: Annotated[TagList, Query(description="only devices with all these tags")] = [],  # noqa: B006
+    tag: Annotated[TagList, _TAGS] = [],  # noqa: B006
     online: bool | None = None,
-    model: Annotated[
-        ModelFilter | None, Query(description="only devices running name@version")
-    ] = None,
+    model: Annotated[ModelFilter | None, _MODEL] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     offset: Annotated[Offset, Query()] = 0,
+    q: Annotated[FleetSearch | None, _Q] = None,
+    state: Annotated[StateFilter | None, _STATE] = None,
+    sort: Annotated[SortKey, _SORT] = "id",
+    order: Order = "asc",
 ) -> DeviceList:
+    """Full device records, one page; ``GET /api/v1/fleet`` has the fleet page's summary
+    (latest telemetry, counts, total)."""
     with _db(request).connect() as conn:
-        found = devices.list_devices(
-            conn, tags=tag, online=online, model=model, limit=limit, offset=offset
+        ids = listing.page_ids(
+            conn,
+            q=q,
+            tags=tag,
+            model=model,
+            state=state,
+            online=online,
+            sort=sort,
+            order=order,
+            limit=limit,
+            offset=offset,
         )
+        found = listing.device_records(conn, ids)
     return DeviceList(devices=[DeviceOut.model_validate(d) for d in found])
+
+
+@router.get("/fleet", tags=["devices"])
+def fleet(
+    request: Request,
+    _token: Viewer,
+    q: Annotated[FleetSearch | None, _Q] = None,
+    tag: Annotated[TagList, _TAGS] = [],  # noqa: B006
+    model: Annotated[ModelFilter | None, _MODEL] = None,
+    state: Annotated[StateFilter | None, _STATE] = None,
+    sort: Annotated[SortKey, _SORT] = "id",
+    order: Order = "asc",
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[Offset, Query()] = 0,
+) -> FleetPageOut:
+    """The fleet page: one page of devices with their latest telemetry summary (CPU, memory,
+    temperature; fps and p95 per stream), the number matching the filters (``total``) and
+    the whole fleet's counts."""
+    with _db(request).connect() as conn:
+        page = listing.fleet_page(
+            conn,
+            q=q,
+            tags=tag,
+            model=model,
+            state=state,
+            sort=sort,
+            order=order,
+            limit=limit,
+            offset=offset,
+        )
+    return FleetPageOut.model_validate(page)
 
 
 @router.get("/devices/{device_id}", tags=["devices"], responses=responses(404))

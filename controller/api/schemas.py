@@ -107,6 +107,48 @@ class DeviceList(BaseModel):
     devices: list[DeviceOut]
 
 
+class FleetStreamOut(_Out):
+    name: str
+    active_model: str | None = Field(description="name@version of the running model")
+    fps: float | None = Field(description="frames inferred per second (latest telemetry)")
+    infer_ms_p95: float | None
+    latency_ms_p95: float | None = Field(description="capture to publish, 95th percentile")
+    phase: str | None = Field(description="deployment phase from the reported state")
+
+
+class FleetRowOut(_Out):
+    id: str
+    online: bool
+    state: str | None
+    agent_version: str | None
+    last_seen: float = Field(description="epoch seconds (controller clock)")
+    cpu_percent: float | None = Field(description="from the latest telemetry, like mem and temp")
+    mem_percent: float | None
+    temp_c: float | None
+    tags: list[str]
+    streams: list[FleetStreamOut]
+
+
+class FleetCounts(BaseModel):
+    total: int = Field(description="every device in the fleet, whatever the filters")
+    online: int
+    offline: int = Field(description="neither online nor revoked")
+    revoked: int
+
+
+class FleetPageOut(_Out):
+    """One page of the fleet: ``total`` devices match the filters, ``counts`` are the
+    whole fleet's."""
+
+    rows: list[FleetRowOut]
+    total: int
+    counts: FleetCounts
+    limit: int
+    offset: int
+    sort: str
+    order: str
+
+
 class TagsIn(BaseModel):
     """Tags to add and remove (at most 64 each; a device keeps at most 64 tags)."""
 

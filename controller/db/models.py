@@ -368,3 +368,23 @@ rollout_devices = cast(Table, RolloutDevice.__table__)
 device_desired = cast(Table, DeviceDesired.__table__)
 device_credentials = cast(Table, DeviceCredential.__table__)
 device_snapshots = cast(Table, DeviceSnapshot.__table__)
+
+
+class ConsoleSession(Base):
+    """A login of the web console (``controller.console``): the random session id is kept
+    only as its sha256; ``csrf`` is the per-session secret every console form carries.
+    Sessions end ``expires_at`` (12 h after their last use) or when their token is revoked."""
+
+    __tablename__ = "console_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_id: Mapped[int] = mapped_column(
+        Integer(), ForeignKey("api_tokens.id", ondelete="CASCADE"), index=True
+    )
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Double())
+    last_used_at: Mapped[float] = mapped_column(Double())
+    expires_at: Mapped[float] = mapped_column(Double(), index=True)
+
+
+console_sessions = cast(Table, ConsoleSession.__table__)

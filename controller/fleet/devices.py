@@ -54,7 +54,7 @@ class DeviceInfo:
     streams: list[StreamInfo] = field(default_factory=list)
 
 
-def _stream_info(row: Any) -> StreamInfo:
+def stream_info(row: Any) -> StreamInfo:
     return from_row(
         StreamInfo,
         row,
@@ -63,7 +63,7 @@ def _stream_info(row: Any) -> StreamInfo:
     )
 
 
-def _device_info(row: Any, tags: list[str], streams: list[StreamInfo]) -> DeviceInfo:
+def device_info(row: Any, tags: list[str], streams: list[StreamInfo]) -> DeviceInfo:
     return from_row(
         DeviceInfo,
         row,
@@ -111,8 +111,8 @@ def list_devices(
             .where(device_streams.c.device_id.in_(ids))
             .order_by(device_streams.c.name)
         ):
-            stream_map[s.device_id].append(_stream_info(s))
-    return [_device_info(r, tag_map[r.id], stream_map[r.id]) for r in rows]
+            stream_map[s.device_id].append(stream_info(s))
+    return [device_info(r, tag_map[r.id], stream_map[r.id]) for r in rows]
 
 
 def get_device(conn: Connection, device_id: str) -> DeviceInfo | None:
@@ -127,14 +127,14 @@ def get_device(conn: Connection, device_id: str) -> DeviceInfo | None:
         ).scalars()
     )
     streams = [
-        _stream_info(s)
+        stream_info(s)
         for s in conn.execute(
             select(device_streams)
             .where(device_streams.c.device_id == device_id)
             .order_by(device_streams.c.name)
         )
     ]
-    return _device_info(row, tags, streams)
+    return device_info(row, tags, streams)
 
 
 def set_tags(

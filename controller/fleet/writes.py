@@ -17,10 +17,11 @@ from sqlalchemy import JSON, Connection, bindparam, delete, func, insert, select
 
 from controller.db.models import device_streams, devices, events
 from controller.db.sql import upsert
-from protocol import Event, Reported, Status, Telemetry
+from controller.fleet.snapshots import write_snapshots
+from protocol import Event, Reported, Snapshot, Status, Telemetry
 from protocol.limits import MAX_STREAMS
 
-Message = Status | Telemetry | Reported | Event
+Message = Status | Telemetry | Reported | Event | Snapshot
 _JSON = msgspec.json.Encoder()
 
 
@@ -161,6 +162,23 @@ _REPORTED = (
     .where(devices.c.id == bindparam("b_id"))
     .values(desired_rev=bindparam("b_rev"), reported_at=bindparam("b_ts"))
 )
+_DEVICE_SUMMARY = (
+    update(devices)
+    .where(devices.c.id == bindparam("b_id"))
+    .values(
+        cpu_percent=bindparam("b_cpu"), mem_percent=bindparam("b_mem"), temp_c=bindparam("b_temp")
+    )
+)
+_STREAM_SUMMARY = (
+    update(device_streams)
+    .where(device_streams.c.device_id == bindparam("b_id"))
+    .where(device_streams.c.name == bindparam("b_name"))
+    .values(
+        fps=bindparam("b_fps"),
+        infer_ms_p95=bindparam("b_infer"),
+        latency_ms_p95=bindparam("b_latency"),
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +205,11 @@ class MessageBatch:
     statuses: dict[str, tuple[Status, float]] = field(default_factory=dict)
     reports: dict[str, tuple[Reported, float]] = field(default_factory=dict)
     telemetry: list[tuple[Any, ...]] = field(default_factory=list)
+    summaries: dict[str, Telemetry] = field(default_factory=dict)
+    """The last telemetry per device (arrival order): the fleet page's summary columns."""
     events: list[dict[str, Any]] = field(default_factory=list)
+    snapshots: dict[tuple[str, str], tuple[Snapshot, float]] = field(default_factory=dict)
+    """The newest snapshot per (device, stream) (``controller.fleet.snapshots``)."""
 
 
 def collect(items: Sequence[Received]) -> MessageBatch:
@@ -203,11 +225,16 @@ def collect(items: Sequence[Received]) -> MessageBatch:
         last[device_id] = at
         if isinstance(msg, Telemetry):
             batch.telemetry.append(_telemetry_tuple(device_id, msg))
+            batch.summaries[device_id] = msg
             tele[device_id] = at
         elif isinstance(msg, Status):
             batch.statuses[device_id] = (msg, at)
         elif isinstance(msg, Reported):
             batch.reports[device_id] = (msg, at)
+        elif isinstance(msg, Snapshot):
+            held = batch.snapshots.get((device_id, msg.stream))
+            if held is None or msg.ts > held[0].ts:
+                batch.snapshots[(device_id, msg.stream)] = (msg, at)
         else:
             batch.events.append(_event_values(device_id, msg, at))
     batch.seen = {d: Seen(first=first[d], last=last[d], telemetry=tele.get(d)) for d in first}
@@ -333,6 +360,32 @@ def _write_reports(conn: Connection, reports: dict[str, tuple[Reported, float]])
     )
 
 
+def _write_summaries(conn: Connection, summaries: dict[str, Telemetry]) -> None:
+    """The latest telemetry's summary on the device row and on the rows of the streams it
+    names. Only stream rows that exist are updated (status and reported states create them,
+    within ``MAX_STREAMS``): telemetry never adds streams. Two executemany UPDATEs."""
+    conn.execute(
+        _DEVICE_SUMMARY,
+        [
+            {"b_id": d, "b_cpu": t.cpu_percent, "b_mem": t.mem_percent, "b_temp": t.temp_c}
+            for d, t in summaries.items()
+        ],
+    )
+    streams = [
+        {
+            "b_id": d,
+            "b_name": s.name,
+            "b_fps": s.fps,
+            "b_infer": s.infer_ms_p95,
+            "b_latency": s.latency_ms_p95,
+        }
+        for d, t in summaries.items()
+        for s in {s.name: s for s in t.streams}.values()
+    ]
+    if streams:
+        conn.execute(_STREAM_SUMMARY, streams)
+
+
 def write_batch(
     conn: Connection,
     batch: MessageBatch,
@@ -356,8 +409,12 @@ def write_batch(
         _write_reports(conn, batch.reports)
     if batch.telemetry:
         conn.exec_driver_sql(_telemetry_sql(conn.dialect.name), batch.telemetry)
+    if batch.summaries:
+        _write_summaries(conn, batch.summaries)
     if batch.events:
         conn.execute(insert(events), batch.events)
+    if batch.snapshots:
+        write_snapshots(conn, batch.snapshots)
 
 
 def write_messages(

@@ -14,12 +14,27 @@ database stores (lengths, 64-bit integers; ``test_protocol_bounds_fit_the_databa
 from __future__ import annotations
 
 from controller.errors import MalformedMessageError
+from controller.fleet.snapshots import jpeg_bytes
 from controller.fleet.writes import Message
-from protocol import MESSAGE_TYPES, InvalidMessage, Kind, ProtocolError, check_payload, parse_topic
+from protocol import (
+    MESSAGE_TYPES,
+    InvalidMessage,
+    Kind,
+    ProtocolError,
+    Snapshot,
+    check_payload,
+    parse_topic,
+)
 
-INGESTED_KINDS: tuple[Kind, ...] = (Kind.STATUS, Kind.TELEMETRY, Kind.REPORTED, Kind.EVENTS)
+INGESTED_KINDS: tuple[Kind, ...] = (
+    Kind.STATUS,
+    Kind.TELEMETRY,
+    Kind.REPORTED,
+    Kind.EVENTS,
+    Kind.SNAPSHOT,
+)
 """The topic kinds the controller subscribes to and stores."""
-RETAINED_KINDS = frozenset({Kind.STATUS, Kind.REPORTED})
+RETAINED_KINDS = frozenset({Kind.STATUS, Kind.REPORTED, Kind.SNAPSHOT})
 UNKNOWN_DEVICE = "?"
 """The device of a message whose topic names none."""
 
@@ -67,11 +82,22 @@ def decode_message(topic: str, payload: bytes) -> tuple[str, Message] | None:
             topic, kind=kind, reason="empty", field="payload", why="empty payload"
         )
     try:
-        message: Message = check_payload(kind, payload, device_id=parsed.device_id)
+        message: Message = check_payload(
+            kind, payload, device_id=parsed.device_id, stream=parsed.stream
+        )
     except InvalidMessage as err:
         raise RejectedMessage(
             topic, kind=kind, reason=err.reason, field=err.field, why=str(err)
         ) from err
+    if isinstance(message, Snapshot) and jpeg_bytes(message) is None:
+        raise RejectedMessage(
+            topic,
+            kind=kind,
+            reason="not_jpeg",
+            field="jpeg",
+            why="invalid Snapshot message: `jpeg` is not base64 of a JPEG file (it must start "
+            "with the JPEG start-of-image marker FF D8 FF)",
+        )
     return parsed.device_id, message
 
 

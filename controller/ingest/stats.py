@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from controller.fleet.writes import Message, Received
-from protocol import Event, Reported, Status, Telemetry
+from protocol import Event, Reported, Snapshot, Status, Telemetry
 
 Outcome = Literal["queued", "malformed", "ignored", "dropped"]
 """What ``Ingestor.handle`` did with a message."""
@@ -148,4 +148,6 @@ def kind_name(message: Message) -> str:
         return "status"
     if isinstance(message, Reported):
         return "reported"
+    if isinstance(message, Snapshot):
+        return "snapshot"
     return "events" if isinstance(message, Event) else "unknown"
