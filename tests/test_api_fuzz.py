@@ -241,7 +241,10 @@ def test_fuzzing_the_openapi_finds_no_server_error_and_no_undocumented_answer(
     summary = report.summary(database.dialect)
     (tmp_path / "fuzz-report.txt").write_text(summary + "\n")
     print(summary)
-    assert report.cases > 500, summary  # it did fuzz
+    # It did fuzz: hundreds of cases (on a quiet 2-core machine about 1,000 in the default
+    # budget; a loaded one still manages well over 300). The budget is time, so the count is a
+    # floor, not a target.
+    assert report.cases > 200, summary
     assert report.by_check["Server error"] == 0, summary
     assert report.by_check["Undocumented status code"] == 0, summary
     assert report.failures == [], summary
