@@ -6,15 +6,16 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help deb lock demo test install-dev install-runtime mosquitto chromium promtool rtsp-deps lint typecheck pytest schemas bench clean
+.PHONY: help deb test-arm64 lock demo test install-dev install-runtime mosquitto chromium promtool rtsp-deps lint typecheck pytest schemas bench clean
 
 help:
 	@echo "make demo    - set up .venv and run the demo (agent + controller on the shipped model and video)"
 	@echo "make test    - set up .venv with dev tools, install Mosquitto and Chromium if missing, run ruff, mypy, pytest"
 	@echo "make schemas - regenerate docs/protocol/*.schema.json and docs/config/*.schema.json"
-	@echo "make deb     - build the edgefleet-agent Debian package into dist/"
+	@echo "make deb     - build the edgefleet-agent Debian package into dist/ (ARCH=arm64: for a Pi, emulated)"
+	@echo "make test-arm64 - build the arm64 package and test it in an emulated arm64 root (root, minutes)"
 	@echo "make lock    - regenerate the hash-pinned lock files in requirements/ (PyPI)"
-	@echo "make bench   - run the benchmarks in bench/ (ingest, pipeline, a 1,000-device rollout, hot swap, health gate, the fleet page at 10,000 devices, snapshots, local HTTP inference)"
+	@echo "make bench   - run the benchmarks in bench/ (ingest, pipeline, a 1,000-device rollout, hot swap, health gate, the fleet page at 10,000 devices, snapshots, local HTTP inference, the CPU cost per camera)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -131,12 +132,33 @@ bench: $(VENV)/.runtime
 	$(PY) -m bench.fleet
 	$(PY) -m bench.snapshots
 	$(PY) -m bench.http
+	$(PY) -m bench.cameras
 
 # The edgefleet-agent .deb (self-contained venv under /opt/edgefleet): docs/operations.md.
 # Build it on the devices' Debian release and architecture; DEB_ARGS passes options on.
 # Its venv installs requirements/agent.txt with --require-hashes --no-deps, then the project.
+# `make deb ARCH=arm64` on x86 (root, binfmt_misc, qemu-user-static, debootstrap) builds the
+# Raspberry Pi OS Bookworm 64-bit package in an emulated bookworm arm64 root instead
+# (packaging/arm64/). 32-bit ARM (armhf, armv7l) is not supported: LiteRT has no wheels for it.
+ARCH ?=
 deb:
-	$(PYTHON) packaging/deb/build.py --out dist --lock requirements/agent.txt $(DEB_ARGS)
+	@case "$(ARCH)" in \
+	"" | "$$(dpkg --print-architecture)") \
+		$(PYTHON) packaging/deb/build.py --out dist --lock requirements/agent.txt $(DEB_ARGS) ;; \
+	arm64 | aarch64) packaging/arm64/build-deb.sh --out dist --lock requirements/agent.txt $(DEB_ARGS) ;; \
+	armhf | armel | armv7l) echo "error: ARCH=$(ARCH): 32-bit ARM is not supported (LiteRT" \
+		"ships no wheels for it); install a 64-bit OS on the board (Raspberry Pi OS" \
+		"64-bit runs on a Pi 3, 4, 5 and Zero 2 W) and use ARCH=arm64" >&2; exit 2 ;; \
+	*) echo "error: ARCH=$(ARCH): build it on a $(ARCH) machine, or use ARCH=arm64" >&2; \
+		exit 2 ;; \
+	esac
+
+# The arm64 package checked under emulation (needs root and a few minutes; not part of
+# `make test`): built, installed into a fresh arm64 root, check-config and infer on the
+# shipped video as a Pi 4 and a Pi 5 (QEMU_CPU) compared with x86, `run` against a Mosquitto
+# on the host, purged. docs/operations.md, "arm64 package".
+test-arm64: $(VENV)/.runtime mosquitto
+	packaging/arm64/test-arm64.sh $(abspath $(VENV))/bin/edgefleet-agent
 
 # Hash-pinned lock files (requirements/README.md): agent.txt for the .deb (Python 3.10+, x86_64
 # and aarch64: one universal resolution), controller.txt for the container image (Python 3.11).
@@ -153,7 +175,7 @@ $(VENV)/bin/uv: | $(PY)
 
 lock: $(VENV)/bin/uv
 	$(UV_COMPILE) --python-version 3.10 --extra agent -o requirements/agent.txt
-	$(UV_COMPILE) --python-version 3.11 --extra controller --extra postgres \
+	$(UV_COMPILE) --python-version 3.11 --extra controller --extra postgres --extra s3 \
 		-o requirements/controller.txt
 	$(PY) requirements/check.py --online
 

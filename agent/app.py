@@ -17,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 
 from agent import __version__
+from agent.batching import BatchGroup, attach_batching, close_batches
 from agent.config import LoadedConfig, StreamConfig, resolve_model, source_uri
 from agent.drift import StreamDrift
 from agent.errors import AgentError
@@ -39,6 +40,7 @@ from agent.sources import FrameSource
 from agent.spool.queue import Spool
 from agent.stream import StreamHandle
 from agent.telemetry import TelemetryLoop, build_telemetry, sample_system
+from agent.tuning import tune_process as tune_process  # noqa: PLC0414 - benches import it here
 from inference.backends import model_family
 from inference.detector import Detector, load_detector, read_manifest
 from inference.errors import InferenceError
@@ -70,18 +72,6 @@ EXIT_STREAMS_FAILED = 3
 """``run``'s exit code when the agent stopped on its own (no stream can deliver frames any
 more) and a stream had failed (its model did not load, its video file cannot be read):
 systemd's ``Restart=on-failure`` restarts it. SIGTERM/SIGINT and files that simply ended: 0."""
-
-
-def tune_process() -> None:
-    """Per-process settings for the daemon: one core for inference, the others for capture.
-
-    OpenCV's own thread pool would compete with the inference thread for the same cores
-    (measured: the detector's invoke() got 1.5-2x slower); each capture thread already
-    runs on its own core.
-    """
-    import cv2
-
-    cv2.setNumThreads(1)
 
 
 class AgentApp:
@@ -125,6 +115,7 @@ class AgentApp:
         self._stop_metrics: Callable[[], None] | None = None
         self._ota: OtaManager | None = None
         self._http: HttpApi | None = None
+        self._batches: list[BatchGroup] = []
 
     # --- messages ------------------------------------------------------------------------
 
@@ -366,6 +357,7 @@ class AgentApp:
         installed = self._ota.recover()
         for handle in self.streams:
             self._start_stream(handle, seq.next, installed.get(handle.name))
+        self._batches = attach_batching(self.streams, cfg.batching)
         self.publish_status()
         self._ota.start()
         if self._ota.enabled:
@@ -467,6 +459,7 @@ class AgentApp:
             source.join(joined - time.monotonic())
         for h in self.streams:
             h.stop_pipeline(timeout=max(0.1, deadline - time.monotonic() - 2.0))
+        close_batches(self._batches, self.streams)
         if self._seq is not None:
             self._seq.close()
         if self._telemetry is not None:

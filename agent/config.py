@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from agent.errors import ConfigError
+from agent.motion import MotionConfig
 from inference import models
 from inference.errors import ModelError
 from protocol import ProtocolError, validate_device_id, validate_stream_name
@@ -248,6 +249,19 @@ class StreamConfig(ConfigSection, frozen=True, kw_only=True):
     """Publish frames with no detections too (consumers see the stream is alive)."""
     reconnect_min_s: PositiveSeconds = 1.0
     reconnect_max_s: PositiveSeconds = 30.0
+    motion: MotionConfig = msgspec.field(default_factory=MotionConfig)
+    """Motion gating (``[streams.motion]``, agent.motion): infer only frames that changed."""
+
+
+class BatchingConfig(ConfigSection, frozen=True, kw_only=True):
+    """Cross-stream batching (agent.batching): streams sharing one model run as one batch."""
+
+    mode: Literal["off", "auto", "always"] = "off"
+    """``off``: every stream invokes its own model; ``auto``: batch where the start-up
+    measurement found one batch faster than separate calls; ``always``: batch wherever the
+    model can (the measurement is still logged)."""
+    max_wait_ms: Annotated[float, Meta(ge=1, le=200, description="milliseconds (1-200)")] = 40.0
+    """Longest a frame waits for the other streams' frames to fill the batch."""
 
 
 class AgentConfig(ConfigSection, frozen=True, kw_only=True):
@@ -265,6 +279,7 @@ class AgentConfig(ConfigSection, frozen=True, kw_only=True):
     homeassistant: HomeAssistantConfig = msgspec.field(default_factory=HomeAssistantConfig)
     snapshots: SnapshotsConfig = msgspec.field(default_factory=SnapshotsConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
     streams: list[StreamConfig]
 
 
@@ -306,6 +321,13 @@ def parse_config(text: str, *, source: str = "<config>") -> AgentConfig:
     except ProtocolError as err:
         raise ConfigError(f"{src.at('device_id')}: {err}") from err
     _check_streams(config.streams, src)
+    for i, s in enumerate(config.streams):
+        if s.motion.enabled and s.motion.max_skip_s >= config.watchdog.stall_s:
+            raise ConfigError(
+                f"{src.at('streams', i, 'motion', 'max_skip_s')}: streams[{i}] ({s.name}): "
+                f"max_skip_s {s.motion.max_skip_s:g} must be below watchdog.stall_s "
+                f"{config.watchdog.stall_s:g}, or the watchdog takes a still scene for a stall"
+            )
     if config.http.token is not None and config.http.token_file is not None:
         raise ConfigError(
             f"{src.at('http', 'token_file')}: set http.token or http.token_file, not both"

@@ -33,6 +33,10 @@ class StreamMetrics:
     score_psi: float | None = None
     snapshots: Mapping[str, int] | None = None
     """Snapshots by result (published, too_large, skipped); None with ``[snapshots]`` off."""
+    skipped_fps: int = 0
+    """Frames not inferred because of the stream's fps cap."""
+    skipped_motion: int = 0
+    """Frames not inferred because the motion gate saw no change."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,11 @@ class AgentCollector(Collector):
                 "Frames replaced by a newer one before inference",
                 labels=["stream"],
             ),
+            "skipped": CounterMetricFamily(
+                "edgefleet_stream_frames_skipped",
+                "Frames not inferred by choice, by reason (fps cap, motion gate)",
+                labels=["stream", "reason"],
+            ),
             "detections": CounterMetricFamily(
                 "edgefleet_stream_detections", "Objects detected", labels=["stream"]
             ),
@@ -140,6 +149,8 @@ class AgentCollector(Collector):
             families["captured"].add_metric([s.name], s.frames_captured)
             families["processed"].add_metric([s.name], s.frames_processed)
             families["dropped"].add_metric([s.name], s.frames_dropped)
+            families["skipped"].add_metric([s.name, "fps"], s.skipped_fps)
+            families["skipped"].add_metric([s.name, "motion"], s.skipped_motion)
             families["detections"].add_metric([s.name], s.detections)
             families["errors"].add_metric([s.name], s.errors)
             families["reconnects"].add_metric([s.name], s.reconnects)

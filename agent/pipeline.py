@@ -3,6 +3,11 @@
 The camera thread (agent.sources) already decodes and preprocesses the frame on the other
 core, so this thread only invokes the model, decodes boxes, and hands a small JSON payload
 to the publisher thread. A new detector can be swapped in between two frames.
+
+With motion gating (``[streams.motion]``, agent.motion) the camera thread also shrinks each
+frame to a grey thumbnail and preprocesses only frames that may be inferred; this thread
+skips the frames that did not change (publishing nothing or the last result again). With
+cross-stream batching (agent.batching) the invoke goes through the stream's batch group.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ from typing import Any, Protocol
 
 from agent.config import StreamConfig
 from agent.errors import AgentError
+from agent.motion import MotionGate
 from agent.ota.shadow import ShadowOutcome, ShadowRunner
 from agent.publisher import RefusedLog
 from agent.snapshots import SnapshotWorker
 from agent.sources import Frame, FrameSource
 from agent.stats import StreamStats
-from inference.detector import Detector, Prepared
+from inference.detector import Detector, InferenceResult, Prepared
 from protocol import (
     SCHEMA_VERSION,
     Detection,
@@ -35,6 +41,16 @@ from protocol.limits import MAX_DETECTIONS
 log = logging.getLogger(__name__)
 
 PublishFn = Callable[[str, bytes], None]
+
+
+class Batcher(Protocol):
+    """Runs a stream's frame in a batch with other streams' (agent.batching.BatchGroup)."""
+
+    def infer(self, stream: str, detector: Detector, prepared: Prepared) -> InferenceResult | None:
+        """The frame's result, or None when this batcher does not serve ``detector``."""
+
+    def leave(self, stream: str) -> None:
+        """``stream`` sends no frame for now: batches do not wait for it."""
 
 
 class FrameObserver(Protocol):
@@ -64,17 +80,30 @@ class ObserverGroup:
 
 @dataclass(frozen=True, slots=True)
 class _Tagged:
-    """A preprocessed frame and the detector whose preprocessing made it."""
+    """A frame as the camera thread prepared it: the detector whose preprocessing made
+    ``prepared`` (None: the motion gate saw no change, so it was not preprocessed) and the
+    frame's motion thumbnail (None without gating)."""
 
     detector: Detector
-    prepared: Prepared
+    prepared: Prepared | None
+    thumb: Any = None
 
 
-def _tagging(detector: Detector) -> Callable[[Any], _Tagged]:
-    def transform(image: Any) -> _Tagged:
-        return _Tagged(detector, detector.preprocess(image))
+def _tagging(detector: Detector, gate: MotionGate | None) -> Callable[[Any], _Tagged]:
+    if gate is None:
 
-    return transform
+        def transform(image: Any) -> _Tagged:
+            return _Tagged(detector, detector.preprocess(image))
+
+        return transform
+
+    def gated(image: Any) -> _Tagged:
+        thumb = gate.thumbnail(image)
+        if gate.due(time.monotonic()) or gate.changed(thumb):
+            return _Tagged(detector, detector.preprocess(image), thumb)
+        return _Tagged(detector, None, thumb)
+
+    return gated
 
 
 class StreamPipeline:
@@ -115,15 +144,30 @@ class StreamPipeline:
         self._shadow_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"infer-{self.name}", daemon=True)
         self._refused = RefusedLog(f"stream {self.name}")
-        self.frames_skipped = 0
+        self.skipped_fps = 0
         """Frames skipped by the fps cap."""
+        self.skipped_motion = 0
+        """Frames skipped by the motion gate."""
+        self._gate = MotionGate(config.motion) if config.motion.enabled else None
+        self._repeat = config.motion.on_skip == "repeat"
+        self._last: tuple[Detector, float, list[Detection]] | None = None
+        self._batcher: Batcher | None = None
         self.finished = threading.Event()
         """Set when the loop ends (stop() or a finite source ran out)."""
-        source.set_transform(_tagging(detector))
+        source.set_transform(_tagging(detector, self._gate))
 
     @property
     def detector(self) -> Detector:
         return self._detector
+
+    @property
+    def frames_skipped(self) -> int:
+        """Frames not inferred by choice: the fps cap and the motion gate."""
+        return self.skipped_fps + self.skipped_motion
+
+    def set_batcher(self, batcher: Batcher | None) -> None:
+        """Infer through ``batcher`` from the next frame on (None: alone)."""
+        self._batcher = batcher
 
     def start(self) -> None:
         if self.snapshots is not None:
@@ -145,12 +189,12 @@ class StreamPipeline:
         with self._swapped:
             old = self._detector
             self._pending = new
-            self._source.set_transform(_tagging(new))
+            self._source.set_transform(_tagging(new, self._gate))
             if not self._thread.is_alive():
                 self._detector, self._pending = new, None
             elif not self._swapped.wait_for(lambda: self._pending is None, timeout):
                 self._pending = None
-                self._source.set_transform(_tagging(old))
+                self._source.set_transform(_tagging(old, self._gate))
                 raise AgentError(
                     f"stream {self.name}: no frame boundary within {timeout:.0f} s, the current "
                     "detector seems stuck; the swap was cancelled"
@@ -179,15 +223,40 @@ class StreamPipeline:
                 if frame is None:
                     if self._source.ended:
                         break
+                    if self._batcher is not None:  # a camera that is down: batches go on
+                        self._batcher.leave(self.name)
                     continue
                 if self._min_interval:
                     if frame.mono < next_due:
-                        self.frames_skipped += 1
+                        self.skipped_fps += 1
                         continue
                     next_due = max(next_due + self._min_interval, frame.mono)
+                if self._gate is not None and not self._gated_in(frame):
+                    self.skipped_motion += 1
+                    if self._batcher is not None:
+                        self._batcher.leave(self.name)
+                    if self._repeat and self._last is not None:
+                        self._emit(frame, *self._last, repeat=True)
+                    continue
                 self._process(frame)
         finally:
+            batcher = self._batcher
+            if batcher is not None:
+                batcher.leave(self.name)
             self.finished.set()
+
+    def _gated_in(self, frame: Frame) -> bool:
+        """Whether the motion gate lets ``frame`` be inferred (moving its reference if so)."""
+        gate = self._gate
+        assert gate is not None
+        tagged = frame.prepared
+        thumb = tagged.thumb if isinstance(tagged, _Tagged) and tagged.thumb is not None else None
+        if thumb is None:
+            thumb = gate.thumbnail(frame.image)
+        if not gate.should_infer(thumb, frame.mono):
+            return False
+        gate.inferred(thumb, frame.mono)
+        return True
 
     def _process(self, frame: Frame) -> None:
         if self._shadow is not None:
@@ -203,13 +272,17 @@ class StreamPipeline:
         tagged = frame.prepared
         ahead: ShadowOutcome | None = None
         try:
-            if isinstance(tagged, _Tagged) and tagged.detector is detector:
+            if (
+                isinstance(tagged, _Tagged)
+                and tagged.detector is detector
+                and tagged.prepared is not None
+            ):
                 prepared = tagged.prepared
             else:
                 prepared = detector.preprocess(frame.image)
             if shadow is not None and shadow.leads():
                 ahead = shadow.run(frame.image, detector, prepared)
-            result = detector.infer(prepared)
+            result = self._invoke(detector, prepared)
         except Exception:
             self.stats.record_error()
             if self._observer is not None:
@@ -222,6 +295,8 @@ class StreamPipeline:
         if len(detections) > MAX_DETECTIONS:  # best first: keep the best
             detections = detections[:MAX_DETECTIONS]
         self._emit(frame, detector, result.infer_ms, detections)
+        if self._repeat:
+            self._last = (detector, result.infer_ms, detections)
         self.stats.record(
             infer_ms=result.infer_ms,
             latency_ms=(time.monotonic() - frame.mono) * 1000.0,
@@ -234,15 +309,30 @@ class StreamPipeline:
                 ahead = shadow.run(frame.image, detector, prepared)
             shadow.record(result, ahead)
 
+    def _invoke(self, detector: Detector, prepared: Prepared) -> InferenceResult:
+        batcher = self._batcher
+        if batcher is not None:
+            result = batcher.infer(self.name, detector, prepared)
+            if result is not None:
+                return result
+        return detector.infer(prepared)
+
     def _emit(
-        self, frame: Frame, detector: Detector, infer_ms: float, detections: list[Detection]
+        self,
+        frame: Frame,
+        detector: Detector,
+        infer_ms: float,
+        detections: list[Detection],
+        *,
+        repeat: bool = False,
     ) -> None:
-        """Publish the frame's detections message; offer the frame as a snapshot."""
+        """Publish the frame's detections message; offer the frame as a snapshot. ``repeat``:
+        a motion-skipped frame carrying the last inferred result (``infer_ms`` 0)."""
         if detections or self._config.publish_empty:
-            payload = self._encode(frame, detector, infer_ms, detections)
+            payload = self._encode(frame, detector, 0.0 if repeat else infer_ms, detections)
             if payload is not None:
                 self._publish(self._topic, payload)
-        if self.snapshots is not None and detections:
+        if self.snapshots is not None and detections and not repeat:
             self.snapshots.offer(frame.image, frame.ts, detector.ref, detections)
 
     @property

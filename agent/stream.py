@@ -67,6 +67,7 @@ class StreamHandle:
             latency_ms_p95=snap.latency_ms_p95,
             errors=snap.errors,
             reconnects=src.reconnects if src else 0,
+            frames_skipped=self.pipeline.frames_skipped if self.pipeline else 0,
             score_psi=self.drift.psi(),
         )
 
@@ -93,6 +94,8 @@ class StreamHandle:
             else None,
             score_psi=self.drift.psi(),
             snapshots=shots.counts() if shots is not None else None,
+            skipped_fps=self.pipeline.skipped_fps if self.pipeline else 0,
+            skipped_motion=self.pipeline.skipped_motion if self.pipeline else 0,
         )
 
     def stop_pipeline(self, timeout: float) -> None:

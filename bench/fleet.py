@@ -158,7 +158,8 @@ def run(db_name: str, url: str, n: int, repeat: int) -> list[tuple[str, float, f
             out.append((f"GET /api/v1/fleet {name} (in-process)", ms, fast, ms / base, total))
         # The console's fleet page: session lookup, the same fleet_page query, HTML rendering.
         console = TestClient(create_app(db=db), follow_redirects=False)
-        console.post("/ui/login", data={"token": token}).raise_for_status()
+        login = console.post("/ui/login", data={"token": token})
+        assert login.status_code == 303, login.text  # to /ui/fleet, with the session cookie
         for name, query in (("by id", ""), ("by cpu desc", "?sort=cpu&order=desc")):
 
             def page(query: str = query) -> None:

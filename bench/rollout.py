@@ -1,14 +1,16 @@
 """Rollout benchmark: a staged rollout across N simulated devices on one machine.
 
-A local Mosquitto, the controller as its own process (``edgefleet controller serve``, as
-deployed), and ``SimulatedFleet`` devices (protocol-level, a few shared MQTT connections)
+A local Mosquitto, ``--replicas`` controller processes (``edgefleet controller serve``, as
+deployed; several share PostgreSQL and an MQTT shared group, behind a round-robin TCP
+balancer that is their ``api.public_url``: bench/cluster.py), and ``SimulatedFleet`` devices (protocol-level, a few shared MQTT connections)
 that act on their desired states: downloading → … → committed, each phase reported after
 ``--phase-delay``. The bench uploads a bundle, creates a rollout (``--stages``,
 ``--bake``) and follows it over the API until it completed, then reports:
 
 * the time beyond the bake times (wall time minus stages × bake): what the controller,
   the broker and the devices add; per stage, assignment → every device done;
-* the controller process's CPU time and RSS (peak) during the rollout;
+* each controller process's CPU time and RSS (peak) during the rollout, which one led,
+  and the database size after it;
 * a check that every device runs the target and got exactly one rev carrying it.
 
 ``--scale N,N,...`` adds the engine alone: the time of one ``tick`` of a rollout whose N
@@ -16,7 +18,11 @@ executions are all in progress (every one re-derived from the reported state, wh
 carries the shadow phase's health-gate evidence), on the chosen database: what bounds how
 far one controller scales.
 
-Usage: ``.venv/bin/python -m bench.rollout [--devices 1000] [--bake 2s] [--pg]``.
+``--ingest DEVICES,PER_DEVICE`` adds the ingestion throughput of 1 and ``--replicas``
+controllers (telemetry published as fast as the broker takes it, until every row is stored).
+
+Usage: ``.venv/bin/python -m bench.rollout [--devices 1000] [--bake 2s] [--pg]
+[--replicas 3 --download] [--ingest 1000,20]``.
 Not a test: nothing asserts on the numbers.
 """
 
@@ -26,7 +32,6 @@ import argparse
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,7 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import text
 
+from bench.cluster import Cluster, database_bytes, ingest_rate
 from bench.postgres import fresh_schema
 from controller.broker import EmbeddedBroker
 from controller.db.session import Database
@@ -48,7 +55,6 @@ from controller.rollouts.engine import RolloutEngine
 from controller.rollouts.records import status_counts
 from controller.rollouts.spec import format_duration, parse_duration
 from protocol import Reported, Status, StreamReport, StreamStatus
-from tests.broker import free_port
 from tests.bundle_factory import blazeface_files, blazeface_manifest, build_bundle
 from tools.simulator.fleet import SimulatedFleet
 from tools.simulator.gate import evidence
@@ -57,18 +63,6 @@ from tools.simulator.ota import OtaBehaviour
 REPO = Path(__file__).resolve().parent.parent
 TARGET = "face@2.0.0"
 _TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def _mem_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -82,44 +76,17 @@ def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
 def run_rollout(args: argparse.Namespace, tmp: Path, db_url: str) -> dict[str, Any]:
     broker = EmbeddedBroker(workdir=tmp / "broker", port=0)
     broker.start()
-    port = free_port()
-    config = tmp / "controller.toml"
-    config.write_text(
-        f'data_dir = "{tmp / "data"}"\nlog_level = "warning"\n'
-        f'[database]\nurl = "{db_url}"\n'
-        f'[broker]\nurl = "{broker.url}"\nusername = "{broker.username}"\n'
-        f'password = "{broker.password}"\nclient_id = "bench-ctl-{port}"\n'
-        f"[api]\nport = {port}\n"
-        f"[rollouts]\ntick_interval_s = {args.tick}\n"
-    )
-    log = (tmp / "controller.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "controller", "controller", "serve", "--config", str(config)],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    cluster = Cluster(tmp, db_url, broker, args.replicas, tick_s=args.tick)
     fleet: SimulatedFleet | None = None
     stop_telemetry = threading.Event()
     try:
-
-        def healthy() -> bool:
-            if proc.poll() is not None:
-                raise SystemExit(
-                    f"the controller exited: {(tmp / 'controller.log').read_text()[-2000:]}"
-                )
-            try:
-                return bool(httpx.get(f"{url}/healthz", timeout=1).json()["mqtt"] == "connected")
-            except httpx.HTTPError:
-                return False
-
-        _wait(healthy, 60, "the controller")
+        cluster.start()
         db = Database.from_url(db_url)
         with db.begin() as conn:
             _, token = create_token(conn, name="bench", role="operator", now=time.time())
-        db.dispose()
-        http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        http = httpx.Client(
+            base_url=cluster.url, headers={"Authorization": f"Bearer {token}"}, timeout=60
+        )
         efb = build_bundle(
             tmp / "face.efb",
             blazeface_manifest(name="face", version="2.0.0"),
@@ -134,9 +101,12 @@ def run_rollout(args: argparse.Namespace, tmp: Path, db_url: str) -> dict[str, A
             username=broker.username,
             password=broker.password,
             device_ids=ids,
-            behaviour=OtaBehaviour(phase_delay_s=args.phase_delay, download=args.download),
+            behaviour=OtaBehaviour(
+                phase_delay_s=args.phase_delay, download=args.download, download_retry_s=120
+            ),
             per_connection=args.per_connection,
             telemetry_interval_s=args.telemetry_interval,
+            download_workers=args.download_workers,
         )
         fleet.connect()
         fleet.announce()
@@ -150,32 +120,36 @@ def run_rollout(args: argparse.Namespace, tmp: Path, db_url: str) -> dict[str, A
         threading.Thread(target=telemetry, daemon=True).start()
 
         def known() -> bool:
-            found = http.get("/api/v1/devices", params={"limit": 10_000}).json()["devices"]
-            return bool(sum(1 for d in found if d["streams"]) >= args.devices)
+            with db.connect() as conn:
+                n = conn.execute(
+                    text("SELECT count(DISTINCT device_id) FROM device_streams")
+                ).scalar_one()
+            return bool(n >= args.devices)
 
-        _wait(known, 120, f"{args.devices} devices in the controller")
+        _wait(known, 300, f"{args.devices} devices in the controller")
+        db.dispose()
         time.sleep(1.0)
-        cpu0, t0 = _cpu_s(proc.pid), time.monotonic()
+        cpu0, t0 = cluster.cpu(), time.monotonic()
         body = {
             "model": TARGET,
             "select": ["all"],
             "stages": args.stages,
             "bake_s": args.bake_s,
-            "timeout_s": 600,
+            "timeout_s": 900,
             "max_failures": 0.05,
         }
         created = http.post("/api/v1/rollouts", json=body)
         created.raise_for_status()
         rid = created.json()["id"]
-        rss_peak = 0
+        rss_peak = [0] * args.replicas
         while True:
             r = http.get(f"/api/v1/rollouts/{rid}", params={"devices": "false"}).json()
-            rss_peak = max(rss_peak, _mem_kib(proc.pid, "VmRSS"))
+            rss_peak = [max(a, b) for a, b in zip(rss_peak, cluster.rss_kib(), strict=True)]
             if r["state"] != "active":
                 break
-            time.sleep(0.1)
+            time.sleep(0.2)
         wall = time.monotonic() - t0
-        cpu = _cpu_s(proc.pid) - cpu0
+        cpu = [b - a for a, b in zip(cpu0, cluster.cpu(), strict=True)]
         stop_telemetry.set()
         ok_active = sum(1 for d in fleet.devices.values() if d.streams["cam0"]["active"] == TARGET)
         one_rev = sum(1 for d in fleet.devices.values() if len(d.revs_with(TARGET)) == 1)
@@ -189,7 +163,9 @@ def run_rollout(args: argparse.Namespace, tmp: Path, db_url: str) -> dict[str, A
             "created_at": r["created_at"],
             "cpu_s": cpu,
             "rss_peak_kib": rss_peak,
-            "rss_hwm_kib": _mem_kib(proc.pid, "VmHWM"),
+            "rss_hwm_kib": cluster.hwm_kib(),
+            "leaders": cluster.leaders(),
+            "db_bytes": database_bytes(db_url),
             "devices_on_target": ok_active,
             "devices_one_rev": one_rev,
             "gate_passed": passed,
@@ -199,12 +175,7 @@ def run_rollout(args: argparse.Namespace, tmp: Path, db_url: str) -> dict[str, A
         stop_telemetry.set()
         if fleet is not None:
             fleet.stop()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        cluster.stop()
         broker.stop()
 
 
@@ -303,12 +274,30 @@ def main() -> int:
     )
     parser.add_argument("--pg", action="store_true", help="PostgreSQL instead of SQLite")
     parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="controller processes (>1: PostgreSQL, shared group)",
+    )
+    parser.add_argument(
+        "--download-workers", type=int, default=64, help="simulated concurrent downloads"
+    )
+    parser.add_argument(
+        "--ingest",
+        default="",
+        metavar="DEVICES,PER_DEVICE",
+        help="also measure ingestion throughput with 1 and --replicas controllers",
+    )
+    parser.add_argument("--skip-rollout", action="store_true", help="only --scale / --ingest")
+    parser.add_argument(
         "--scale",
         default="",
         help="also time engine ticks at these execution counts, e.g. 1000,10000,50000",
     )
     args = parser.parse_args()
     args.bake_s = parse_duration(args.bake)
+    if args.replicas > 1 and not args.pg:
+        parser.error("--replicas > 1 needs --pg (replicas share a PostgreSQL database)")
 
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-rollout-") as tmp_name:
         tmp = Path(tmp_name)
@@ -322,7 +311,22 @@ def main() -> int:
             return f"sqlite:///{tmp / name}"
 
         try:
-            res = run_rollout(args, tmp, url("controller.db"))
+            res = None if args.skip_rollout else run_rollout(args, tmp, url("controller.db"))
+            ingest = []
+            if args.ingest:
+                n_dev, per_dev = (int(x) for x in args.ingest.split(","))
+                for n in sorted({1, args.replicas}):
+                    sub = tmp / f"ingest-{n}"
+                    sub.mkdir()
+                    ingest.append(
+                        ingest_rate(
+                            sub,
+                            url(f"ingest-{n}.db"),
+                            replicas=n,
+                            devices=n_dev,
+                            per_device=per_dev,
+                        )
+                    )
             scale = [
                 (n, *tick_scale(url(f"scale-{n}.db"), n))
                 for n in (int(x) for x in args.scale.split(",") if x)
@@ -332,10 +336,34 @@ def main() -> int:
                 drop()
 
     db_name = "PostgreSQL" if args.pg else "SQLite"
+    if res is not None:
+        _print_rollout(args, res, db_name)
+    for r in ingest:
+        print(
+            f"\ningestion, {r['replicas']} controller(s): {r['messages']} telemetry messages "
+            f"stored in {r['seconds']:.1f}s = {r['rate']:.0f} msg/s (published in "
+            f"{r['published_s']:.1f}s); CPU s per replica "
+            f"{', '.join(f'{c:.1f}' for c in r['cpu_s'])}; RSS high-water MiB "
+            f"{', '.join(f'{m / 1024:.0f}' for m in r['rss_kib'])}; "
+            f"{r['bytes_per_row']:.0f} bytes per telemetry row (table with indexes)"
+        )
+    if len(ingest) == 2:
+        print(f"  ratio {ingest[1]['rate'] / ingest[0]['rate']:.2f}x with {args.replicas} replicas")
+    if scale:
+        print(f"\nengine tick with every execution in progress ({db_name}):")
+        for n, tick, assign in scale:
+            print(
+                f"  {n:>7} executions: tick {tick * 1000:7.0f} ms, stage assignment {assign * 1000:7.0f} ms"
+            )
+    return 0
+
+
+def _print_rollout(args: argparse.Namespace, res: dict[str, Any], db_name: str) -> None:
     beyond = res["wall_s"] - res["bake_total_s"]
     print(
-        f"\nrollout of {TARGET} to {args.devices} simulated devices ({db_name}, stages {args.stages}, "
-        f"bake {format_duration(args.bake_s)}, tick {args.tick}s, phase delay {args.phase_delay}s x 7 phases"
+        f"\nrollout of {TARGET} to {args.devices} simulated devices through {args.replicas} "
+        f"controller(s) ({db_name}, stages {args.stages}, bake {format_duration(args.bake_s)}, "
+        f"tick {args.tick}s, phase delay {args.phase_delay}s x 7 phases"
         f"{', real downloads' if args.download else ''})"
     )
     print(f"  result: {res['state']}, {res['counts']}")
@@ -345,27 +373,26 @@ def main() -> int:
         f"health gate evidence kept (pass): {res['gate_passed']}/{args.devices}"
     )
     print(
-        f"  wall time {res['wall_s']:.1f}s = bake {res['bake_total_s']:.1f}s + {beyond:.1f}s beyond the bake times"
+        f"  wall time {res['wall_s']:.1f}s = bake {res['bake_total_s']:.1f}s + "
+        f"{beyond:.1f}s beyond the bake times"
     )
     start = res["created_at"]
     for i, (devices, started, done) in enumerate(res["stages"], start=1):
         if started is None or done is None:
             continue
         print(
-            f"    stage {i} ({devices:>5} devices cumulative): assigned at +{started - start:5.1f}s, "
-            f"all done after {done - started:4.1f}s"
+            f"    stage {i} ({devices:>5} devices cumulative): assigned at "
+            f"+{started - start:5.1f}s, all done after {done - started:4.1f}s"
         )
-    print(
-        f"  controller CPU {res['cpu_s']:.1f}s during the rollout ({res['cpu_s'] / res['wall_s'] * 100:.0f}% of one core), "
-        f"RSS peak {res['rss_peak_kib'] / 1024:.0f} MiB (process high-water mark {res['rss_hwm_kib'] / 1024:.0f} MiB)"
-    )
-    if scale:
-        print(f"\nengine tick with every execution in progress ({db_name}):")
-        for n, tick, assign in scale:
-            print(
-                f"  {n:>7} executions: tick {tick * 1000:7.0f} ms, stage assignment {assign * 1000:7.0f} ms"
-            )
-    return 0
+    for n, (cpu, peak, hwm, lead) in enumerate(
+        zip(res["cpu_s"], res["rss_peak_kib"], res["rss_hwm_kib"], res["leaders"], strict=True)
+    ):
+        print(
+            f"  controller {n}{' (rollout leader)' if lead else ''}: CPU {cpu:.1f}s "
+            f"({cpu / res['wall_s'] * 100:.0f}% of one core), RSS peak {peak / 1024:.0f} MiB "
+            f"(high-water {hwm / 1024:.0f} MiB)"
+        )
+    print(f"  database size after the rollout: {res['db_bytes'] / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

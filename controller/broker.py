@@ -206,6 +206,7 @@ class EmbeddedBroker:
             *DEVICE_ACL,
             f"user {self.username}",
             "topic readwrite edgefleet/v1/#",
+            "topic readwrite edgefleet/controllers/#",  # replicas' presence (controller.replicas)
             "topic readwrite homeassistant/#",
         ]
         acl.write_text("\n".join(rules) + "\n", encoding="utf-8")

@@ -4,7 +4,8 @@ Unknown keys and values out of bounds are rejected with their name and line (the
 are declared on the fields, so docs/config/controller.schema.json carries them); relative
 paths are resolved against the config file's folder (or the working directory without a
 file); secrets can come from the environment (``EDGEFLEET_DB_URL``,
-``EDGEFLEET_BROKER_PASSWORD``, ``EDGEFLEET_EMBEDDED_BROKER_PASSWORD``).
+``EDGEFLEET_BROKER_PASSWORD``, ``EDGEFLEET_EMBEDDED_BROKER_PASSWORD``,
+``EDGEFLEET_S3_SECRET_ACCESS_KEY``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ CONFIG_VERSION: Literal[1] = 1
 DB_URL_ENV = "EDGEFLEET_DB_URL"
 BROKER_PASSWORD_ENV = "EDGEFLEET_BROKER_PASSWORD"  # noqa: S105 - a variable name, not a secret
 EMBEDDED_PASSWORD_ENV = "EDGEFLEET_EMBEDDED_BROKER_PASSWORD"  # noqa: S105 - a variable name
+S3_SECRET_ENV = "EDGEFLEET_S3_SECRET_ACCESS_KEY"  # noqa: S105 - a variable name
 CONFIG_ENV = "EDGEFLEET_CONFIG"
 DEFAULT_DATA_DIR = "edgefleet-data"
 SQLITE_FILE = "controller.db"
@@ -71,6 +73,11 @@ class BrokerConfig(BrokerClientSection, frozen=True, kw_only=True):
     """How long the broker keeps the controller's session (and queues QoS 1 messages) while it is down."""
     shared_group: SharedGroup | None = None
     """Subscribe with MQTT v5 shared subscriptions (``$share/{group}/...``) so replicas split the load."""
+    adopt_sessions: bool = False
+    """With ``shared_group``: take over the MQTT session of a replica that died (its last will)
+    so its queued messages are ingested. Opt-in: it needs one login that may use every
+    replica's client id, which the shipped Mosquitto config (use_username_as_clientid, a
+    login per replica) refuses; see docs/scaling.md."""
 
 
 class EmbeddedBrokerConfig(ConfigSection, frozen=True, kw_only=True):
@@ -132,9 +139,38 @@ class ApiConfig(ConfigSection, frozen=True, kw_only=True):
     """The window for counting failed token attempts, and how long an address stays blocked."""
 
 
+class S3StorageConfig(ConfigSection, frozen=True, kw_only=True):
+    bucket: str | None = None
+    """Bucket of the bundles (it must exist); required with ``models.storage = "s3"``."""
+    prefix: Annotated[str, Meta(pattern=r"^([^/].*/)?$", description="empty or ending in '/'")] = (
+        "edgefleet/bundles/"
+    )
+    """Key prefix: objects are ``{prefix}sha256/{ab}/{sha256}.efb``."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, Ceph, ...: ``https://s3.example.net:9000``); unset = AWS."""
+    region: str | None = None
+    """Region name (AWS); unset = boto3's default (AWS_DEFAULT_REGION, ~/.aws/config)."""
+    access_key_id: str | None = None
+    """Unset = boto3's credential chain (AWS_ACCESS_KEY_ID, ~/.aws/credentials, an IAM role)."""
+    secret_access_key: str | None = None
+    """Together with ``access_key_id``; prefer the EDGEFLEET_S3_SECRET_ACCESS_KEY variable."""
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    """``path`` for most self-hosted S3-compatible stores without wildcard DNS."""
+    presign_expiry_s: Annotated[int, Meta(ge=10, le=604_800, description="seconds")] = 900
+    """How long a presigned download URL handed to a device stays valid (resumes ask again)."""
+
+
 class ModelsConfig(ConfigSection, frozen=True, kw_only=True):
+    storage: Literal["local", "database", "s3"] | None = None
+    """Where bundles are kept: ``local`` (``blob_dir`` on this controller's disk), ``database``
+    (1 MiB chunks in the database, every replica reaches them) or ``s3`` (devices download
+    through presigned URLs); unset = ``database`` on PostgreSQL, ``local`` on SQLite."""
     blob_dir: str | None = None
-    """Where uploaded bundles are stored; default ``{data_dir}/blobs``."""
+    """Where uploaded bundles are stored (``local``) or staged while uploaded; default ``{data_dir}/blobs``."""
+    chunk_bytes: Annotated[int, Meta(ge=65_536, le=67_108_864, description="bytes")] = 1_048_576
+    """Size of the rows a bundle is split into with ``storage = "database"``."""
+    s3: S3StorageConfig = msgspec.field(default_factory=S3StorageConfig)
+    """The bucket with ``storage = "s3"``."""
     max_bundle_bytes: Annotated[int, Meta(ge=1, description="bytes")] = 2 * 1024**3
     """Largest accepted upload (``POST /api/v1/models``); larger ones get 413."""
     trusted_keys: list[str] = msgspec.field(default_factory=list)
@@ -185,6 +221,14 @@ class LoadedConfig:
         """Where model bundles are stored (``models.blob_dir`` or ``{data_dir}/blobs``)."""
         configured = self.config.models.blob_dir
         return self.resolve(configured) if configured else self.data_dir / "blobs"
+
+    @property
+    def bundle_storage(self) -> Literal["local", "database", "s3"]:
+        """``models.storage``, or its default: ``database`` on PostgreSQL, ``local`` on SQLite."""
+        configured = self.config.models.storage
+        if configured is not None:
+            return configured
+        return "database" if self.database_url.startswith("postgresql") else "local"
 
     @property
     def database_url(self) -> str:
@@ -262,10 +306,26 @@ def _check(config: ControllerConfig, src: ConfigSource) -> None:
             "serve HTTPS (`edgefleet certs issue NAME --kind server` writes a pair) or neither "
             "for HTTP"
         )
+    _check_models(config.models, src)
     if api.tls_client_ca_file is not None and api.tls_cert_file is None:
         raise ConfigError(
             f"{src.at('api', 'tls_client_ca_file')}: api.tls_client_ca_file (client "
             "certificates) needs HTTPS: set api.tls_cert_file and api.tls_key_file too"
+        )
+
+
+def _check_models(models: ModelsConfig, src: ConfigSource) -> None:
+    s3 = models.s3
+    if models.storage == "s3" and not s3.bucket:
+        raise ConfigError(
+            f'{src.at("models", "storage")}: models.storage = "s3" needs models.s3.bucket: '
+            "name an existing bucket (and models.s3.endpoint_url for a store other than AWS)"
+        )
+    url = s3.endpoint_url
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{src.at('models', 's3')}: models.s3.endpoint_url {url!r}: use an http:// or "
+            "https:// URL (e.g. https://minio.example.net:9000)"
         )
 
 
@@ -282,6 +342,9 @@ def _with_env(config: ControllerConfig, env: dict[str, str] | os._Environ[str]) 
         config = replace(config, database=replace(config.database, url=env[DB_URL_ENV]))
     if env.get(BROKER_PASSWORD_ENV):
         config = replace(config, broker=replace(config.broker, password=env[BROKER_PASSWORD_ENV]))
+    if env.get(S3_SECRET_ENV):
+        s3 = replace(config.models.s3, secret_access_key=env[S3_SECRET_ENV])
+        config = replace(config, models=replace(config.models, s3=s3))
     if env.get(EMBEDDED_PASSWORD_ENV):
         config = replace(
             config,

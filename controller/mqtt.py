@@ -7,6 +7,11 @@ topic and payload to the ingestor (decode + enqueue). The session is persistent
 controller restarts are queued by the broker and delivered when it comes back.
 ``publish_confirmed`` publishes QoS 1 messages and reports which ones the broker
 acknowledged (PUBACK without an error reason code).
+
+With ``manual_ack`` the PUBACK of a received QoS 1 message is not sent when ``on_message``
+returns but when the handler calls the ``ack`` it is given (the ingestor does after the
+database commit), so a replica killed with messages in memory leaves them unacknowledged
+in its broker session, to be delivered again.
 """
 
 from __future__ import annotations
@@ -70,11 +75,16 @@ class MqttSubscriber:
         *,
         settings: MqttSettings,
         kinds: tuple[Kind, ...],
-        on_message: Callable[[str, bytes], object],
+        on_message: Callable[..., object],
         on_connection_change: Callable[[bool], None] | None = None,
         on_session: Callable[[bool], None] | None = None,
+        manual_ack: bool = False,
+        will: tuple[str, bytes] | None = None,
+        extra_filters: Sequence[str] = (),
     ) -> None:
-        """``on_session(session_present)`` runs on every successful connect (network thread)."""
+        """``on_session(session_present)`` runs on every successful connect (network thread);
+        ``manual_ack``: ``on_message(topic, payload, ack)``, see the module doc; ``will``: a
+        (topic, payload) last will, retained; ``extra_filters``: more (unshared) filters."""
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
@@ -83,6 +93,7 @@ class MqttSubscriber:
         self._handler = on_message
         self._on_change = on_connection_change
         self._on_session = on_session
+        self._manual_ack = manual_ack
         self._connected = threading.Event()
         self._refused_pubs: dict[int, str] = {}
         self._pub_lock = threading.Lock()
@@ -91,10 +102,12 @@ class MqttSubscriber:
         self.filters = [
             subscription(kind, shared_group=settings.shared_group) for kind in self.kinds
         ]
+        self.filters += list(extra_filters)
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=manual_ack,
         )
         if settings.username is not None:
             client.username_pw_set(settings.username, settings.password)
@@ -117,6 +130,8 @@ class MqttSubscriber:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=True)
         self._client = client
 
     @property
@@ -197,9 +212,27 @@ class MqttSubscriber:
             acked.append(ok)
         return acked
 
-    def stop(self) -> None:
+    def publish_nowait(self, topic: str, payload: bytes) -> None:
+        """Queue a retained QoS 1 message without waiting (safe on the network thread)."""
+        self._client.publish(topic, payload, qos=1, retain=True)
+
+    def unsubscribe(self, filters: Sequence[str]) -> None:
+        """Stop receiving on ``filters`` (messages already queued in the session still come)."""
+        if filters:
+            self._client.unsubscribe(list(filters))
+
+    def stop(self, *, end_session: bool = False) -> None:
+        """Disconnect; ``end_session``: tell the broker to drop the session now (session
+        expiry 0), with whatever it still queues for it."""
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
         self._stopping = True
-        self._client.disconnect()
+        props = None
+        if end_session:
+            props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 0
+        self._client.disconnect(properties=props)
         self._client.loop_stop()
         self._set_connected(False)
 
@@ -255,6 +288,18 @@ class MqttSubscriber:
         except UnicodeDecodeError:
             topic = repr(msg._topic)
         try:
-            self._handler(topic, msg.payload)
+            if self._manual_ack:
+                self._handler(topic, msg.payload, self._acker(msg.mid, msg.qos))
+            else:
+                self._handler(topic, msg.payload)
         except Exception:
             log.exception("ingesting a message on %s failed", topic)
+
+    def _acker(self, mid: int, qos: int) -> Callable[[], None]:
+        client = self._client
+
+        def ack() -> None:
+            if qos > 0:
+                client.ack(mid, qos)
+
+        return ack

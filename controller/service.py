@@ -33,6 +33,7 @@ from controller.fleet.tokens import create_token, revoke_tokens_named
 from controller.ingest.decode import INGESTED_KINDS
 from controller.ingest.writer import Ingestor
 from controller.mqtt import MqttSettings, MqttSubscriber
+from controller.replicas import SessionHandover, build_subscriber
 from controller.rollouts.engine import RolloutEngine
 from controller.rollouts.publisher import DesiredPublisher
 from controller.rollouts.runner import RolloutRunner
@@ -112,7 +113,7 @@ class Controller:
                 max_failures=cfg.api.auth_max_failures, window_s=cfg.api.auth_window_s
             ),
         )
-        self.app.state.models = hosting_from_config(loaded)
+        self.app.state.models = hosting_from_config(loaded, self.db)
         self.app.state.enrolment = EnrolmentTarget(
             broker_url=lambda: self.broker.url if self.broker.embedded else None,
             reload=self._reload_broker_users,
@@ -130,7 +131,9 @@ class Controller:
                 clock=clock,
             )
             self.app.state.rollouts_wake = self.rollouts.wake
+            self.app.state.rollouts_leadership = self.rollouts.leadership
         self.subscriber: MqttSubscriber | None = None
+        self.handover: SessionHandover | None = None
         self._server: Any = None
         self._server_thread: threading.Thread | None = None
         self._retention_stop = threading.Event()
@@ -233,10 +236,13 @@ class Controller:
                     self.embedded_broker.agent_config(),
                 )
             self.ingestor.start()
-            self.subscriber = MqttSubscriber(
+            self.subscriber, self.handover = build_subscriber(
                 settings=self._mqtt_settings(),
                 kinds=INGESTED_KINDS,
-                on_message=self.ingestor.handle,
+                handle=self.ingestor.handle,
+                wait_idle=self.ingestor.wait_idle,
+                db=self.db,
+                adopt=self.config.broker.adopt_sessions,
                 on_connection_change=self._mqtt_changed,
                 on_session=self.rollouts.on_session if self.rollouts is not None else None,
             )
@@ -309,7 +315,10 @@ class Controller:
         if self.rollouts is not None:
             self.rollouts.stop()
         if self.subscriber is not None:
-            self.subscriber.stop()
+            if self.handover is not None:  # leave the shared group (controller.replicas)
+                self.handover.leave(self.subscriber)
+            else:
+                self.subscriber.stop()
             self.subscriber = None
         self.ingestor.stop()
         self._retention_stop.set()

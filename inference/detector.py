@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from inference.backends import Backend, create_backend, model_family
 from inference.decoders import Decoder, make_decoder
+from inference.decoders.base import Outputs
 from inference.errors import ModelError
 from inference.models import manifest_for
 from inference.preprocess import Prepared, Preprocessor
@@ -79,7 +80,19 @@ class Detector:
         start = time.perf_counter()
         backend.invoke()
         infer_ms = (time.perf_counter() - start) * 1000.0
-        raw = self.decoder.decode(self._outputs, self.min_score if min_score is None else min_score)
+        return self.decode(self._outputs, prepared, infer_ms, min_score=min_score)
+
+    def decode(
+        self,
+        outputs: Outputs,
+        prepared: Prepared,
+        infer_ms: float,
+        *,
+        min_score: float | None = None,
+    ) -> InferenceResult:
+        """Detections from one frame's raw outputs (as ``backend.output(i)`` gives them);
+        :mod:`inference.batching` passes each frame's slice of a batched invoke."""
+        raw = self.decoder.decode(outputs, self.min_score if min_score is None else min_score)
         if not raw:
             return InferenceResult(detections=[], infer_ms=infer_ms)
         sx, sy = prepared.scale_x, prepared.scale_y

@@ -126,6 +126,9 @@ class StreamTelemetry(_Part, frozen=True, kw_only=True):
     latency_ms_p95: Millis | None
     errors: Count = 0
     reconnects: Count = 0
+    frames_skipped: Count = 0
+    """Frames not inferred by choice: the stream's fps cap, and the motion gate (a skipped
+    frame publishes no detections, or the last ones again with ``on_skip = "repeat"``)."""
     score_psi: Psi | None = None
     """Drift KPI: population stability index of the recent detection scores against the
     active model's baseline (< 0.1 no change, > 0.25 a significant shift); None until both

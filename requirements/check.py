@@ -99,7 +99,7 @@ LOCKS = (
     # The controller image (python:3.11-slim-bookworm, amd64 and arm64).
     Lock(
         HERE / "controller.txt",
-        ("controller", "postgres"),
+        ("controller", "postgres", "s3"),
         tuple(Target("3.11", m) for m in _BOTH),
     ),
 )

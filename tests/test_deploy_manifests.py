@@ -108,7 +108,8 @@ def test_image_base_is_python_slim_pinned_to_the_locks_python_and_debian_release
 def test_image_installs_the_controller_lock_with_hashes_then_the_project_without_deps() -> None:
     stage = _final_stage()
     lock = _controller_lock()
-    assert lock.extras == ("controller", "postgres")  # PostgreSQL is how the image runs
+    # PostgreSQL is how the image runs; s3 for bundles in an S3-compatible bucket (docs/controller.md)
+    assert lock.extras == ("controller", "postgres", "s3")
     copies = [c.split() for c in _instruction(stage, "COPY")]
     (dest,) = [c[-1] for c in copies if c[0] == f"requirements/{lock.name}"]
     runs = [part.strip() for run in _instruction(stage, "RUN") for part in run.split(";")]
@@ -188,7 +189,15 @@ def test_compose_broker_healthcheck_escapes_the_dollar_of_sys_topics() -> None:
 
 def test_k8s_manifests_validate_against_the_kubernetes_schemas() -> None:
     docs = _manifests()
-    assert {d["kind"] for _, d in docs} == {"Deployment", "Service", "ConfigMap", "Secret"}
+    assert {d["kind"] for _, d in docs} == {
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "Secret",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "Job",
+    }
     for name, doc in docs:
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -208,13 +217,15 @@ def test_k8s_validator_rejects_a_misspelled_field() -> None:
         kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
 
 
-def test_deployment_probes_healthz_on_the_named_port_and_runs_non_root() -> None:
+def test_deployment_probes_liveness_and_readiness_on_the_named_port_and_runs_non_root() -> None:
     spec = _kind("Deployment")["spec"]["template"]["spec"]
     (container,) = spec["containers"]
     (port,) = container["ports"]
     assert port == {"name": "http", "containerPort": 8080, "protocol": "TCP"}
-    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+    for probe in ("livenessProbe", "startupProbe"):  # cheap: the process and its database
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}, probe
+    # traffic only to replicas with the database AND the broker
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] != 0
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
@@ -270,3 +281,80 @@ def test_build_context_filter_keeps_every_file_the_image_copies() -> None:
         copied.update(sources)
     assert copied
     assert copied <= kept, f"COPY sources filtered out of the build context: {copied - kept}"
+
+
+def _app_paths() -> set[str]:
+    from controller.api import create_app
+    from controller.db.session import Database
+
+    db = Database.from_url("sqlite://")
+    try:
+        return {getattr(r, "path", "") for r in create_app(db=db).routes}
+    finally:
+        db.dispose()
+
+
+def test_the_probed_paths_exist_in_the_api() -> None:
+    container = _kind("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    probed = {container[p]["httpGet"]["path"] for p in ("livenessProbe", "readinessProbe")}
+    assert probed == {"/healthz", "/readyz"} and probed <= _app_paths()
+
+
+def test_three_replicas_split_ingestion_in_a_shared_group_and_roll_without_downtime() -> None:
+    deployment = _kind("Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    rolling = deployment["spec"]["strategy"]
+    assert rolling["type"] == "RollingUpdate" and rolling["rollingUpdate"]["maxUnavailable"] == 0
+    parsed = controller_config.parse_config(
+        _kind("ConfigMap")["data"]["controller.toml"], source="configmap"
+    )
+    assert parsed.broker.shared_group == "controllers"
+    assert parsed.broker.client_id is None  # each pod: edgefleet-controller-{pod name}
+
+
+def test_the_disruption_budget_and_the_autoscaler_cover_the_deployment() -> None:
+    deployment = _kind("Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    pdb = _kind("PodDisruptionBudget")["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+    assert 1 <= pdb["minAvailable"] < deployment["spec"]["replicas"]
+    hpa = _kind("HorizontalPodAutoscaler")["spec"]
+    target = hpa["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert hpa["minReplicas"] == deployment["spec"]["replicas"] <= hpa["maxReplicas"]
+    (metric,) = hpa["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["requests"]["cpu"]  # utilization is relative to it
+
+
+def test_the_migration_job_runs_db_upgrade_with_the_controllers_config_and_secret() -> None:
+    job = _kind("Job")["spec"]["template"]["spec"]
+    (container,) = job["containers"]
+    ctl = _kind("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["db", "upgrade"]
+    upgrade = cli_main.commands["db"].commands["upgrade"]  # type: ignore[attr-defined]
+    assert upgrade.name == "upgrade"
+    assert container["image"] == ctl["image"]
+    assert container["env"] == ctl["env"] and container["envFrom"] == ctl["envFrom"]
+    assert job["restartPolicy"] in ("OnFailure", "Never")
+    config_mount = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["config"]
+    assert config_mount == {m["name"]: m["mountPath"] for m in ctl["volumeMounts"]}["config"]
+
+
+def test_the_replicas_compose_example_runs_three_controllers_behind_one_address() -> None:
+    data = yaml.safe_load((CONTAINER / "compose.replicas.yaml").read_text(encoding="utf-8"))
+    services = data["services"]
+    ctl = services["controller"]
+    assert ctl["deploy"]["replicas"] == 3
+    assert "ports" not in ctl  # three containers cannot share a host port: the proxy has it
+    assert "/readyz" in " ".join(ctl["healthcheck"]["test"])
+    _check_serve_args(ctl["command"])
+    env = ctl["environment"]
+    assert env["EDGEFLEET_DB_URL"].startswith("postgresql+psycopg://")
+    assert services["migrate"]["command"] == ["db", "upgrade"]
+    assert ctl["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    assert services["proxy"]["ports"] == ["8080:8080"]
+    config = data["configs"]["controller-toml"]["content"]
+    parsed = controller_config.parse_config(config, source="compose.replicas.yaml")
+    assert parsed.broker.shared_group is not None

@@ -60,9 +60,10 @@ def test_agent_lock_serves_both_architectures_on_debian_and_jetson_pythons() -> 
 
 def test_controller_lock_holds_the_postgres_driver_and_no_model_runtime() -> None:
     controller = _lock("controller.txt")
-    assert controller.extras == ("controller", "postgres")
+    assert controller.extras == ("controller", "postgres", "s3")
     names = {pin.name for pin in check.read_lock(controller.path)}
     assert {"psycopg", "psycopg-binary", "sqlalchemy", "fastapi", "uvicorn"} <= names
+    assert {"boto3", "botocore", "s3transfer"} <= names  # models.storage = "s3" in the image
     assert not names & {"numpy", "ai-edge-litert", "opencv-python-headless"}
 
 

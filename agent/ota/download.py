@@ -6,6 +6,12 @@ a ``200`` means the server ignored the range and the download restarts from 0). 
 is computed while streaming (the kept prefix is re-hashed on resume), more bytes than the
 expected size abort the download, connection errors / 5xx / short reads are retried with
 backoff, and only a file whose size and sha256 match is fsynced and renamed to ``dest``.
+
+Redirects (301/302/303/307/308) are followed to http(s) URLs only, at most 5 in a row: a
+controller that keeps bundles in S3 answers 307 with a short-lived presigned URL. ``Range``
+goes along to the final URL (resume works there); ``Authorization`` and ``Cookie`` do not
+when the redirect leaves the original host. Every attempt starts at ``url`` again, so a
+retry gets a fresh presigned URL.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 from agent.ota import OtaError
 from common.atomic import move_into_place
@@ -38,6 +46,41 @@ class DownloadError(OtaError):
 
 class _Retryable(Exception):
     """A transient failure: try again after a backoff delay."""
+
+
+_PRIVATE_HEADERS = ("Authorization", "Cookie")
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http(s) only; credentials stay on the original host."""
+
+    max_redirections = 5
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        target = urlsplit(newurl)
+        if target.scheme.lower() not in ("http", "https"):
+            raise DownloadError(
+                "bad_redirect",
+                f"download of {req.full_url} was redirected to {target.scheme}:// (HTTP {code}); "
+                "only http(s) redirects are followed: check the controller's models.storage",
+            )
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urlsplit(req.full_url).netloc.lower() != target.netloc.lower():
+            for name in _PRIVATE_HEADERS:
+                new.remove_header(name)
+                new.remove_header(name.capitalize())
+        return new
+
+
+_OPENER = urllib.request.build_opener(_RedirectHandler)
 
 
 def download(
@@ -217,9 +260,7 @@ def _open(
     if have:
         request.add_header("Range", f"bytes={have}-")
     try:
-        response: http.client.HTTPResponse = urllib.request.urlopen(  # noqa: S310
-            request, timeout=timeout_s
-        )
+        response: http.client.HTTPResponse = _OPENER.open(request, timeout=timeout_s)
     except urllib.error.HTTPError as err:
         err.close()
         if err.code == 416 and have:
@@ -231,6 +272,13 @@ def _open(
             raise _Retryable(f"HTTP 416 for range {have}-") from err
         if err.code >= 500 or err.code in (408, 429):
             raise _Retryable(f"HTTP {err.code}") from err
+        if 300 <= err.code < 400:  # urllib refused the target (not http(s), or a loop)
+            raise DownloadError(
+                "bad_redirect",
+                f"download of {url} was redirected (HTTP {err.code}) to "
+                f"{err.headers.get('Location')!r}, which is not followed: only http(s) "
+                "redirects are, 5 at most; check the controller's models.storage",
+            ) from err
         raise DownloadError(
             f"http_{err.code}",
             f"download of {url} failed with HTTP {err.code} {err.reason}: check the "

@@ -1,4 +1,5 @@
-"""The FastAPI application: routes, /healthz, /metrics; state lives on ``app.state``."""
+"""The FastAPI application: routes, /healthz (liveness), /readyz (readiness: database and
+MQTT), /metrics; state lives on ``app.state``."""
 
 from __future__ import annotations
 
@@ -80,6 +81,32 @@ def create_app(
         healthy = ok and mqtt != "disconnected"
         body = Health(status="ok" if healthy else "degraded", database=database, mqtt=mqtt)  # type: ignore[arg-type]
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+    @app.get("/readyz", tags=["ops"])
+    def readyz(request: Request) -> Response:
+        """Readiness (send traffic here?): 200 only when the database answers AND the MQTT
+        connection is up; 503 otherwise. ``rollout_leader``: this replica drives rollouts
+        (holds the PostgreSQL rollout lock; always true on SQLite, null when disabled)."""
+        try:
+            request.app.state.db.ping()
+            database = "ok"
+        except Exception:  # noqa: BLE001 - report, do not fail the probe itself
+            database = "unreachable"
+        snap = request.app.state.ingest_snapshot
+        mqtt = (
+            "not running"
+            if snap is None
+            else ("connected" if snap().mqtt_connected else "disconnected")
+        )
+        ready = database == "ok" and mqtt == "connected"
+        leadership = getattr(request.app.state, "rollouts_leadership", None)
+        body = {
+            "status": "ready" if ready else "not ready",
+            "database": database,
+            "mqtt": mqtt,
+            "rollout_leader": None if leadership is None else bool(leadership.held),
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
     def metrics(request: Request) -> Response:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hmac
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
-from fastapi.responses import StreamingResponse
+from fastapi.responses import RedirectResponse, StreamingResponse
+from sqlalchemy import Connection
 
 from controller.api.auth import Operator, Viewer, require
 from controller.api.errors import AUTH, responses
@@ -22,6 +22,7 @@ from controller.api.params import (
     RangeHeader,
 )
 from controller.api.schemas import ModelList, ModelOut
+from controller.artifacts import BundleStore, StorageError
 from controller.blobstore import ModelHosting
 from controller.bundles import BundleError, BundleInfo, read_bundle, verify_signature
 from controller.db.session import Database
@@ -193,7 +194,9 @@ def _store_model(
     with db.connect() as conn:
         if registry.get_model(conn, m.name, m.version) is not None:
             raise _duplicate(m.ref)
-    hosting.blobs.commit(tmp, digest)
+    store = hosting.bundles
+    if not store.transactional:
+        _put(store, tmp, digest, size, None)
     try:
         with db.begin() as conn:
             row = registry.add_model(
@@ -208,9 +211,21 @@ def _store_model(
                 key_id=key,
                 now=request.app.state.clock(),
             )
+            if store.transactional:
+                _put(store, tmp, digest, size, conn)
     except registry.DuplicateModelError as err:
         raise _duplicate(m.ref) from err
     return _model_out(row)
+
+
+def _put(store: BundleStore, tmp: Path, digest: str, size: int, conn: Connection | None) -> None:
+    try:
+        store.put(tmp, digest, size, conn)
+    except StorageError as err:
+        raise HTTPException(
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail=f"the bundle could not be stored: {err}",
+        ) from err
 
 
 @router.get("/models")
@@ -256,18 +271,6 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
-def _file_body(path: Path, start: int, length: int) -> Iterator[bytes]:
-    with path.open("rb") as f:
-        f.seek(start)
-        left = length
-        while left > 0:
-            chunk = f.read(min(1 << 20, left))
-            if not chunk:
-                break
-            left -= len(chunk)
-            yield chunk
-
-
 @router.get(
     "/models/{name}/{version}/bundle",
     response_class=Response,
@@ -275,6 +278,7 @@ def _file_body(path: Path, start: int, length: int) -> Iterator[bytes]:
         200: {"description": "the bundle file", "content": {_TAR: _BINARY}},
         206: {"description": "a byte range", "content": {_TAR: _BINARY}},
         304: {"description": "not modified (If-None-Match)"},
+        307: {"description": "models.storage = s3: download from the presigned URL in Location"},
         416: {"description": "the range is not satisfiable (Content-Range: bytes */SIZE)"},
         **responses(404, 410, 503),
     },
@@ -286,9 +290,12 @@ def download_bundle(
     key: Annotated[DownloadKey | None, Query(description="the model's download key")] = None,
     range_header: Annotated[RangeHeader | None, Header(alias="range")] = None,
     if_none_match: Annotated[HeaderText | None, Header()] = None,
+    if_range: Annotated[HeaderText | None, Header()] = None,
     authorization: Annotated[HeaderText | None, Header()] = None,
 ) -> Response:
-    """The ``.efb`` file, with ETag, ``Range`` (one range) and ``If-None-Match``.
+    """The ``.efb`` file, with ETag (the sha256), ``Range`` (one range), ``If-Range`` and
+    ``If-None-Match``. With ``models.storage = "s3"`` the answer is a 307 redirect to a
+    short-lived presigned URL of the bucket (follow it; send ``Range`` there).
 
     Devices authenticate with the URL's ``key`` (the download URL in the desired state);
     operators may use a viewer token instead.
@@ -300,19 +307,34 @@ def download_bundle(
         _check_viewer(request, authorization)
     if row is None:
         raise _no_model(name, version)
-    path = _hosting(request).blobs.path_for(row.sha256)
-    if not path.is_file():
-        raise HTTPException(
-            status_code=status.HTTP_410_GONE,
-            detail=f"the bundle file of {row.ref} is missing from the blob store; upload it again",
-        )
+    store = _hosting(request).bundles
     etag = f'"{row.sha256}"'
     headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "private, max-age=0"}
     if if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
-    size = path.stat().st_size
+    try:
+        redirect = store.redirect_url(row.sha256)
+        size = None
+        if redirect is None:
+            store, size = _hosting(request).holder(row.sha256)
+    except StorageError as err:
+        raise HTTPException(
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(err)
+        ) from err
+    if redirect is not None:
+        return RedirectResponse(
+            redirect, status_code=307, headers={"ETag": etag, "Cache-Control": "no-store"}
+        )
+    if size is None:
+        raise HTTPException(
+            status_code=status.HTTP_410_GONE,
+            detail=(
+                f"the bundle of {row.ref} is missing from {store.describe()}; upload it again "
+                "(or `edgefleet model migrate-storage` if it is still in another store)"
+            ),
+        )
     media = "application/x-tar"
-    if range_header is not None:
+    if range_header is not None and (if_range is None or if_range.strip() == etag):
         span = _parse_range(range_header, size)
         if span is None:
             return Response(
@@ -324,11 +346,10 @@ def download_bundle(
         headers.update(
             {"Content-Range": f"bytes {start}-{end}/{size}", "Content-Length": str(length)}
         )
-        return StreamingResponse(
-            _file_body(path, start, length), status_code=206, headers=headers, media_type=media
-        )
+        body = store.read(row.sha256, start, length)
+        return StreamingResponse(body, status_code=206, headers=headers, media_type=media)
     headers["Content-Length"] = str(size)
-    return StreamingResponse(_file_body(path, 0, size), headers=headers, media_type=media)
+    return StreamingResponse(store.read(row.sha256, 0, size), headers=headers, media_type=media)
 
 
 def _check_viewer(request: Request, authorization: str | None) -> None:

@@ -30,6 +30,7 @@ from controller.cli import (
     rollouts,
     security,
     serve,
+    storage,
     tokens,
 )
 from controller.cli.extras import missing_module_message
@@ -120,5 +121,6 @@ main.add_command(models.model)
 models.model.add_command(quantize.model_quantize)  # local files only
 models.model.add_command(model_init.model_init)  # local files only
 models.model.add_command(publish.model_publish)  # package + sign + push, for CI
+models.model.add_command(storage.model_migrate_storage)  # on the database and stores directly
 main.add_command(security.certs)  # local files only
 main.add_command(rollouts.rollout)  # staged rollouts over the API

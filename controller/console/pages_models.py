@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from controller.blobstore import ModelHosting
 from controller.console.render import render
 from controller.console.session import ConsoleUser, PageError, viewer
+from controller.errors import ControllerError
 from controller.fleet.devices import list_devices, model_counts
 from controller.fleet.registry import ModelInfo, get_model, list_models
 
@@ -87,14 +88,28 @@ def golden_image(
     if hosting is None:
         raise PageError(404, "this controller does not host models (no blob store configured)")
     member = samples[index]["image"]
-    try:
-        with tarfile.open(hosting.blobs.path_for(m.sha256), "r:*") as tar:
-            info = tar.getmember(member)
-            f = tar.extractfile(info) if info.isfile() and info.size <= MAX_GOLDEN_BYTES else None
-            data = f.read() if f is not None else None
-    except (KeyError, OSError, tarfile.TarError):
-        data = None
+    data = _golden_bytes(hosting, m, member)
     if data is None:
         raise PageError(404, f"the bundle of {m.ref} has no readable {member!r}")
     media = "image/png" if data.startswith(b"\x89PNG") else "application/octet-stream"
     return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _golden_bytes(hosting: ModelHosting, m: ModelInfo, member: str) -> bytes | None:
+    """``member`` of the bundle, read forward from whichever store keeps it (models.storage)."""
+    from controller.artifacts import open_bundle_stream
+
+    try:
+        with (
+            open_bundle_stream(hosting.holder(m.sha256)[0], m.sha256, m.size) as raw,
+            tarfile.open(fileobj=raw, mode="r|*") as tar,
+        ):
+            for info in tar:
+                if info.name == member:
+                    if not info.isfile() or info.size > MAX_GOLDEN_BYTES:
+                        return None
+                    f = tar.extractfile(info)
+                    return f.read() if f is not None else None
+    except (OSError, tarfile.TarError, ControllerError):
+        return None
+    return None

@@ -388,3 +388,19 @@ class ConsoleSession(Base):
 
 
 console_sessions = cast(Table, ConsoleSession.__table__)
+
+
+class BundleChunk(Base):
+    """A piece of a model bundle kept in the database (``models.storage = "database"``):
+    bundle ``sha256``'s bytes from ``pos`` on. Written in the upload's transaction with the
+    model row; a bundle shared by several models is kept once."""
+
+    __tablename__ = "bundle_chunks"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    pos: Mapped[int] = mapped_column(BigInteger(), primary_key=True)
+    """Offset of the chunk's first byte in the bundle."""
+    data: Mapped[bytes] = mapped_column(LargeBinary())
+
+
+bundle_chunks = cast(Table, BundleChunk.__table__)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from sqlalchemy import JSON, Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import JSON, Connection, bindparam, delete, func, insert, or_, select, update
 
 from controller.db.models import device_streams, devices, events
 from controller.db.sql import upsert
@@ -160,8 +160,11 @@ _STATUS = (
 _REPORTED = (
     update(devices)
     .where(devices.c.id == bindparam("b_id"))
+    .where(or_(devices.c.reported_at.is_(None), devices.c.reported_at <= bindparam("b_ts")))
     .values(desired_rev=bindparam("b_rev"), reported_at=bindparam("b_ts"))
 )
+"""Only a reported state at least as new as the stored one: with several controller replicas
+a device's messages are split between them and may be committed out of order."""
 _DEVICE_SUMMARY = (
     update(devices)
     .where(devices.c.id == bindparam("b_id"))
@@ -242,7 +245,7 @@ def collect(items: Sequence[Received]) -> MessageBatch:
 
 
 def _create_devices(conn: Connection, seen: dict[str, Seen], known: set[str] | None) -> None:
-    new = [d for d in seen if known is None or d not in known]
+    new = sorted(d for d in seen if known is None or d not in known)  # lock order: by id
     if new:
         conn.execute(
             upsert(conn, devices).on_conflict_do_nothing(index_elements=["id"]),
@@ -260,12 +263,43 @@ def _create_devices(conn: Connection, seen: dict[str, Seen], known: set[str] | N
         )
 
 
+def _create_and_lock_devices(conn: Connection, seen: dict[str, Seen]) -> None:
+    """PostgreSQL, several replicas writing batches that name the same devices: create the
+    new ones and row-lock the rest in ONE statement, in id order, so that the UPDATEs after
+    it (each in its own order) cannot deadlock with another replica's batch. (A separate
+    INSERT and SELECT ... FOR UPDATE still deadlocked: an INSERT waits on another
+    transaction's uncommitted row of the same id.)"""
+    if not seen:
+        return
+    stmt = upsert(conn, devices)
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["id"],
+            set_={"first_seen": func.least(devices.c.first_seen, stmt.excluded.first_seen)},
+        ),
+        [
+            {
+                "id": d,
+                "first_seen": seen[d].first,
+                "last_seen": seen[d].last,
+                "last_telemetry_at": seen[d].telemetry,
+                "online": False,
+                "facts": {},
+            }
+            for d in sorted(seen)
+        ],
+    )
+
+
 def touch_devices(conn: Connection, seen: dict[str, Seen]) -> None:
     """Update last_seen / last_telemetry_at (one UPDATE per device, executemany)."""
     if seen:
         conn.execute(
             _LAST_SEEN,
-            [{"b_id": d, "b_last_seen": v.last, "b_tele": v.telemetry} for d, v in seen.items()],
+            [
+                {"b_id": d, "b_last_seen": v.last, "b_tele": v.telemetry}
+                for d, v in sorted(seen.items())  # lock order: by id (see write_batch)
+            ],
         )
 
 
@@ -336,6 +370,14 @@ def _write_reports(conn: Connection, reports: dict[str, tuple[Reported, float]])
         _REPORTED,
         [{"b_id": d, "b_rev": r.desired_rev, "b_ts": r.ts} for d, (r, _) in reports.items()],
     )
+    # The guarded UPDATE locked the rows it changed: those now carry this batch's ts; a
+    # report older than the stored one (committed by another replica) is left out.
+    stored = conn.execute(
+        select(devices.c.id, devices.c.reported_at).where(devices.c.id.in_(list(reports)))
+    ).all()
+    reports = {d: reports[d] for d, at in stored if d in reports and at == reports[d][0].ts}
+    if not reports:
+        return
     for d, (r, _) in reports.items():
         # The reported state is the device's whole truth: streams it no longer has go.
         conn.execute(
@@ -400,7 +442,10 @@ def write_batch(
     at most about once a second under load (see ``Ingestor``), so a busy fleet does not
     cost one UPDATE per message.
     """
-    _create_devices(conn, batch.seen, known)
+    if conn.dialect.name == "postgresql":  # every device row this batch updates, touch too
+        _create_and_lock_devices(conn, {**(touch or {}), **batch.seen})
+    else:
+        _create_devices(conn, batch.seen, known)
     if touch:
         touch_devices(conn, touch)
     if batch.statuses:

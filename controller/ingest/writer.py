@@ -6,6 +6,11 @@ the database when ``batch_size`` messages are waiting or the oldest is ``flush_i
 old, in one transaction per batch (bulk INSERTs). A batch the database rejects is retried
 message by message so one bad message costs only itself; connection errors are retried
 with backoff (the queue then fills and back-pressure reaches the broker).
+
+``handle(topic, payload, ack)``: ``ack`` (the MQTT PUBACK of a QoS 1 message) is called
+once the message is committed (or refused for good: malformed, ignored, dropped, rejected
+by the database), never for a message lost to a crash or a database outage while stopping,
+so the broker redelivers those (docs/scaling.md, "Ingestion that survives a replica").
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
@@ -98,11 +103,20 @@ class Ingestor:
         self._done = 0
         self._log = _LogLimiter()
         self._rejects = RejectLog(clock=monotonic)
+        self._acks: dict[int, Callable[[], None]] = {}
+        """id(queued item) → its PUBACK, sent after the item's batch is committed."""
 
     # called on the MQTT network thread -------------------------------------------------
 
-    def handle(self, topic: str, payload: bytes) -> Outcome:
-        """Decode one message and queue it; never raises (everything is counted)."""
+    def handle(self, topic: str, payload: bytes, ack: Callable[[], None] | None = None) -> Outcome:
+        """Decode one message and queue it; never raises (everything is counted). ``ack``
+        runs once the message is written or refused for good (see the module doc)."""
+        outcome = self._handle(topic, payload, ack)
+        if outcome != "queued" and ack is not None:
+            _call_ack(ack)
+        return outcome
+
+    def _handle(self, topic: str, payload: bytes, ack: Callable[[], None] | None) -> Outcome:
         try:
             decoded = decode_message(topic, payload)
         except RejectedMessage as err:
@@ -118,12 +132,16 @@ class Ingestor:
             return "ignored"
         device_id, message = decoded
         return self.enqueue(
-            Received(topic=topic, device_id=device_id, message=message, received_at=self.clock())
+            Received(topic=topic, device_id=device_id, message=message, received_at=self.clock()),
+            ack=ack,
         )
 
-    def enqueue(self, item: Received) -> Outcome:
+    def enqueue(self, item: Received, *, ack: Callable[[], None] | None = None) -> Outcome:
         """Queue an already decoded message (``handle`` does this after decoding)."""
+        if ack is not None:
+            self._acks[id(item)] = ack
         if not self._queue.put(item, timeout=self.enqueue_timeout_s):
+            self._acks.pop(id(item), None)
             self.stats.count("dropped")
             self._log.warning(
                 "ingest queue full for %.1fs: dropped a message on %s; the database is too "
@@ -247,7 +265,13 @@ class Ingestor:
             except _RETRYABLE as err:
                 delay = backoff.next()
                 if self._stop.is_set() and delay > 2:
-                    log.error("database unavailable while stopping: %d messages lost", len(batch))
+                    log.error(
+                        "database unavailable while stopping: %d messages not written (not "
+                        "acknowledged: the broker delivers them again)",
+                        len(batch),
+                    )
+                    for item in batch:
+                        self._acks.pop(id(item), None)
                     self._finish(len(batch))
                     return
                 log.error(
@@ -274,6 +298,7 @@ class Ingestor:
             else:
                 self._seen = seen
             self.stats.record_batch(batch, committed_at=self.clock(), mono=time.monotonic())
+            self._ack(batch)
             self._finish(len(batch))
             return
 
@@ -289,12 +314,27 @@ class Ingestor:
                 )
             else:
                 self.stats.record_batch([item], committed_at=self.clock(), mono=time.monotonic())
+            self._ack([item])
             self._finish(1)
+
+    def _ack(self, items: Iterable[Received]) -> None:
+        """Acknowledge committed (or for good refused) items to the broker, in order."""
+        for item in items:
+            ack = self._acks.pop(id(item), None)
+            if ack is not None:
+                _call_ack(ack)
 
     def _finish(self, n: int) -> None:
         with self._idle:
             self._done += n
             self._idle.notify_all()
+
+
+def _call_ack(ack: Callable[[], None]) -> None:
+    try:
+        ack()
+    except Exception as err:  # noqa: BLE001 - a lost PUBACK means a redelivery, not a loss
+        log.debug("acknowledging a message failed: %s", err)
 
 
 def _short(err: BaseException) -> str:

@@ -108,6 +108,12 @@ class Backend(abc.ABC):
     def output_by_name(self, name: str) -> npt.NDArray[Any]:
         return self.output(self.output_index(name))
 
+    def batched(self, size: int) -> Backend | None:
+        """A second instance of this model taking ``size`` frames in one ``invoke`` (input 0's
+        first dimension), or None where the runtime or the model cannot batch. The outputs'
+        layout is not promised: :mod:`inference.batching` finds it by probing."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the runtime's resources; the backend cannot be used afterwards."""

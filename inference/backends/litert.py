@@ -32,6 +32,7 @@ class _Interpreter(Protocol):
     """The part of the TFLite ``Interpreter`` API this backend uses."""
 
     def allocate_tensors(self) -> None: ...
+    def resize_tensor_input(self, input_index: int, tensor_size: list[int]) -> None: ...
     def get_input_details(self) -> list[dict[str, Any]]: ...
     def get_output_details(self) -> list[dict[str, Any]]: ...
     def set_tensor(self, tensor_index: int, value: npt.NDArray[Any]) -> None: ...
@@ -55,7 +56,8 @@ class TFLiteInterpreterBackend(Backend):
 
     suffixes: ClassVar[tuple[str, ...]] = (".tflite",)
 
-    def __init__(self, model_path: Path, *, threads: int = 1) -> None:
+    def __init__(self, model_path: Path, *, threads: int = 1, batch: int = 1) -> None:
+        """``batch`` > 1: input 0 resized to that many frames (``resize_tensor_input``)."""
         super().__init__(model_path, threads=threads)
         interpreter_class = self._interpreter_class()
         check_model_file(model_path, self.suffixes, self.key)
@@ -64,6 +66,10 @@ class TFLiteInterpreterBackend(Backend):
                 interp: _Interpreter = interpreter_class(
                     model_path=str(model_path), num_threads=threads
                 )
+                if batch != 1:
+                    first = interp.get_input_details()[0]
+                    shape = [batch, *(int(d) for d in first["shape"][1:])]
+                    interp.resize_tensor_input(int(first["index"]), shape)
                 interp.allocate_tensors()
         except (ValueError, RuntimeError) as err:
             raise corrupt_model_error(model_path, self.key, err) from err
@@ -109,6 +115,12 @@ class TFLiteInterpreterBackend(Backend):
     def output(self, index: int) -> npt.NDArray[Any]:
         array: npt.NDArray[Any] = self._get_tensor(self._output_indices[index])
         return array
+
+    def batched(self, size: int) -> Backend | None:
+        try:
+            return type(self)(self.model_path, threads=self.threads, batch=size)
+        except ModelError:  # the model's graph does not take a resized input
+            return None
 
     def close(self) -> None:
         self._interp = None

@@ -78,6 +78,12 @@ class OnnxBackend(Backend):
             raise ModelError(f"{self!r}: output read before the first invoke()")
         return self._results[index]
 
+    def batched(self, size: int) -> Backend | None:
+        """A model exported with a dynamic first dimension takes any batch in one session."""
+        if not self.inputs or not self.inputs[0].shape or self.inputs[0].shape[0] != -1:
+            return None
+        return OnnxBackend(self.model_path, threads=self.threads)
+
     def close(self) -> None:
         self._session = None
         self._results = []

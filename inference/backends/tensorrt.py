@@ -10,6 +10,12 @@ build it on the device (``trtexec --onnx=model.onnx --saveEngine=model.engine``)
 Per invoke: copy inputs host -> device, enqueue, copy outputs device -> host, wait.
 Dynamic input shapes are fixed once, at load, to the first optimization profile's
 "opt" shape.
+
+Cross-stream batching (:meth:`Backend.batched`) is not offered here: it would need an
+engine built with a dynamic batch dimension and an optimization profile covering the batch
+sizes (``trtexec --minShapes=input:1x... --optShapes=input:4x... --maxShapes=input:8x...``),
+then ``set_input_shape`` per batch size and device buffers sized for the largest. That has
+no GPU to be tested on here, so a TensorRT stream always runs its own calls.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def test_the_documented_config_parses_and_names_every_key() -> None:
     assert block is not None
     assert parse_config(block.group(1)) == ControllerConfig()
     documented = set(re.findall(r"^#?\s*(\w+) =", block.group(1), re.M))
-    documented |= set(re.findall(r"^\[(\w+)\]", block.group(1), re.M))
+    documented |= set(re.findall(r"^\[(?:\w+\.)*(\w+)\]", block.group(1), re.M))
     for name, section in msgspec.structs.asdict(ControllerConfig()).items():
         assert name in documented, name
         if isinstance(section, msgspec.Struct):

@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from protocol import ProtocolError
 from protocol.broker import parse_broker_url
 from tools.simulator.device import SimulatedDevice
+from tools.simulator.fleet import SimulatedFleet
 from tools.simulator.messages import DEFAULT_MODEL
 from tools.simulator.ota import DEPLOY_PHASES, OtaBehaviour
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tools.simulator",
         description="Simulated edgefleet devices speaking the MQTT protocol (no camera, no model).",
@@ -56,7 +57,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--download", action="store_true", help="really download bundles and check them"
     )
+    parser.add_argument(
+        "--per-connection",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N devices per shared MQTT connection, no last wills (implies --ota; for 10,000+ "
+        "devices); 0 = one connection per device",
+    )
+    parser.add_argument(
+        "--download-workers", type=int, default=64, help="concurrent downloads (--per-connection)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.per_connection and args.event:
+        parser.error("--event needs one connection per device (leave out --per-connection)")
     try:
         parse_broker_url(args.broker)
     except ProtocolError as err:
@@ -64,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     behaviour: OtaBehaviour | None = None
-    if args.ota or args.fail or args.slow or args.download:
+    if args.ota or args.fail or args.slow or args.download or args.per_connection:
         fails: dict[str, str] = {}
         for f in args.fail:
             model, _, reason = f.partition(":")
@@ -80,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if args.per_connection:
+        assert behaviour is not None
+        return _run_fleet(args, behaviour, stop)
     devices = [
         SimulatedDevice(
             device_id=f"{args.prefix}-{i:04d}",
@@ -111,4 +133,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for dev in devices:
             dev.stop(graceful=True)
+    return 0
+
+
+def _run_fleet(args: argparse.Namespace, behaviour: OtaBehaviour, stop: threading.Event) -> int:
+    """Many devices over shared connections (:class:`SimulatedFleet`), downloads concurrent."""
+    fleet = SimulatedFleet(
+        broker_url=args.broker,
+        username=args.username,
+        password=args.password,
+        device_ids=[f"{args.prefix}-{i:04d}" for i in range(1, args.devices + 1)],
+        behaviour=behaviour,
+        streams=[s for s in args.streams.split(",") if s],
+        model=args.model,
+        per_connection=args.per_connection,
+        telemetry_interval_s=args.telemetry_interval,
+        download_workers=args.download_workers,
+    )
+    fleet.connect(timeout=120)
+    fleet.announce()
+    print(f"ready: {args.devices} devices on {args.broker} (shared connections)", flush=True)
+    sent = 1
+    try:
+        while not stop.wait(args.telemetry_interval):
+            if args.count and sent >= args.count:
+                break
+            fleet.publish_telemetry()
+            sent += 1
+    finally:
+        fleet.stop()
     return 0

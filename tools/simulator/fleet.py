@@ -1,11 +1,19 @@
 """Many OTA-capable simulated devices over a few shared MQTT connections
-(:class:`SimulatedFleet`, for benchmarks of the controller)."""
+(:class:`SimulatedFleet`, for benchmarks of the controller).
+
+Phase steps run on one scheduler thread; bundle downloads (``OtaBehaviour.download``) run
+on a pool of ``download_workers`` threads, so thousands of devices download at once (as a
+real fleet does) instead of one after another; a device's later phases follow its download.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from protocol import (
@@ -39,6 +47,7 @@ class SimulatedFleet:
         per_connection: int = 250,
         telemetry_interval_s: float = 10.0,
         clock: Callable[[], float] = time.time,
+        download_workers: int = 64,
     ) -> None:
         self.broker_url = broker_url
         self.streams = tuple(streams)
@@ -54,6 +63,7 @@ class SimulatedFleet:
         self._clients: list[Any] = []
         self._owner: dict[str, Any] = {}
         self._scheduler = Scheduler("sim-fleet")
+        self._downloads = ThreadPoolExecutor(download_workers, thread_name_prefix="sim-download")
         self._subscribed = threading.Semaphore(0)
         for n, group in enumerate(self._groups):
             client = mqtt_client(f"sim-fleet-{n}-{time.monotonic_ns() % 10**9}", username, password)
@@ -130,14 +140,32 @@ class SimulatedFleet:
         if not steps:
             return
         self._scheduler.call_later(0.0, lambda: self._report(device_id))
+        self._schedule(device_id, ota, steps)
+
+    def _schedule(self, device_id: str, ota: DeviceOta, steps: list[Step]) -> None:
+        """One step per phase delay; a download goes to the pool, the rest follow it."""
         delay = ota.behaviour.phase_delay_s
-        for i, step in enumerate(steps, start=1):
+        for i, step in enumerate(steps):
 
             def run(step: Step = step) -> None:
                 if ota.apply(step):
                     self._report(device_id)
 
-            self._scheduler.call_later(i * delay, run)
+            if step[2] == "download":
+
+                def download(step: Step = step, rest: list[Step] = steps[i + 1 :]) -> None:
+                    run(step)
+                    self._schedule(device_id, ota, rest)
+
+                self._scheduler.call_later(
+                    (i + 1) * delay, functools.partial(self._submit, download)
+                )
+                return
+            self._scheduler.call_later((i + 1) * delay, run)
+
+    def _submit(self, fn: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # stopped
+            self._downloads.submit(fn)
 
     def _report(self, device_id: str) -> None:
         ota = self.devices[device_id]
@@ -147,6 +175,7 @@ class SimulatedFleet:
 
     def stop(self) -> None:
         self._scheduler.stop()
+        self._downloads.shutdown(wait=False, cancel_futures=True)
         for client in self._clients:
             client.disconnect()
             client.loop_stop()

@@ -1,0 +1,122 @@
+"""The simulator at fleet scale (tools/simulator): many devices over shared connections, and
+bundle downloads that run concurrently (a real fleet downloads at once; the simulator used
+to download one bundle after another, which made a 10,000-device benchmark measure it)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from protocol import Desired, ModelRef, desired_topic, encode
+from tests.broker import Mosquitto
+from tests.mqtt_sub import Subscriber
+from tests.waiting import wait_for
+from tools.simulator.fleet import SimulatedFleet
+from tools.simulator.mqtt import connect, mqtt_client
+from tools.simulator.ota import OtaBehaviour
+
+REPO = Path(__file__).resolve().parent.parent
+BODY = b"bundle" * 1000
+DELAY_S = 0.5
+
+
+class _SlowBundles(BaseHTTPRequestHandler):
+    active = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def do_GET(self) -> None:
+        cls = type(self)
+        with cls.lock:
+            cls.active += 1
+            cls.peak = max(cls.peak, cls.active)
+        time.sleep(DELAY_S)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+        with cls.lock:
+            cls.active -= 1
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def bundles() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowBundles)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/b.efb"
+    finally:
+        server.shutdown()
+
+
+def test_a_fleet_downloads_concurrently(mosquitto: Mosquitto, bundles: str) -> None:
+    ids = [f"dl-{i:02d}" for i in range(40)]
+    fleet = SimulatedFleet(
+        broker_url=mosquitto.url,
+        device_ids=ids,
+        behaviour=OtaBehaviour(download=True, phase_delay_s=0.01),
+        per_connection=20,
+        download_workers=64,
+    )
+    ref = ModelRef(
+        name="m", version="2", url=bundles, sha256=hashlib.sha256(BODY).hexdigest(), size=len(BODY)
+    )
+    client = mqtt_client("test-desired", None, None)
+    connect(client, mosquitto.url, keepalive=30)
+    client.loop_start()
+    try:
+        fleet.connect()
+        t0 = time.monotonic()
+        for d in ids:
+            desired = Desired(schema=1, rev=1, models={"cam0": ref})
+            client.publish(desired_topic(d), encode(desired), qos=1, retain=True)
+
+        def done() -> bool:
+            return all(o.streams["cam0"]["active"] == "m@2" for o in fleet.devices.values())
+
+        wait_for(done, timeout=15, what="every device to download and commit m@2")
+        took = time.monotonic() - t0
+    finally:
+        fleet.stop()
+        client.disconnect()
+        client.loop_stop()
+    # One after another: 40 x 0.5 s = 20 s. Concurrent: about one delay.
+    assert _SlowBundles.peak >= 20, _SlowBundles.peak
+    assert took < 10 * DELAY_S, f"{took:.1f}s"
+
+
+def test_the_command_line_runs_thousands_of_devices_over_shared_connections(
+    tmp_path: Path,
+) -> None:
+    broker = Mosquitto(tmp_path / "broker", extra_config="max_queued_messages 100000\n")
+    broker.start()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "tools.simulator", "--broker", broker.url, "--devices", "2000",
+             "--per-connection", "250", "--count", "1", "--prefix", "cli"],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "ready: 2000 devices" in out.stdout
+        sub = Subscriber(broker.port, ["edgefleet/v1/+/reported"], persistent=False)
+        try:
+            sub.wait_for(lambda ms: len(ms) >= 2000, timeout=30)
+            assert {m.topic.split("/")[2] for m in sub.messages} == {
+                f"cli-{i:04d}" for i in range(1, 2001)
+            }
+        finally:
+            sub.close()
+    finally:
+        broker.stop()
