@@ -104,7 +104,7 @@ def list_devices(
             limit=limit,
             offset=offset,
         )
-        found = listing.device_records(conn, ids)
+        found = devices.device_records(conn, ids)
     return DeviceList(devices=[DeviceOut.model_validate(d) for d in found])
 
 

@@ -12,7 +12,8 @@ from controller.blobstore import ModelHosting
 from controller.console.render import render
 from controller.console.session import ConsoleUser, PageError, viewer
 from controller.errors import ControllerError
-from controller.fleet.devices import list_devices, model_counts
+from controller.fleet.devices import device_records, model_counts
+from controller.fleet.listing import page_ids
 from controller.fleet.registry import ModelInfo, get_model, list_models
 
 router = APIRouter()
@@ -58,7 +59,7 @@ def model_page(
 ) -> Response:
     m = _model(request, name, version)
     with request.app.state.db.connect() as conn:
-        running = list_devices(conn, model=m.ref, limit=RUNNING_LIMIT)
+        running = device_records(conn, page_ids(conn, model=m.ref, limit=RUNNING_LIMIT))
     lineage = m.lineage or {}
     return render(
         request,

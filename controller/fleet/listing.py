@@ -5,7 +5,7 @@ sorted and counted on the server, fast at 10,000 devices on SQLite and PostgreSQ
 order (filters, sort key, ``LIMIT``/``OFFSET``; with filters, a window ``count(*)`` in the
 same query gives the number matching), then the rows, tags and streams of just the page's
 ids. ``page_ids`` is the ids query alone (``GET /api/v1/devices`` uses it with the full
-device records, ``device_records``).
+device records, ``devices.device_records``).
 
 No index serves a text search (``q``: substring scans of ids, tags and models) or the
 ``fps``/``p95`` sort (an aggregate over streams): both scan the tables, tens of ms at
@@ -39,7 +39,6 @@ from sqlalchemy import (
 from controller.db.models import device_streams, device_tags, devices
 from controller.db.sql import chunks
 from controller.errors import ControllerError
-from controller.fleet.devices import DeviceInfo, StreamInfo, device_info, stream_info
 
 SortKey = Literal["id", "state", "last_seen", "cpu", "temp", "fps", "p95", "agent"]
 Order = Literal["asc", "desc"]
@@ -339,27 +338,6 @@ def fleet_rows(conn: Connection, ids: Sequence[str]) -> list[FleetRow]:
         )
         for r in (found[i] for i in ids if i in found)
     ]
-
-
-def device_records(conn: Connection, ids: Sequence[str]) -> list[DeviceInfo]:
-    """The full records of ``ids`` (as ``devices.get_device`` gives them) in that order,
-    with three queries per 500 ids."""
-    found: dict[str, Any] = {}
-    tag_map: dict[str, list[str]] = defaultdict(list)
-    stream_map: dict[str, list[StreamInfo]] = defaultdict(list)
-    for part in chunks(ids):
-        found.update((r.id, r) for r in conn.execute(select(devices).where(devices.c.id.in_(part))))
-        for t in conn.execute(
-            select(device_tags).where(device_tags.c.device_id.in_(part)).order_by(device_tags.c.tag)
-        ):
-            tag_map[t.device_id].append(t.tag)
-        for st in conn.execute(
-            select(device_streams)
-            .where(device_streams.c.device_id.in_(part))
-            .order_by(device_streams.c.name)
-        ):
-            stream_map[st.device_id].append(stream_info(st))
-    return [device_info(found[i], tag_map[i], stream_map[i]) for i in ids if i in found]
 
 
 def fleet_page(

@@ -10,8 +10,15 @@ from sqlalchemy import select
 
 from controller.db.models import api_tokens, telemetry
 from controller.db.session import Database
-from controller.fleet.devices import device_counts, get_device, list_devices, model_counts, set_tags
+from controller.fleet.devices import (
+    device_counts,
+    device_records,
+    get_device,
+    model_counts,
+    set_tags,
+)
 from controller.fleet.history import list_events, telemetry_history
+from controller.fleet.listing import page_ids
 from controller.fleet.retention import apply_retention
 from controller.fleet.tokens import (
     TOKEN_PREFIX,
@@ -147,11 +154,11 @@ def test_tags_filter_the_device_list(database: Database) -> None:
         assert set_tags(conn, "a-1", add=["x"], remove=["floor2"]) == ["lab", "x"]
         assert set_tags(conn, "nope", add=["lab"]) is None
     with database.connect() as conn:
-        assert [d.id for d in list_devices(conn, tags=["lab"])] == ["a-1", "b-2"]
-        assert [d.id for d in list_devices(conn, tags=["lab", "x"])] == ["a-1"]
-        assert [d.id for d in list_devices(conn, online=True)] == ["a-1", "b-2", "c-3"]
-        assert [d.id for d in list_devices(conn, model="m@1", limit=2)] == ["a-1", "b-2"]
-        assert list_devices(conn)[0].tags == ["lab", "x"]
+        assert page_ids(conn, tags=["lab"]) == ["a-1", "b-2"]
+        assert page_ids(conn, tags=["lab", "x"]) == ["a-1"]
+        assert page_ids(conn, online=True) == ["a-1", "b-2", "c-3"]
+        assert page_ids(conn, model="m@1", limit=2) == ["a-1", "b-2"]
+        assert device_records(conn, page_ids(conn))[0].tags == ["lab", "x"]
 
 
 def test_retention_averages_old_raw_telemetry_into_buckets(database: Database) -> None:
