@@ -48,8 +48,12 @@ BODY_TIMEOUT_S = 30.0
 """Longest a client may take to send its body (408 after)."""
 INFER_TIMEOUT_S = 30.0
 """Longest a request waits for its inference (504 after)."""
-IDLE_TIMEOUT_S = 10.0
+IDLE_TIMEOUT_S = 5.0
 """A connection with no request for this long is closed."""
+MAX_IDLE_CONNECTIONS = 64
+"""Connections served at once beyond twice the queue: idle keep-alive ones count until
+IDLE_TIMEOUT_S, and a client that opens a connection per request (schemathesis in CI did)
+must not be refused while its earlier ones idle out. Each is a parked thread."""
 LINGER_S = 2.0
 LINGER_BYTES = 80 * 1024 * 1024
 """After refusing a body unread: drop what the client still sends, this long or this much."""
@@ -143,7 +147,9 @@ class HttpApi:
         cfg = self.config
         try:
             self._server = _Server(
-                (cfg.bind, cfg.port), self, max_connections=16 + 2 * self.pool.capacity
+                (cfg.bind, cfg.port),
+                self,
+                max_connections=MAX_IDLE_CONNECTIONS + 2 * self.pool.capacity,
             )
         except OSError as err:
             raise AgentError(

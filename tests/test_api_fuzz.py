@@ -39,6 +39,7 @@ from controller.db.models import api_tokens
 from controller.db.session import Database
 from controller.fleet.tokens import create_token
 from controller.fleet.writes import write_messages
+from controller.ingest.stats import IngestStats
 from tests.controller.conftest import (
     PG_BASE,
     event,
@@ -217,7 +218,13 @@ def served_app(database: Database, tmp_path: Path) -> Iterator[Served]:
         info, admin = create_token(conn, name="fuzz-admin", role="admin", now=now)
         moved = update(api_tokens).where(api_tokens.c.id == info.id).values(id=ADMIN_TOKEN_ID)
         conn.execute(moved)
-    app = create_app(db=database, auth_limiter=AuthLimiter(max_failures=0))
+    # The ingest counters of a controller whose MQTT connection is up (none runs here), so
+    # /readyz answers 200 like a serving replica; its 503 is tested in the replica tests.
+    stats = IngestStats()
+    stats.mqtt_connected = True
+    app = create_app(
+        db=database, auth_limiter=AuthLimiter(max_failures=0), ingest_snapshot=stats.snapshot
+    )
     hosting = ModelHosting(blobs=BlobStore(tmp_path / "blobs"), max_bundle_bytes=10_000_000)
     app.state.models = hosting
     with serving(app) as url:

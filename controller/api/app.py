@@ -82,7 +82,11 @@ def create_app(
         body = Health(status="ok" if healthy else "degraded", database=database, mqtt=mqtt)  # type: ignore[arg-type]
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
-    @app.get("/readyz", tags=["ops"])
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        responses={503: {"description": "not ready: the database or the MQTT connection is down"}},
+    )
     def readyz(request: Request) -> Response:
         """Readiness (send traffic here?): 200 only when the database answers AND the MQTT
         connection is up; 503 otherwise. ``rollout_leader``: this replica drives rollouts

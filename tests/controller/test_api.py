@@ -155,3 +155,23 @@ def test_metrics_show_fleet_gauges_from_the_database(client: httpx.Client) -> No
     assert 'edgefleet_devices{state="offline"} 1.0' in text
     assert 'edgefleet_model_devices{model="m@2"} 1.0' in text
     assert "edgefleet_database_up 1.0" in text
+
+
+def test_readyz_is_200_only_with_the_database_and_mqtt_up(database: Database) -> None:
+    """Readiness (Kubernetes): 503 "not ready" without an MQTT connection, documented as such
+    in the OpenAPI; 200 once the ingest counters say MQTT is connected."""
+    from controller.ingest.stats import IngestStats
+
+    stats = IngestStats()
+    with serving(create_app(db=database, ingest_snapshot=stats.snapshot)) as url:
+        down = httpx.get(f"{url}/readyz")
+        assert down.status_code == 503
+        assert down.json()["status"] == "not ready" and down.json()["mqtt"] == "disconnected"
+        assert down.json()["database"] == "ok"
+        documented = httpx.get(f"{url}/openapi.json").json()["paths"]["/readyz"]["get"]
+        assert set(documented["responses"]) >= {"200", "503"}
+        stats.mqtt_connected = True
+        up = httpx.get(f"{url}/readyz")
+        assert up.status_code == 200 and up.json()["status"] == "ready", up.text
+    with serving(create_app(db=database)) as url:
+        assert httpx.get(f"{url}/readyz").json()["mqtt"] == "not running"
