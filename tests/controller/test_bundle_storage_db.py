@@ -23,7 +23,6 @@ from controller.bundles import package_model
 from controller.db.models import bundle_chunks
 from controller.db.session import Database
 from controller.fleet import registry
-from controller.fleet.tokens import ROLES, create_token
 from tests.broker import Mosquitto
 from tests.controller.conftest import Cli, Clock, serving
 from tests.controller.controller_proc import ControllerProcess
@@ -53,15 +52,6 @@ def database(pg_url: str) -> Iterator[Database]:
     db.upgrade()
     yield db
     db.dispose()
-
-
-@pytest.fixture
-def tokens(database: Database, clock: Clock) -> dict[str, str]:
-    out: dict[str, str] = {}
-    with database.begin() as conn:
-        for role in ROLES:
-            _, out[role] = create_token(conn, name=f"t-{role}", role=role, now=clock())
-    return out
 
 
 @pytest.fixture
