@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -13,6 +15,13 @@ from protocol import ModelRef
 from tests.broker import Mosquitto
 from tests.ota_support import Bundle, make_bundle
 from tests.range_server import RangeServerState, range_server
+
+# Property-based tests draw the same examples on every run: CI must not fail at random on an
+# unrelated change. EDGEFLEET_FUZZ_RANDOM=1 explores new examples (run it by hand, longer).
+hypothesis.settings.register_profile(
+    "edgefleet", derandomize=os.environ.get("EDGEFLEET_FUZZ_RANDOM") != "1"
+)
+hypothesis.settings.load_profile("edgefleet")
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "inference" / "assets"

@@ -52,6 +52,7 @@ STREAM_KINDS = ("snapshot",)
 RETAINED = ("status", "reported", "snapshot")
 """An empty payload on these clears a retained topic."""
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+"""Derandomized by tests/conftest.py's profile (EDGEFLEET_FUZZ_RANDOM=1 explores)."""
 
 # --- the oracle --------------------------------------------------------------------------
 
@@ -91,13 +92,20 @@ def _jpeg_ok(value: Any) -> bool:
         return False
 
 
-def acceptable(topic: str, payload: bytes) -> bool:
-    """What the protocol says of a message on ``topic``, without the code under test."""
+def topic_ok(topic: str) -> bool:
+    """The topic's shape: its kind, its number of levels and (per stream) the stream name."""
     parts = topic.split("/")
     kind = kind_of(topic)
     levels = 5 if kind in STREAM_KINDS else 4
     stream_ok = levels == 4 or re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", parts[-1])
-    if len(parts) != levels or kind not in KINDS or not payload or not stream_ok:
+    return len(parts) == levels and kind in KINDS and bool(stream_ok)
+
+
+def acceptable(topic: str, payload: bytes) -> bool:
+    """What the protocol says of a message on ``topic``, without the code under test."""
+    parts = topic.split("/")
+    kind = kind_of(topic)
+    if not topic_ok(topic) or not payload:
         return False
     device = parts[2]
     if len(payload) > L.MAX_MESSAGE_BYTES[kind]:
@@ -110,7 +118,7 @@ def acceptable(topic: str, payload: bytes) -> bool:
         return False
     return (
         doc.get("device_id") == device
-        and (levels == 4 or doc.get("stream") == parts[4])
+        and (kind not in STREAM_KINDS or doc.get("stream") == parts[4])
         and (kind != "snapshot" or _jpeg_ok(doc.get("jpeg")))
     )
 
@@ -370,9 +378,8 @@ def assert_stored_within_bounds(db: Database) -> None:
 
 
 def expected(topic: str, payload: bytes) -> str:
-    levels = 5 if kind_of(topic) in STREAM_KINDS else 4
-    if not payload and kind_of(topic) in RETAINED and len(topic.split("/")) == levels:
-        return "ignored"  # clears a retained topic
+    if not payload and kind_of(topic) in RETAINED and topic_ok(topic):
+        return "ignored"  # clears a retained topic (a topic of a bad shape is refused first)
     return "queued" if acceptable(topic, payload) else "malformed"
 
 
@@ -527,3 +534,20 @@ def test_through_a_real_broker_the_ingestion_loop_stores_exactly_the_acceptable_
     assert after["telemetry"] - before["telemetry"] == ok.count("telemetry")
     assert after["events"] - before["events"] == ok.count("events")
     assert_stored_within_bounds(db)
+
+
+@pytest.mark.parametrize(
+    ("topic", "outcome"),
+    [
+        ("edgefleet/v1/cam-1/snapshot/front", "ignored"),  # clears the retained snapshot
+        ("edgefleet/v1/cam-1/status", "ignored"),
+        ("edgefleet/v1/cam-1/snapshot/Bad", "malformed"),  # found by the fuzzer: bad topic first
+        ("edgefleet/v1/cam-1/snapshot", "malformed"),
+        ("edgefleet/v1/cam-1/telemetry", "malformed"),  # not retained: empty is just bad
+    ],
+)
+def test_an_empty_payload_clears_a_retained_topic_only_when_the_topic_is_valid(
+    db: Database, topic: str, outcome: str
+) -> None:
+    assert expected(topic, b"") == outcome
+    assert Ingestor(db=db, batch_size=4).handle(topic, b"") == outcome
