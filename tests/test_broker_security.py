@@ -210,12 +210,14 @@ def fleet(broker: Broker) -> Iterator[Fleet]:
     a = enroll(f"a-{suffix}", password_file=passwd, ca_file=broker.ca)
     b = enroll(f"b-{suffix}", password_file=passwd, ca_file=broker.ca)
     assert a.password is not None and b.password is not None
-    broker.proc.send_signal(signal.SIGHUP)  # reload the password file, as an operator would
     made: list[Client] = []
     try:
+        # Connected first: Mosquitto listens before it installs its SIGHUP handler, and a
+        # SIGHUP in between ends the process (seen in CI: exit by signal 1).
         ctl = Client(broker.port, ca=broker.ca, username="controller", password=CONTROLLER_PASSWORD)
         made.append(ctl)
         ctl.connected().subscribe("edgefleet/v1/#")
+        broker.proc.send_signal(signal.SIGHUP)  # reload the password file, as an operator would
         made.append(_connect_enrolled(broker, a.device_id, a.password))
         made.append(_connect_enrolled(broker, b.device_id, b.password))
         yield Fleet(controller=ctl, a=made[1], b=made[2], a_id=a.device_id, b_id=b.device_id)
