@@ -31,14 +31,12 @@ import cv2
 
 from agent import http_infer
 from agent.app import tune_process
-from agent.config import BrokerConfig, HttpConfig, StreamConfig
+from agent.config import HttpConfig, StreamConfig
 from agent.http_api import HttpApi
 from agent.http_infer import ServedModel
 from agent.pipeline import StreamPipeline
-from agent.publisher import Publisher
 from agent.sources import FrameSource
-from agent.spool.queue import Spool
-from bench.pipeline import raw_invoke
+from bench.pipeline import bench_publisher, raw_invoke
 from inference import ASSETS_DIR
 from inference.detector import load_detector
 from tests.broker import Mosquitto
@@ -107,14 +105,7 @@ def endpoint(max_queue: int, max_concurrency: int) -> Iterator[int]:
 def camera(port: int, workdir: Path) -> Iterator[StreamPipeline]:
     """The daemon's stream parts on the shipped video at its 15 fps."""
     detector = load_detector(MANIFEST, threads=1)
-    spool = Spool(workdir / f"spool-{time.monotonic_ns()}", max_bytes=64 << 20)
-    publisher = Publisher(
-        device_id="bench",
-        broker=BrokerConfig(url=f"mqtt://127.0.0.1:{port}"),
-        spool=spool,
-        will_payload=b'{"state":"offline"}',
-    )
-    publisher.start()
+    publisher = bench_publisher(port, workdir)
     source = FrameSource(name="cam", uri=str(VIDEO), loop=True, realtime=True)
     counter = iter(range(1 << 62))
     pipeline = StreamPipeline(

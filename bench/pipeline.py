@@ -83,13 +83,8 @@ def naive_loop(detector: Detector, frames: int, port: int) -> float:
     return frames / elapsed
 
 
-def agent_pipeline(
-    manifest: Path, frames: int, port: int, workdir: Path
-) -> tuple[float, float, float]:
-    """Return (frames/s, CPU ms per frame for the whole process, mean invoke ms)."""
-    threads = cv2.getNumThreads()
-    tune_process()  # what the daemon does at start
-    detector = load_detector(manifest, threads=1)
+def bench_publisher(port: int, workdir: Path) -> Publisher:
+    """The daemon's publisher (its own spool under ``workdir``) on the local broker, started."""
     spool = Spool(workdir / f"spool-{time.monotonic_ns()}", max_bytes=64 << 20)
     publisher = Publisher(
         device_id="bench",
@@ -98,6 +93,17 @@ def agent_pipeline(
         will_payload=b'{"state":"offline"}',
     )
     publisher.start()
+    return publisher
+
+
+def agent_pipeline(
+    manifest: Path, frames: int, port: int, workdir: Path
+) -> tuple[float, float, float]:
+    """Return (frames/s, CPU ms per frame for the whole process, mean invoke ms)."""
+    threads = cv2.getNumThreads()
+    tune_process()  # what the daemon does at start
+    detector = load_detector(manifest, threads=1)
+    publisher = bench_publisher(port, workdir)
     source = FrameSource(name="bench", uri=str(VIDEO), loop=True, realtime=False)
     config = StreamConfig(name="bench", source=str(VIDEO), model=str(manifest))
     counter = iter(range(1 << 62))
