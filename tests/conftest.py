@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hypothesis
 import pytest
@@ -15,6 +15,9 @@ from protocol import ModelRef
 from tests.broker import Mosquitto
 from tests.ota_support import Bundle, make_bundle
 from tests.range_server import RangeServerState, range_server
+
+if TYPE_CHECKING:
+    from tests.ota_rig import Rig
 
 # Property-based tests draw the same examples on every run: CI must not fail at random on an
 # unrelated change. EDGEFLEET_FUZZ_RANDOM=1 explores new examples (run it by hand, longer).
@@ -66,3 +69,13 @@ def served(
     yield serve
     for ctx in servers:
         ctx.__exit__(None, None, None)
+
+
+@pytest.fixture
+def rig(tmp_path: Path, key: Ed25519PrivateKey) -> Rig:
+    """An OTA manager on ``tmp_path`` that trusts ``key``, started on the baseline model, its
+    stream simulated (tests/ota_rig.py)."""
+    # Imported here, not at the top: tests/ota_rig.py decodes the test video when imported.
+    from tests.ota_rig import make_rig
+
+    return make_rig(tmp_path, key)

@@ -1,55 +1,29 @@
-"""The Prometheus alert rules and the Grafana dashboard use only metrics the code exports.
-
-Exported names come from the real collectors (agent.metrics.AgentCollector and the
-controller's registry over a real SQLite database), rendered with
-prometheus_client.generate_latest and parsed back.
+"""The Prometheus alert rules, their unit tests and the Grafana dashboard: well formed, every
+alert tested firing and quiet, and promtool (when installed: `make promtool`) accepts the
+rules, runs their unit tests, checks the rendered summaries and parses and evaluates the
+dashboard's queries. That they use only exported metrics is tests/test_observability_metrics.py.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import re
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
-from agent.metrics import AgentCollector, AgentMetrics, StreamMetrics
-from controller.db.session import Database
-from controller.fleet.registry import add_model
-from controller.fleet.writes import Received, write_messages
-from controller.ingest.stats import IngestSnapshot
-from controller.metrics import build_registry
-from controller.rollouts import commands
-from protocol import SCHEMA_VERSION, Status, StreamStatus, status_topic
+from tests.observability_support import (
+    ALERTS,
+    ALERTS_TEST,
+    REPO,
+    alert_rules,
+    dashboard,
+    dashboard_targets,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-ALERTS = REPO / "packaging" / "prometheus" / "alerts.yml"
-ALERTS_TEST = REPO / "packaging" / "prometheus" / "alerts_test.yml"
-DASHBOARD = REPO / "packaging" / "grafana" / "edgefleet-fleet.json"
-
-# Metrics the rules and the dashboard may use before the code exports them, with their
-# labels (empty: everything they use is exported). test_pending_metrics_are_not_exported_yet
-# reminds whoever exports one to remove it here.
-PENDING_METRICS: dict[str, frozenset[str]] = {}
-TARGET_LABELS = frozenset({"instance", "job"})
-"""Labels Prometheus adds to every scraped series."""
-
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
-_NAME = re.compile(r"\bedgefleet_[a-zA-Z0-9_:]*")
-_SELECTOR = re.compile(r"\b(edgefleet_[a-zA-Z0-9_:]*)\{([^}]*)\}")
-_MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
-_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
-_LEGEND = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")
-_LABEL_REF = re.compile(r"\$labels\.([a-zA-Z_][a-zA-Z0-9_]*)")
 _ALERTS_QUERY = re.compile(r'ALERTS\{alertname="([A-Za-z0-9_]+)",alertstate="firing"\}')
 _LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"]*)"')
 
@@ -68,226 +42,8 @@ SUMMARIES = {
 """Each alert's summary where it first fires in alerts_test.yml."""
 
 
-def _names_in(expr: str) -> set[str]:
-    return set(_NAME.findall(_STRING.sub('""', expr)))
-
-
-def _labels_in(expr: str) -> dict[str, set[str]]:
-    found: dict[str, set[str]] = {}
-    for name, matchers in _SELECTOR.findall(expr):
-        found.setdefault(name, set()).update(_MATCHER.findall(matchers))
-    return found
-
-
-def _grouping_in(expr: str) -> set[str]:
-    """Labels named by by/without/on/ignoring/group_left/group_right clauses."""
-    return {
-        label.strip()
-        for labels in _GROUPING.findall(_STRING.sub('""', expr))
-        for label in labels.split(",")
-        if label.strip()
-    }
-
-
-def _exposition(registry: CollectorRegistry) -> dict[str, set[str]]:
-    """Sample name (and family name, for types without samples) to its label names."""
-    text = generate_latest(registry).decode()
-    out: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(text):
-        name = family.name + ("_total" if family.type == "counter" else "")
-        out.setdefault(name, set())
-        for sample in family.samples:
-            out.setdefault(sample.name, set()).update(sample.labels)
-    return out
-
-
-def _agent_metrics() -> dict[str, set[str]]:
-    stream = StreamMetrics(
-        name="front",
-        model="blazeface@1",
-        up=True,
-        frames_captured=100,
-        frames_processed=90,
-        frames_dropped=10,
-        detections=40,
-        errors=1,
-        reconnects=2,
-        infer_seconds_total=0.09,
-        infer_ms_p50=0.6,
-        infer_ms_p95=0.9,
-        latency_ms_p95=12.0,
-        last_progress_age_s=0.1,
-        score_psi=0.03,
-    )
-    sample = AgentMetrics(mqtt_connected=True, spool_depth=3, spool_dropped=1, streams=[stream])
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(lambda: sample, device_id="cam-01", version="0.1.0"))
-    return _exposition(registry)
-
-
-def _controller_metrics(tmp: Path) -> dict[str, set[str]]:
-    db = Database.from_url(f"sqlite:///{tmp / 'controller.db'}")
-    try:
-        db.upgrade()
-        status = Status(
-            schema=SCHEMA_VERSION,
-            device_id="cam-01",
-            state="online",
-            ts=1000.0,
-            agent_version="0.1.0",
-            started_at=900.0,
-            streams=[StreamStatus(name="front", source_state="running", model="blazeface@1")],
-        )
-        with db.begin() as conn:
-            write_messages(conn, [Received(status_topic("cam-01"), "cam-01", status, 1000.0)])
-            # a live rollout, so the per-rollout series (and their labels) are exported
-            add_model(
-                conn,
-                name="blazeface",
-                version="2",
-                sha256="0" * 64,
-                size=1,
-                runtime="litert",
-                manifest={},
-                signature=None,
-                key_id=None,
-                now=1000.0,
-            )
-            commands.create_rollout(
-                conn,
-                commands.RolloutRequest(model="blazeface@2", select=["all"], stream="front"),
-                now=1000.0,
-            )
-        snapshot = IngestSnapshot(
-            received=10,
-            queued=10,
-            malformed=1,
-            ignored=0,
-            dropped=0,
-            stored=9,
-            rejected=0,
-            batches=2,
-            stored_by_kind={"status": 1, "telemetry": 8},
-            malformed_by_kind={"events": 1},
-            queue_depth=0,
-            rate_per_s=1.5,
-            lag_p50_s=0.01,
-            lag_p95_s=0.05,
-            lag_max_s=0.1,
-            last_batch_lag_s=0.02,
-            mqtt_connected=True,
-        )
-        return _exposition(build_registry(db=db, ingest_snapshot=lambda: snapshot))
-    finally:
-        db.dispose()
-
-
-@functools.cache
-def _exported() -> dict[str, frozenset[str]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        merged = {**_agent_metrics(), **_controller_metrics(Path(tmp))}
-    return {name: frozenset(labels) for name, labels in merged.items()}
-
-
-def _known() -> dict[str, frozenset[str]]:
-    return {**_exported(), **PENDING_METRICS}
-
-
-def _rules() -> list[dict[str, Any]]:
-    doc = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
-    return [rule for group in doc["groups"] for rule in group["rules"]]
-
-
-def _dashboard() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
-    return data
-
-
-def _dashboard_targets() -> list[dict[str, Any]]:
-    return [t for p in _dashboard()["panels"] for t in p.get("targets", [])]
-
-
-def _dashboard_queries() -> list[str]:
-    dash = _dashboard()
-    exprs = [t["expr"] for t in _dashboard_targets()]
-    exprs += [v["query"]["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
-    return exprs
-
-
-def _check_expr(expr: str, where: str, *, shown: Iterable[str] = ()) -> None:
-    """Metrics exported; matcher labels on their metric; grouping labels and the labels a
-    legend or an annotation shows (``shown``) on one of the expression's metrics."""
-    known = _known()
-    names = _names_in(expr)
-    assert names, f"{where}: {expr!r} uses no edgefleet metric"
-    unknown = sorted(names - known.keys())
-    assert not unknown, f"{where}: {expr!r} uses metrics the code does not export: {unknown}"
-    for name, labels in _labels_in(expr).items():
-        missing = sorted(labels - known[name] - TARGET_LABELS)
-        assert not missing, f"{where}: {name} has no label(s) {missing}"
-    anywhere = set(TARGET_LABELS).union(*(known[n] for n in names))
-    for kind, labels in (
-        ("grouping", _grouping_in(expr)),
-        ("shown", set(shown)),
-    ):
-        missing = sorted(labels - anywhere)
-        assert not missing, f"{where}: {kind} label(s) {missing} on none of {sorted(names)}"
-
-
-def test_collectors_export_the_names_the_checks_rely_on() -> None:
-    exported = _exported()
-    # counters appear with _total; a labelled gauge of the controller keeps its labels
-    assert "edgefleet_stream_frames_processed_total" in exported
-    assert "edgefleet_agent_spool_messages" in exported
-    assert exported["edgefleet_devices"] == {"state"}
-    assert exported["edgefleet_model_devices"] == {"model"}
-    assert exported["edgefleet_ingest_lag_seconds"] == {"quantile"}
-    assert exported["edgefleet_rollouts"] == {"state"}
-    live = {"rollout", "model", "stream"}
-    assert exported["edgefleet_rollout_executions"] == live | {"status"}
-    assert exported["edgefleet_rollout_stage"] == live
-    assert exported["edgefleet_rollout_stages"] == live
-
-
-def test_pending_metrics_are_not_exported_yet() -> None:
-    already = sorted(set(PENDING_METRICS) & _exported().keys())
-    assert not already, f"{already} are exported now: remove them from PENDING_METRICS"
-
-
-def test_alert_expressions_use_only_exported_metrics_and_labels() -> None:
-    for rule in _rules():
-        shown = _LABEL_REF.findall(" ".join(rule["annotations"].values()))
-        _check_expr(rule["expr"], f"alert {rule['alert']}", shown=shown)
-
-
-def test_dashboard_queries_use_only_exported_metrics_and_labels() -> None:
-    queries = _dashboard_queries()
-    assert len(queries) > 15
-    for expr in queries:
-        _check_expr(expr, "dashboard")
-    for target in _dashboard_targets():
-        legend = _LEGEND.findall(target.get("legendFormat", ""))
-        _check_expr(target["expr"], "dashboard", shown=legend)
-
-
-def test_the_name_check_catches_a_misspelled_metric() -> None:
-    with pytest.raises(AssertionError, match="does not export"):
-        _check_expr("rate(edgefleet_stream_frames_procesed_total[5m])", "test")
-    with pytest.raises(AssertionError, match="no label"):
-        _check_expr('edgefleet_devices{status="offline"}', "test")
-    with pytest.raises(AssertionError, match="grouping label"):
-        _check_expr("sum by (rolout) (edgefleet_rollout_stage)", "test")
-    with pytest.raises(AssertionError, match="shown label"):
-        _check_expr("edgefleet_rollout_stage", "test", shown=_LEGEND.findall("{{modle}}"))
-    _check_expr(
-        'sum by (rollout, job) (edgefleet_rollout_executions{status="failed"})',
-        "test",
-        shown=["rollout", "instance"],
-    )
-
-
 def test_alert_rules_cover_the_fleet_failure_modes() -> None:
-    rules = _rules()
+    rules = alert_rules()
     names = {r["alert"] for r in rules}
     assert {
         "DeviceOffline",
@@ -308,7 +64,7 @@ def test_alert_rules_cover_the_fleet_failure_modes() -> None:
 
 
 def test_dashboard_panels_are_well_formed_and_do_not_overlap() -> None:
-    dash = _dashboard()
+    dash = dashboard()
     assert dash["uid"] == "edgefleet-fleet"
     panels = dash["panels"]
     ids = [p["id"] for p in panels]
@@ -389,7 +145,7 @@ def _firing(test: dict[str, Any]) -> dict[str, tuple[str, dict[str, str]]]:
 
 @needs_promtool
 def test_promtool_accepts_the_rules() -> None:
-    assert f"{len(_rules())} rules found" in _promtool("check", "rules", ALERTS)
+    assert f"{len(alert_rules())} rules found" in _promtool("check", "rules", ALERTS)
 
 
 @needs_promtool
@@ -407,7 +163,7 @@ def test_every_alert_has_a_unit_test_where_it_fires_and_one_where_it_does_not() 
                 (fires if case["exp_samples"] else quiet).add(alert[1])
         for case in test.get("alert_rule_test", []):
             (fires if case.get("exp_alerts") else quiet).add(case["alertname"])
-    names = {r["alert"] for r in _rules()}
+    names = {r["alert"] for r in alert_rules()}
     assert not names - fires, f"alerts_test.yml never has {sorted(names - fires)} firing"
     assert not names - quiet, f"alerts_test.yml never has {sorted(names - quiet)} quiet"
     unknown = sorted((fires | quiet) - names)
@@ -452,13 +208,13 @@ def _promql(expr: str) -> str:
 
 
 def _panel_exprs(title: str) -> dict[str, str]:
-    panel = next(p for p in _dashboard()["panels"] if p["title"] == title)
+    panel = next(p for p in dashboard()["panels"] if p["title"] == title)
     return {t["refId"]: _promql(t["expr"]) for t in panel["targets"]}
 
 
 @needs_promtool
 def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
-    exprs = [_promql(t["expr"]) for t in _dashboard_targets()]
+    exprs = [_promql(t["expr"]) for t in dashboard_targets()]
     rules = {
         "groups": [
             {

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -25,6 +25,9 @@ from controller.fleet.tokens import ROLES, create_token
 from controller.fleet.writes import Received
 from protocol import Event, Reported, Status, StreamReport, StreamStatus, Telemetry
 from tests.waiting import wait_for
+
+if TYPE_CHECKING:
+    from tests.controller.rollout_fleet import Fleet
 
 PG_BASE = os.environ.get(
     "EDGEFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -96,6 +99,16 @@ def tokens(database: Database, clock: Clock) -> dict[str, str]:
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
+
+
+@pytest.fixture
+def fleet(database: Database, clock: Clock) -> Fleet:
+    """An empty fleet written straight into the database (tests/controller/rollout_fleet.py).
+    A module whose tests need devices or models from the start defines its own ``fleet``."""
+    # Imported here, not at the top: rollout_fleet imports Clock from this module.
+    from tests.controller.rollout_fleet import Fleet
+
+    return Fleet(database, clock)
 
 
 # --- message builders -------------------------------------------------------------------
