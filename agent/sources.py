@@ -104,6 +104,7 @@ class FrameSource:
         clock: Callable[[], float] = time.time,
         open_timeout_s: float = OPEN_TIMEOUT_S,
         read_timeout_s: float = READ_TIMEOUT_S,
+        decode_threads: int = 1,
         rng: random.Random | None = None,
     ) -> None:
         """Raises :class:`SourceError` at once if ``uri`` has a form that can never work."""
@@ -117,6 +118,7 @@ class FrameSource:
         self._clock = clock
         self._open_timeout_s = open_timeout_s
         self._read_timeout_s = read_timeout_s
+        self._decode_threads = decode_threads
         # The queue mode (no drops, producer waits) is for files read as fast as possible.
         self._lossless = not self.spec.live and not realtime
         self._capacity = QUEUE_DEPTH if self._lossless else 1
@@ -253,7 +255,10 @@ class FrameSource:
     def _open(self) -> cv2.VideoCapture:
         self._release()
         self._cap = open_capture(
-            self.spec, open_timeout_s=self._open_timeout_s, read_timeout_s=self._read_timeout_s
+            self.spec,
+            open_timeout_s=self._open_timeout_s,
+            read_timeout_s=self._read_timeout_s,
+            decode_threads=self._decode_threads,
         )
         return self._cap
 

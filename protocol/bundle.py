@@ -19,13 +19,18 @@ import binascii
 import hashlib
 import re
 from collections.abc import Collection, Iterable, Sequence
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from typing import TYPE_CHECKING
 
 from protocol.errors import ProtocolError
 from protocol.manifest import Manifest, check_relative_path, encode_manifest
+
+if TYPE_CHECKING:
+    # cryptography is imported where a signature is made or checked, not at import: a device
+    # checks a signature only when an update arrives, and the library costs it about 8 MB.
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 __all__ = [
     "MANIFEST_NAME",
@@ -35,7 +40,9 @@ __all__ = [
     "check_compatibility",
     "check_listing",
     "check_member_name",
+    "ed25519_public_from_pem",
     "key_id",
+    "key_id_raw",
     "runtime_families",
     "sign_manifest",
     "signing_payload",
@@ -61,9 +68,46 @@ class BundleFormatError(ProtocolError):
         self.reason = reason
 
 
-def key_id(key: Ed25519PublicKey) -> str:
-    """First 16 hex digits of sha256 over the raw 32-byte public key."""
-    return hashlib.sha256(key.public_bytes(Encoding.Raw, PublicFormat.Raw)).hexdigest()[:16]
+_ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+"""DER of an ed25519 SubjectPublicKeyInfo (RFC 8410) before its 32 raw key bytes."""
+_PEM_PUBLIC = re.compile(
+    rb"-----BEGIN PUBLIC KEY-----\s*([A-Za-z0-9+/=\s]+?)\s*-----END PUBLIC KEY-----"
+)
+
+
+def ed25519_public_from_pem(data: bytes) -> bytes:
+    """The raw 32-byte key of an ed25519 public key in PEM (SubjectPublicKeyInfo, as
+    ``edgefleet keys generate`` writes ``signing.pub``); ValueError saying what it is instead.
+
+    Standard library only: an agent reads its trusted keys at start without loading
+    cryptography (RFC 8410 fixes the encoding: a 12-byte prefix and the key).
+    """
+    match = _PEM_PUBLIC.search(data)
+    if match is None:
+        kind = re.search(rb"-----BEGIN ([A-Z0-9 ]+)-----", data)
+        found = f"a PEM {kind.group(1).decode()}" if kind else "no PEM block"
+        raise ValueError(f"expected a PEM PUBLIC KEY block, found {found}")
+    try:
+        der = base64.b64decode(b"".join(match.group(1).split()), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ValueError(f"the PEM block is not valid base64: {err}") from err
+    if len(der) != len(_ED25519_SPKI_PREFIX) + 32 or not der.startswith(_ED25519_SPKI_PREFIX):
+        raise ValueError("it is a public key of another algorithm, not ed25519")
+    return der[len(_ED25519_SPKI_PREFIX) :]
+
+
+def key_id_raw(raw: bytes) -> str:
+    """First 16 hex digits of sha256 over a raw 32-byte ed25519 public key."""
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def key_id(key: Ed25519PublicKey | bytes) -> str:
+    """The id of ``key`` (a key object or its raw 32 bytes): :func:`key_id_raw`."""
+    if isinstance(key, bytes):
+        return key_id_raw(key)
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return key_id_raw(key.public_bytes(Encoding.Raw, PublicFormat.Raw))
 
 
 def signing_payload(manifest: Manifest) -> bytes:
@@ -77,7 +121,7 @@ def sign_manifest(manifest: Manifest, key: Ed25519PrivateKey) -> str:
 
 
 def verify_signature(
-    manifest: Manifest, signature: str | bytes | None, keys: Sequence[Ed25519PublicKey]
+    manifest: Manifest, signature: str | bytes | None, keys: Sequence[Ed25519PublicKey | bytes]
 ) -> str:
     """The id of the first of ``keys`` whose signature ``signature`` is over ``manifest``.
 
@@ -97,10 +141,14 @@ def verify_signature(
         raise BundleFormatError(
             "bad_signature", f"{SIGNATURE_NAME} is not valid base64: {err}"
         ) from err
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     payload = signing_payload(manifest)
     for key in keys:
+        public = Ed25519PublicKey.from_public_bytes(key) if isinstance(key, bytes) else key
         try:
-            key.verify(raw, payload)
+            public.verify(raw, payload)
         except InvalidSignature:
             continue
         return key_id(key)

@@ -175,7 +175,7 @@ def test_check_config_loads_the_trusted_keys(tmp_path: Path) -> None:
     for keys, code, fragment in [
         ('["signing.pub"]', 0, "ota: trusted keys "),
         ("[]", 0, "every model update will be refused"),
-        ('["bad.pub"]', 2, "is not a PEM public key"),
+        ('["bad.pub"]', 2, "is not a PEM ed25519 public key"),
     ]:
         path.write_text(GOOD + f"\n[ota]\ntrusted_keys = {keys}\n", encoding="utf-8")
         result = CliRunner().invoke(main, ["check-config", str(path)])

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from agent.ota.bundle import (
     BundleError,
     extract,
+    key_id,
     load_trusted_keys,
     open_bundle,
     version_tuple,
@@ -257,8 +258,73 @@ def test_load_trusted_keys_reads_pem_and_rejects_junk(
     good = write_public_key(key, tmp_path / "signing.pub")
     (tmp_path / "junk.pub").write_text("hello")
     loaded = load_trusted_keys([good])
-    assert len(loaded) == 1 and loaded[0].public_bytes_raw() == key.public_key().public_bytes_raw()
+    assert loaded == [key.public_key().public_bytes_raw()]
     for bad in (tmp_path / "junk.pub", tmp_path / "missing.pub"):
         with pytest.raises(BundleError, match=bad.name) as info:
             load_trusted_keys([bad])
         assert info.value.reason == "bad_trusted_key"
+
+
+def _pem(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_load_trusted_keys_names_what_a_wrong_key_file_holds(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+        PublicFormat,
+    )
+
+    pub = Encoding.PEM, PublicFormat.SubjectPublicKeyInfo
+    private = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    rsa_pub = rsa.generate_private_key(65537, 2048).public_key().public_bytes(*pub)
+    ec_pub = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(*pub)
+    good = key.public_key().public_bytes(*pub).decode()
+    cases = {
+        "private.pem": (private, "found a PEM PRIVATE KEY"),
+        "rsa.pub": (rsa_pub, "another algorithm, not ed25519"),
+        "ec.pub": (ec_pub, "another algorithm, not ed25519"),
+        "bad64.pub": (good.replace(good.splitlines()[1][:4], "*!*!").encode(), "PEM PUBLIC KEY"),
+    }
+    for name, (data, says) in cases.items():
+        with pytest.raises(BundleError, match=says) as info:
+            load_trusted_keys([_pem(tmp_path, name, data)])
+        assert info.value.reason == "bad_trusted_key"
+        assert name in str(info.value)
+    # Surrounding text and CRLF line ends (a key pasted on another system) are fine.
+    pasted = _pem(tmp_path, "pasted.pub", b"comment\r\n" + good.replace("\n", "\r\n").encode())
+    assert load_trusted_keys([pasted]) == [key.public_key().public_bytes_raw()]
+
+
+def test_a_bundle_verifies_with_the_raw_keys_the_agent_loads(
+    tmp_path: Path, key: Ed25519PrivateKey, files: dict[str, bytes]
+) -> None:
+    keys = load_trusted_keys([write_public_key(key, tmp_path / "signing.pub")])
+    path = build_bundle(tmp_path / "b.efb", blazeface_manifest(), files, key=key)
+    verified = open_bundle(
+        path, trusted_keys=keys, agent_version="1", runtimes={"litert"}, arch="x"
+    )
+    assert verified.key_id == key_id(key.public_key()) == key_id(keys[0])
+    other = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    with pytest.raises(BundleError) as info:
+        open_bundle(path, trusted_keys=[other], agent_version="1", runtimes={"litert"}, arch="x")
+    assert info.value.reason == "bad_signature"
+
+
+def test_the_daemon_does_not_load_cryptography_until_it_checks_a_signature() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, agent.app, agent.cli, agent.ota.wiring\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'cryptography'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -15,13 +15,10 @@ import os
 import secrets
 import shutil
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from typing import TYPE_CHECKING
 
 from agent.ota import OtaError
 from common.atomic import fsync_dir
@@ -32,9 +29,13 @@ from protocol.bundle import (
     MAX_MANIFEST_BYTES,
     SIGNATURE_NAME,
     BundleFormatError,
+    ed25519_public_from_pem,
     key_id,
     version_tuple,
 )
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 __all__ = [
     "BundleError",
@@ -65,9 +66,10 @@ class VerifiedBundle:
     """Id of the trusted key that verified the signature (16 hex digits)."""
 
 
-def load_trusted_keys(paths: Iterable[Path]) -> list[Ed25519PublicKey]:
-    """Read ed25519 public keys (SubjectPublicKeyInfo PEM); BundleError naming the bad file."""
-    keys: list[Ed25519PublicKey] = []
+def load_trusted_keys(paths: Iterable[Path]) -> list[bytes]:
+    """Read ed25519 public keys (SubjectPublicKeyInfo PEM) as their raw 32 bytes; BundleError
+    naming the bad file. cryptography is loaded only when a bundle's signature is checked."""
+    keys: list[bytes] = []
     for given in paths:
         path = Path(given)
         try:
@@ -79,27 +81,20 @@ def load_trusted_keys(paths: Iterable[Path]) -> list[Ed25519PublicKey]:
                 "in the agent config",
             ) from err
         try:
-            key = load_pem_public_key(data)
-        except (ValueError, UnsupportedAlgorithm) as err:
+            keys.append(ed25519_public_from_pem(data))
+        except ValueError as err:
             raise BundleError(
                 "bad_trusted_key",
-                f"trusted key {path} is not a PEM public key ({err}); use the signing.pub "
-                "written by `edgefleet keys generate`",
-            ) from err
-        if not isinstance(key, Ed25519PublicKey):
-            raise BundleError(
-                "bad_trusted_key",
-                f"trusted key {path} is a {type(key).__name__}, not ed25519; use the "
+                f"trusted key {path} is not a PEM ed25519 public key ({err}); use the "
                 "signing.pub written by `edgefleet keys generate`",
-            )
-        keys.append(key)
+            ) from err
     return keys
 
 
 def open_bundle(
     path: Path,
     *,
-    trusted_keys: list[Ed25519PublicKey],
+    trusted_keys: Sequence[Ed25519PublicKey | bytes],
     agent_version: str,
     runtimes: set[str],
     arch: str,
