@@ -23,8 +23,13 @@ def _shared_client() -> Any:
 
     with _client_lock:
         if _client is None:
+            # Redirects are followed like the agent follows them: with S3 storage the
+            # controller answers a download with a redirect to a presigned URL.
             _client = httpx.Client(
-                timeout=30, limits=httpx.Limits(max_connections=512, max_keepalive_connections=64)
+                timeout=30,
+                limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+                follow_redirects=True,
+                max_redirects=5,
             )
         return _client
 
