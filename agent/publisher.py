@@ -128,7 +128,7 @@ class Publisher:
         clock: Callable[[], float] = time.time,
         queue_size: int = 1000,
         reconnect_min_s: float = 1.0,
-        reconnect_max_s: float = 60.0,
+        reconnect_max_s: float | None = None,
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
         on_connection_change: Callable[[bool], None] | None = None,
         linger_s: float = 0.005,
@@ -140,7 +140,7 @@ class Publisher:
         of the publisher and of paho's network thread per batch instead of per message
         (measured in bench/pipeline.py: per-message wake-ups cost the inference thread ~10% of
         its rate on a 2-core machine). At camera rates nothing lingers. 0 hands every message
-        over at once."""
+        over at once. ``reconnect_max_s``: by default ``broker.reconnect_max_s``."""
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         if queue_size < 1:
@@ -163,7 +163,7 @@ class Publisher:
             tls_resolver=tls_resolver,
             session_expiry_s=session_expiry_s,
             reconnect_min_s=reconnect_min_s,
-            reconnect_max_s=reconnect_max_s,
+            reconnect_max_s=broker.reconnect_max_s if reconnect_max_s is None else reconnect_max_s,
             on_connected=self._on_connected,
             on_disconnected=self._on_disconnected,
             on_published=self._on_published,

@@ -249,6 +249,13 @@ def test_a_device_cannot_take_over_another_devices_client_id(
         a = Conn(shipped, "dev-a", client_id=stolen)  # a's own password, b's client id
         a.publish("edgefleet/v1/dev-a/events", b"a-connected")
         ctl.got("edgefleet/v1/dev-a/events", b"a-connected")  # a's CONNECT was handled
+        # Before b publishes: a taken-over b would fail in paho ("not currently connected")
+        # instead of saying what happened.
+        with b.cond:
+            assert b.disconnects == [], (
+                f"device b was disconnected by a's connection: {b.disconnects}"
+            )
+        assert b.client.is_connected(), "device b was disconnected by a's connection"
         b.publish("edgefleet/v1/dev-b/events", b"b-still-here")
         ctl.got("edgefleet/v1/dev-b/events", b"b-still-here")
         assert b.disconnects == [], "device b was disconnected by a's connection"

@@ -1,21 +1,27 @@
 """Fuzzing the controller's MQTT ingestion against the protocol's bounds (hypothesis).
 
 Every kind the controller subscribes to, through the real decode + enqueue
-(``Ingestor.handle``) and write path into a real SQLite file, and once through a real
-Mosquitto to the real subscriber and writer thread. The oracle (independent of the code
-under test) and the good and hostile messages are tests/ingest_fuzz_support.py. Asserted:
-nothing raises, a message is stored exactly when the oracle accepts it (so good input
-generated within the bounds IS stored), nothing outside the bounds reaches the database,
-and a burst of hostile messages does not grow the process's memory.
+(``Ingestor.handle``) and write path into a real database (SQLite and PostgreSQL: the
+fixtures of tests/controller/conftest.py), and through a real Mosquitto to the real
+subscriber and writer thread. The oracle (independent of the code under test) and the good
+and hostile messages are tests/ingest_fuzz_support.py. Asserted: nothing raises, a message
+is stored exactly when the oracle accepts it (so good input generated within the bounds IS
+stored), nothing outside the bounds reaches the database, and neither a burst of hostile
+messages nor the whole module grows the process's memory. The counts (examples and
+messages per test and database, the process's RSS before and after the module) are
+printed (``pytest -s``) and written to ``fuzz-report.txt`` in the module's tmp dir.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
-from collections.abc import Iterator
+import importlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
 
 import hypothesis
-import msgspec
 import paho.mqtt.client as mqtt
 import psutil
 import pytest
@@ -30,11 +36,16 @@ from controller.ingest.writer import Ingestor
 from controller.mqtt import MqttSettings, MqttSubscriber
 from protocol import limits as L
 from tests.broker import Mosquitto
+from tests.controller.conftest import (  # noqa: F401 - fixtures: SQLite, PostgreSQL (own schema)
+    database,
+    db_url,
+    pg_enabled,
+    pg_url,
+)
 from tests.ingest_fuzz_support import (
-    DEEP,
-    DEVICE,
     FUZZ,
     acceptable,
+    burst,
     expected,
     good,
     good_messages,
@@ -43,24 +54,120 @@ from tests.ingest_fuzz_support import (
 )
 from tests.waiting import wait_for
 
+# --- what ran, and the process's memory over the whole module ------------------------------
+
+MODULE_RSS_GROWTH_MAX = 48 * 2**20
+"""What the whole module may add to the process's RSS after the warm-up. Measured: 24 to
+33 MiB (x86-64, glibc), what hypothesis's engine and Python's allocator keep after the
+first 250-example run (a second identical run, on the other database, adds nothing). The
+module sends the controller over 16 times this (asserted: 0.85 GiB per database), so keeping
+more than a few percent of what it is sent fails this."""
+EXAMPLES: Counter[str] = Counter()
+"""Cases run per ``test on dialect``, counted in the test bodies: hypothesis examples (the
+burst test: its rounds)."""
+OUTCOMES: dict[str, Counter[str]] = {}
+"""Messages sent per ``test on dialect``, by what ``Ingestor.handle`` answered."""
+SENT: Counter[str] = Counter()
+"""Payload bytes sent per ``test on dialect``."""
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def _rss() -> int:
+    """The process's RSS after a garbage collection and, on glibc, after handing freed heap
+    back (``malloc_trim``): what is in use, not the allocator's high-water mark."""
+    gc.collect()
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+    return int(psutil.Process().memory_info().rss)
+
+
+def _count(
+    label: str, db: Database, batch: list[tuple[str, bytes]], outcomes: Iterable[str]
+) -> None:
+    key = f"{label} on {db.dialect}"
+    EXAMPLES[key] += 1
+    OUTCOMES.setdefault(key, Counter()).update(outcomes)
+    SENT[key] += sum(len(payload) for _, payload in batch)
+
+
+def report(cold: int, before: int, after: int) -> str:
+    mib = 2**20
+    lines = [
+        f"ingest fuzz: RSS {cold / mib:.1f} MiB cold, {before / mib:.1f} MiB after the warm-up "
+        f"and before the module's tests, {after / mib:.1f} MiB after them "
+        f"({(after - before) / mib:+.1f} MiB, at most {MODULE_RSS_GROWTH_MAX / mib:.0f}); "
+        f"{sum(SENT.values()) / mib:.0f} MiB of payloads sent"
+    ]
+    for key in sorted(EXAMPLES):
+        out = OUTCOMES[key]
+        lines.append(
+            f"  {key}: {EXAMPLES[key]} cases, {sum(out.values())} messages, "
+            f"{SENT[key] / mib:.1f} MiB ({out['queued']} stored, {out['malformed']} refused "
+            f"as malformed, {out['ignored']} ignored)"
+        )
+    return "\n".join(lines)
+
+
+def _warm_up(db: Database) -> None:
+    """Allocate for good what the first examples do (the engine's and the allocator's pools,
+    decoders, SQLAlchemy's caches, the burst's buffers, the PostgreSQL driver), so that the
+    module's growth after it is what the tests leave: a cold start adds about 45 MiB more."""
+
+    @settings(FUZZ, max_examples=25)
+    @given(batch=st.lists(st.one_of(hostile(), good_messages.map(good)), max_size=6))
+    def run(batch: list[tuple[str, bytes]]) -> None:
+        ingestor = Ingestor(db=db, batch_size=4)
+        for topic, payload in batch:
+            ingestor.handle(topic, payload)
+        ingestor.write_pending()
+
+    run()
+    for topic, payload in burst():
+        Ingestor(db=db).handle(topic, payload)
+    if pg_enabled():
+        importlib.import_module("psycopg")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_memory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The RSS before the module's first test (after a warm-up) and after its last one,
+    and the report of what ran."""
+    for counter in (EXAMPLES, OUTCOMES, SENT):
+        counter.clear()
+    cold = _rss()
+    warm_db = Database.from_url(f"sqlite:///{tmp_path_factory.mktemp('warm-up') / 'c.db'}")
+    warm_db.upgrade()
+    _warm_up(warm_db)
+    warm_db.dispose()
+    before = _rss()
+    yield
+    after = _rss()
+    summary = report(cold, before, after)
+    (tmp_path_factory.mktemp("ingest-fuzz") / "fuzz-report.txt").write_text(summary + "\n")
+    print(f"\n{summary}")
+    assert after - before < MODULE_RSS_GROWTH_MAX, summary
+    if len({key.split(" on ")[0] for key in EXAMPLES}) == 4:  # every test, not a -k selection
+        assert sum(SENT.values()) > 16 * MODULE_RSS_GROWTH_MAX, summary
+
+
 # --- the database ------------------------------------------------------------------------
 
 TABLES = ("devices", "device_streams", "telemetry", "events")
 
 
-@pytest.fixture(scope="module")
-def db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
-    database = Database.from_url(f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 'c.db'}")
-    database.upgrade()
-    yield database
-    database.dispose()
+@pytest.fixture
+def db(database: Database) -> Database:  # noqa: F811 - the fixture imported above
+    """A migrated database, per test: SQLite, and PostgreSQL in a fresh schema."""
+    return database
+
+
+_COUNTS = text("SELECT " + ", ".join(f"(SELECT count(*) FROM {t})" for t in TABLES))
 
 
 def counts(db: Database) -> dict[str, int]:
-    with db.connect() as conn:
-        return {
-            t: int(conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one()) for t in TABLES
-        }
+    with db.connect() as conn:  # one round trip: PostgreSQL runs this 1,000 times
+        return dict(zip(TABLES, map(int, conn.execute(_COUNTS).one()), strict=True))
 
 
 def assert_stored_within_bounds(db: Database) -> None:
@@ -69,7 +176,8 @@ def assert_stored_within_bounds(db: Database) -> None:
         t = conn.execute(
             text(
                 "SELECT min(ts), max(ts), min(spool_depth), max(spool_depth), max(mem_used_bytes),"
-                " min(cpu_percent), max(cpu_percent), max(length(streams)) FROM telemetry"
+                " min(cpu_percent), max(cpu_percent), max(length(CAST(streams AS TEXT)))"
+                " FROM telemetry"
             )
         ).one()
         e = conn.execute(
@@ -94,10 +202,11 @@ def assert_stored_within_bounds(db: Database) -> None:
         assert d[2] <= L.MAX_TS
 
 
-def ingest(db: Database, batch: list[tuple[str, bytes]]) -> None:
+def ingest(db: Database, batch: list[tuple[str, bytes]], label: str) -> None:
     before = counts(db)
     ingestor = Ingestor(db=db, batch_size=4)
     outcomes = [ingestor.handle(topic, payload) for topic, payload in batch]  # never raises
+    _count(label, db, batch, outcomes)
     for (topic, payload), outcome in zip(batch, outcomes, strict=True):
         assert outcome == expected(topic, payload), (topic, payload[:300])
         hypothesis.event(f"{kind_of(topic)}: {outcome}")
@@ -117,7 +226,7 @@ def ingest(db: Database, batch: list[tuple[str, bytes]]) -> None:
 def test_hostile_messages_are_stored_exactly_when_within_the_bounds(
     db: Database, batch: list[tuple[str, bytes]]
 ) -> None:
-    ingest(db, batch)
+    ingest(db, batch, "hostile")
 
 
 @settings(FUZZ, max_examples=150)
@@ -129,65 +238,22 @@ def test_good_messages_of_every_kind_generated_within_the_bounds_are_stored(
         kind = kind_of(topic)
         if len(payload) <= L.MAX_MESSAGE_BYTES[kind]:  # non-ASCII text at its bounds may not be
             assert acceptable(topic, payload), "the oracle accepts what the types generate"
-    ingest(db, batch)
+    ingest(db, batch, "good")
 
 
 def test_a_burst_of_hostile_messages_does_not_grow_memory(db: Database) -> None:
-    big_event = msgspec.json.encode(
-        {
-            "schema": 1,
-            "device_id": DEVICE,
-            "ts": 1,
-            "code": "x",
-            "level": "info",
-            "message": "x" * 10_000_000,
-        }
-    )
-    stream = {
-        "name": "s",
-        "source_state": "running",
-        "fps": 1,
-        "frames_captured": 1,
-        "frames_processed": 1,
-        "frames_dropped": 0,
-        "infer_ms_p50": None,
-        "infer_ms_p95": None,
-        "latency_ms_p50": None,
-        "latency_ms_p95": None,
-    }
-    many_streams = msgspec.json.encode(
-        {
-            "schema": 1,
-            "device_id": DEVICE,
-            "ts": 1,
-            "interval_s": 1,
-            "cpu_percent": 1,
-            "mem_percent": 1,
-            "mem_used_bytes": 1,
-            "temp_c": None,
-            "disk_percent": 1,
-            "disk_free_bytes": 1,
-            "spool_depth": 0,
-            "spool_dropped": 0,
-            "streams": [dict(stream, name=f"s{i}") for i in range(20_000)],
-        }
-    )
-    burst = [
-        ("edgefleet/v1/cam-1/events", big_event),
-        ("edgefleet/v1/cam-1/telemetry", many_streams),
-        ("edgefleet/v1/cam-1/telemetry", b'{"schema":1,"x":' + DEEP + b"}"),
-        ("edgefleet/v1/cam-1/status", b"\xff" * 100_000),
-    ]
+    messages = burst()
     ingestor = Ingestor(db=db)
     process = psutil.Process()
     for _ in range(3):  # warm-up: lazily built decoders, logging
-        for topic, payload in burst:
+        for topic, payload in messages:
             ingestor.handle(topic, payload)
     gc.collect()
     rss = process.memory_info().rss
     for _ in range(60):
-        for topic, payload in burst:
+        for topic, payload in messages:
             assert ingestor.handle(topic, payload) == "malformed"
+        _count("burst", db, messages, ["malformed"] * len(messages))
     assert ingestor.queue_depth == 0
     gc.collect()
     grown = process.memory_info().rss - rss
@@ -198,30 +264,33 @@ def test_a_burst_of_hostile_messages_does_not_grow_memory(db: Database) -> None:
 
 
 @pytest.fixture(scope="module")
-def live(
-    tmp_path_factory: pytest.TempPathFactory, db: Database
-) -> Iterator[tuple[Ingestor, mqtt.Client]]:
-    """A Mosquitto with no packet limit of its own, the controller's subscriber and writer
-    thread on it, and a publishing client."""
-    with Mosquitto(tmp_path_factory.mktemp("broker")) as broker:
-        ingestor = Ingestor(db=db, flush_interval_s=0.02)
-        ingestor.start()
-        sub = MqttSubscriber(
-            settings=MqttSettings(url=broker.url, client_id="ctl-fuzz"),
-            kinds=INGESTED_KINDS,
-            on_message=ingestor.handle,
-        )
-        sub.start()
-        client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        client.connect("127.0.0.1", broker.port)
-        client.loop_start()
-        try:
-            yield ingestor, client
-        finally:
-            client.loop_stop()
-            client.disconnect()
-            sub.stop()
-            ingestor.stop()
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """A Mosquitto with no packet limit of its own."""
+    with Mosquitto(tmp_path_factory.mktemp("broker")) as mosquitto:
+        yield mosquitto
+
+
+@pytest.fixture
+def live(broker: Mosquitto, db: Database) -> Iterator[tuple[Ingestor, mqtt.Client]]:
+    """The controller's subscriber and writer thread on ``broker``, and a publishing client."""
+    ingestor = Ingestor(db=db, flush_interval_s=0.02)
+    ingestor.start()
+    sub = MqttSubscriber(
+        settings=MqttSettings(url=broker.url, client_id=f"ctl-fuzz-{db.dialect}"),
+        kinds=INGESTED_KINDS,
+        on_message=ingestor.handle,
+    )
+    sub.start()
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        yield ingestor, client
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        sub.stop()
+        ingestor.stop()
 
 
 @settings(FUZZ, max_examples=8)
@@ -242,6 +311,7 @@ def test_through_a_real_broker_the_ingestion_loop_stores_exactly_the_acceptable_
     assert ingestor.stats.rejected == 0
     after = counts(db)
     ok = [kind_of(t) for t, p in batch if acceptable(t, p)]
+    _count("through a broker", db, batch, [expected(t, p) for t, p in batch])
     assert after["telemetry"] - before["telemetry"] == ok.count("telemetry")
     assert after["events"] - before["events"] == ok.count("events")
     assert_stored_within_bounds(db)
@@ -258,7 +328,10 @@ def test_through_a_real_broker_the_ingestion_loop_stores_exactly_the_acceptable_
     ],
 )
 def test_an_empty_payload_clears_a_retained_topic_only_when_the_topic_is_valid(
-    db: Database, topic: str, outcome: str
+    topic: str, outcome: str
 ) -> None:
     assert expected(topic, b"") == outcome
-    assert Ingestor(db=db, batch_size=4).handle(topic, b"") == outcome
+    # ``handle`` decides without the database (the writer thread is what writes).
+    unused = Database.from_url("sqlite://")
+    assert Ingestor(db=unused, batch_size=4).handle(topic, b"") == outcome
+    unused.dispose()
