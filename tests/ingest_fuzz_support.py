@@ -269,18 +269,20 @@ json_values = st.recursive(
 DEEP = b"[" * 50_000 + b"]" * 50_000
 
 
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+def json_paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every key/index path inside a decoded JSON document (the document itself excluded)."""
     out = [prefix] if prefix else []
     if isinstance(value, dict):
         for k, v in value.items():
-            out += _paths(v, (*prefix, k))
+            out += json_paths(v, (*prefix, k))
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            out += _paths(v, (*prefix, i))
+            out += json_paths(v, (*prefix, i))
     return out
 
 
-def _set(doc: Any, path: tuple[Any, ...], value: Any) -> None:
+def set_path(doc: Any, path: tuple[Any, ...], value: Any) -> None:
+    """Replace the value at ``path`` (from :func:`json_paths`) inside ``doc``."""
     for part in path[:-1]:
         doc = doc[part]
     doc[path[-1]] = value
@@ -293,15 +295,15 @@ def hostile(draw: st.DrawFn) -> tuple[str, bytes]:
     if kind == "snapshot" and draw(st.booleans()):  # valid base64, but of what?
         doc["jpeg"] = base64.b64encode(draw(st.binary(min_size=3, max_size=40))).decode()
     for _ in range(draw(st.integers(0, 3))):
-        paths = _paths(doc)
+        paths = json_paths(doc)
         if not paths:
             break
         path = draw(st.sampled_from(paths))
         action = draw(st.sampled_from(["boundary", "boundary", "json", "delete", "add"]))
         if action == "boundary":
-            _set(doc, path, draw(BOUNDARY))
+            set_path(doc, path, draw(BOUNDARY))
         elif action == "json":
-            _set(doc, path, draw(json_values))
+            set_path(doc, path, draw(json_values))
         elif action == "delete" and len(path) == 1:
             doc.pop(path[0], None)
         else:

@@ -17,15 +17,8 @@ import pytest
 from agent.config import BrokerConfig, parse_config
 from agent.publisher import Publisher
 from agent.spool.queue import Spool
+from tests.test_agent_reconnect import CONFIG  # the same agent config, [broker] filled in
 
-CONFIG = """device_id = "cam-01"
-[broker]
-{broker}
-[[streams]]
-name = "front"
-source = "clip.mp4"
-model = "builtin:blazeface-short-int8"
-"""
 FAILURES = 200
 """Connection failures in a row: the ceiling is reached after a handful, then ~195 waits are
 drawn from its upper half (none in the lowest, or none in the highest, fifth of that half:

@@ -18,6 +18,7 @@ from controller.db.session import Database
 from controller.ingest.writer import Ingestor
 from protocol import StreamTelemetry, encode
 from tests.controller.conftest import event, reported, status, telemetry
+from tests.ingest_fuzz_support import json_paths, set_path
 
 UNUSED_DB = Database.from_url("sqlite://")  # never connected: these tests write nothing
 KINDS = ["status", "telemetry", "reported", "events", "detections", "desired", "bogus"]
@@ -76,23 +77,6 @@ json_values = st.recursive(
 )
 
 
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix] if prefix else []
-    if isinstance(value, dict):
-        for k, v in value.items():
-            out += _paths(v, (*prefix, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            out += _paths(v, (*prefix, i))
-    return out
-
-
-def _set(doc: Any, path: tuple[Any, ...], value: Any) -> None:
-    for part in path[:-1]:
-        doc = doc[part]
-    doc[path[-1]] = value
-
-
 def _same_type(original: Any) -> st.SearchStrategy[Any]:
     """Adversarial values of the original's JSON type (what a buggy device might send)."""
     if isinstance(original, bool):
@@ -113,16 +97,16 @@ def mutated(draw: st.DrawFn, *, same_type: bool) -> tuple[str, bytes]:
     device = draw(device_ids) if not same_type else draw(st.sampled_from(["cam-1", "cam-2"]))
     doc["device_id"] = device
     for _ in range(draw(st.integers(0, 3))):
-        path = draw(st.sampled_from(_paths(doc)))
+        path = draw(st.sampled_from(json_paths(doc)))
         if same_type:
             current: Any = doc
             for part in path:
                 current = current[part]
-            _set(doc, path, draw(_same_type(current)))
+            set_path(doc, path, draw(_same_type(current)))
         else:
             action = draw(st.sampled_from(["set", "delete", "add"]))
             if action == "set":
-                _set(doc, path, draw(json_values))
+                set_path(doc, path, draw(json_values))
             elif action == "delete" and len(path) == 1:
                 doc.pop(path[0], None)
             else:
