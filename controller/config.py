@@ -169,6 +169,9 @@ class ModelsConfig(ConfigSection, frozen=True, kw_only=True):
     """Where uploaded bundles are stored (``local``) or staged while uploaded; default ``{data_dir}/blobs``."""
     chunk_bytes: Annotated[int, Meta(ge=65_536, le=67_108_864, description="bytes")] = 1_048_576
     """Size of the rows a bundle is split into with ``storage = "database"``."""
+    cache_bytes: Annotated[int, Meta(ge=0, le=4_294_967_296, description="bytes")] = 67_108_864
+    """With ``storage = "database"``: recently downloaded bundles each replica keeps in
+    memory (least recently used out; bundles over a quarter of it are never kept); 0: none."""
     s3: S3StorageConfig = msgspec.field(default_factory=S3StorageConfig)
     """The bucket with ``storage = "s3"``."""
     max_bundle_bytes: Annotated[int, Meta(ge=1, description="bytes")] = 2 * 1024**3

@@ -51,7 +51,10 @@ def open_remote_store(
 
         if database is None:
             raise StorageError("models.storage = database needs the controller's database")
-        return DatabaseBundleStore(database, chunk_bytes=loaded.config.models.chunk_bytes)
+        models = loaded.config.models
+        return DatabaseBundleStore(
+            database, chunk_bytes=models.chunk_bytes, cache_bytes=models.cache_bytes
+        )
     if kind == "s3":
         from controller.artifacts.s3 import S3BundleStore
 

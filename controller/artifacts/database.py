@@ -4,10 +4,17 @@ Uploads are written in the transaction that adds the model row, so a model is ne
 without its bytes. Reads list the chunk offsets of the wanted range, then fetch one chunk per
 short query: a slow device holds no connection while it downloads, and memory stays at one
 chunk whatever the bundle's size.
+
+A rollout has every device of a stage fetch the same bundle, so each replica keeps recently
+read bundles in memory (``models.cache_bytes``, least recently used out; a bundle larger
+than a quarter of it is never kept): bundles are addressed by their sha256 and never change,
+so a cached copy cannot go stale, and the API checks the model row before every read.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -27,9 +34,15 @@ class DatabaseBundleStore:
     kind: Literal["database"] = "database"
     transactional = True
 
-    def __init__(self, database: Database, *, chunk_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self, database: Database, *, chunk_bytes: int = 1 << 20, cache_bytes: int = 64 << 20
+    ) -> None:
         self.database = database
         self.chunk_bytes = chunk_bytes
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cached_bytes = 0
+        self._cache_lock = threading.Lock()
 
     def describe(self) -> str:
         return f"the database {self.database.url} (table bundle_chunks)"
@@ -63,14 +76,44 @@ class DatabaseBundleStore:
 
     def read(self, sha256: str, start: int, length: int) -> Iterator[bytes]:
         end = start + length  # exclusive
+        cached = self._cached(sha256)
+        if cached is not None:
+            return iter([cached[start:end]])
         with self.database.connect() as conn:
             spans = conn.execute(
-                select(_T.pos, func.length(_T.data))
-                .where(_T.sha256 == sha256, _T.pos < end)
-                .order_by(_T.pos)
+                select(_T.pos, func.length(_T.data)).where(_T.sha256 == sha256).order_by(_T.pos)
             ).all()
-        wanted = [(int(p), int(n)) for p, n in spans if int(p) + int(n) > start]
+        every = [(int(p), int(n)) for p, n in spans]
+        total = sum(n for _, n in every)
+        if every and total <= self.cache_bytes // 4:
+            whole = b"".join(self._blocks(sha256, every, 0, total))
+            self._keep(sha256, whole)
+            return iter([whole[start:end]])
+        wanted = [(p, n) for p, n in every if p < end and p + n > start]
         return self._blocks(sha256, wanted, start, end)
+
+    def _cached(self, sha256: str) -> bytes | None:
+        with self._cache_lock:
+            data = self._cache.get(sha256)
+            if data is not None:
+                self._cache.move_to_end(sha256)
+            return data
+
+    def _keep(self, sha256: str, data: bytes) -> None:
+        with self._cache_lock:
+            if sha256 in self._cache:
+                return
+            self._cache[sha256] = data
+            self._cached_bytes += len(data)
+            while self._cached_bytes > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= len(old)
+
+    def _forget(self, sha256: str) -> None:
+        with self._cache_lock:
+            data = self._cache.pop(sha256, None)
+            if data is not None:
+                self._cached_bytes -= len(data)
 
     def _blocks(
         self, sha256: str, spans: list[tuple[int, int]], start: int, end: int
@@ -91,6 +134,7 @@ class DatabaseBundleStore:
         return None
 
     def delete(self, sha256: str) -> None:
+        self._forget(sha256)
         with self.database.begin() as conn:
             conn.execute(delete(bundle_chunks).where(_T.sha256 == sha256))
 

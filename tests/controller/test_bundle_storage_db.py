@@ -60,7 +60,7 @@ def client(database: Database, clock: Clock, tmp_path: Path) -> Iterator[httpx.C
     app.state.models = ModelHosting(
         blobs=BlobStore(tmp_path / "blobs"),
         max_bundle_bytes=10_000_000,
-        store=DatabaseBundleStore(database, chunk_bytes=CHUNK),
+        store=DatabaseBundleStore(database, chunk_bytes=CHUNK, cache_bytes=0),  # streamed
     )
     with serving(app) as url, httpx.Client(base_url=url) as c:
         yield c

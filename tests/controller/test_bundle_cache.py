@@ -1,0 +1,135 @@
+"""Each replica keeps recently downloaded bundles in memory (``models.cache_bytes``) with
+``storage = "database"``: the devices of a rollout stage fetch one bundle, and only the first
+download of it reads the database. Checked by counting the SQL statements a read runs, on
+SQLite and PostgreSQL, and over real HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import event
+
+from controller.api import create_app
+from controller.artifacts.database import DatabaseBundleStore
+from controller.blobstore import BlobStore, ModelHosting
+from controller.bundles import package_model
+from controller.db.session import Database
+from tests.controller.conftest import Clock, serving
+
+MANIFEST = (
+    Path(__file__).resolve().parents[2] / "inference" / "assets" / "blazeface-short-int8.json"
+)
+CHUNK = 65_536
+
+
+def _bundle(folder: Path, size: int, seed: int) -> tuple[Path, str]:
+    data = (hashlib.sha256(bytes([seed])).digest() + os.urandom(32)) * (size // 64)
+    path = folder / f"b{seed}.efb"
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+class _Statements:
+    """Counts the SQL statements ``database`` runs."""
+
+    def __init__(self, database: Database) -> None:
+        self.count = 0
+        event.listen(database.engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, *_args: Any) -> None:
+        self.count += 1
+
+    def during(self, fn: Any) -> int:
+        before = self.count
+        fn()
+        return self.count - before
+
+
+def _read(store: DatabaseBundleStore, sha: str, start: int, length: int) -> bytes:
+    return b"".join(store.read(sha, start, length))
+
+
+def test_a_bundle_is_read_from_the_database_once_then_from_memory(
+    database: Database, tmp_path: Path
+) -> None:
+    store = DatabaseBundleStore(database, chunk_bytes=CHUNK, cache_bytes=4 << 20)
+    path, sha = _bundle(tmp_path, 200_000, 1)
+    data = path.read_bytes()
+    store.put(path, sha, len(data))
+    sql = _Statements(database)
+    assert sql.during(lambda: _read(store, sha, 0, len(data))) >= 2  # spans, then chunks
+    for start, length in [(0, len(data)), (0, 1), (CHUNK - 3, 7), (len(data) - 10, 10)]:
+        got: list[bytes] = []
+        assert sql.during(lambda s=start, n=length, g=got: g.append(_read(store, sha, s, n))) == 0
+        assert got == [data[start : start + length]]
+
+
+def test_a_bundle_over_a_quarter_of_the_cache_is_streamed_every_time(
+    database: Database, tmp_path: Path
+) -> None:
+    store = DatabaseBundleStore(database, chunk_bytes=CHUNK, cache_bytes=600_000)
+    path, sha = _bundle(tmp_path, 200_000, 2)  # over 150,000: never kept
+    data = path.read_bytes()
+    store.put(path, sha, len(data))
+    sql = _Statements(database)
+    for _ in range(2):
+        got: list[bytes] = []
+        assert sql.during(lambda g=got: g.append(_read(store, sha, 5, len(data) - 5))) >= 2
+        assert got == [data[5:]]
+
+
+def test_the_least_recently_used_bundle_leaves_first_and_a_deleted_one_at_once(
+    database: Database, tmp_path: Path
+) -> None:
+    store = DatabaseBundleStore(database, chunk_bytes=CHUNK, cache_bytes=1_000_000)
+    shas = []
+    for seed in range(5):  # 240,000 bytes each: four fit in 1,000,000 bytes, not five
+        path, sha = _bundle(tmp_path, 240_000, 10 + seed)
+        store.put(path, sha, 240_000)
+        shas.append(sha)
+    a, b, c, d, e = shas
+    sql = _Statements(database)
+    for sha in (a, b, c, d, a):  # a is now the most recently used, b the least
+        _read(store, sha, 0, 10)
+    _read(store, e, 0, 10)  # b leaves
+    for sha in (a, c, d, e):
+        assert sql.during(lambda sha=sha: _read(store, sha, 0, 10)) == 0
+    assert sql.during(lambda: _read(store, b, 0, 10)) >= 2
+    store.delete(c)
+    assert sql.during(lambda: _read(store, c, 0, 10)) >= 1  # gone from memory too
+    assert _read(store, c, 0, 10) == b""
+
+
+def test_downloads_over_http_read_the_database_once(
+    database: Database, tokens: dict[str, str], tmp_path: Path
+) -> None:
+    efb = tmp_path / "face.efb"
+    package_model(MANIFEST, out=efb, name="face", version="1.0.0")
+    data = efb.read_bytes()
+    app = create_app(db=database, clock=Clock())
+    app.state.models = ModelHosting(
+        blobs=BlobStore(tmp_path / "blobs"),
+        max_bundle_bytes=10_000_000,
+        store=DatabaseBundleStore(database, chunk_bytes=CHUNK),  # the default cache
+    )
+    with serving(app) as url, httpx.Client(base_url=url) as client:
+        auth = {"Authorization": f"Bearer {tokens['operator']}"}
+        created = client.post("/api/v1/models", content=data, headers=auth).json()
+        sql = _Statements(database)
+
+        def fetch(headers: dict[str, str] | None = None) -> httpx.Response:
+            return client.get(created["download_url"], headers=headers)
+
+        first = sql.during(fetch)
+        resp = fetch()
+        later = sql.during(fetch)
+        part = fetch({"Range": "bytes=100-199"})
+    assert resp.status_code == 200 and resp.content == data
+    assert part.status_code == 206 and part.content == data[100:200]
+    # Every download still looks the model up (its key, and whether it still exists); only
+    # the first one reads the bundle's rows.
+    assert later < first
