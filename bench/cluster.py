@@ -57,6 +57,8 @@ class Cluster:
     broker: EmbeddedBroker
     replicas: int
     tick_s: float = 1.0
+    bundle_cache_bytes: int | None = None
+    """``models.cache_bytes`` of every replica (None: the default)."""
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     _logs: list[IO[bytes]] = field(default_factory=list)
@@ -75,6 +77,8 @@ class Cluster:
         assert self.balancer.stdout is not None
         self.url = f"http://127.0.0.1:{int(self.balancer.stdout.readline())}"
         shared = 'shared_group = "bench"\nadopt_sessions = true\n' if self.replicas > 1 else ""
+        cache = self.bundle_cache_bytes
+        cache_line = f"cache_bytes = {cache}\n" if cache is not None else ""
         for n, port in enumerate(self.ports):
             config = self.tmp / f"controller-{n}.toml"
             config.write_text(
@@ -84,7 +88,7 @@ class Cluster:
                 f'password = "{self.broker.password}"\nclient_id = "bench-ctl-{n}-{port}"\n'
                 f"{shared}"
                 f'[api]\nport = {port}\npublic_url = "{self.url}"\n'
-                f'[models]\nblob_dir = "{self.tmp / "blobs"}"\n'
+                f'[models]\nblob_dir = "{self.tmp / "blobs"}"\n{cache_line}'
                 f"[rollouts]\ntick_interval_s = {self.tick_s}\n"
             )
             log = (self.tmp / f"controller-{n}.log").open("wb")

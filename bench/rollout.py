@@ -76,7 +76,9 @@ def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
 def run_rollout(args: argparse.Namespace, tmp: Path, db_url: str) -> dict[str, Any]:
     broker = EmbeddedBroker(workdir=tmp / "broker", port=0)
     broker.start()
-    cluster = Cluster(tmp, db_url, broker, args.replicas, tick_s=args.tick)
+    cluster = Cluster(
+        tmp, db_url, broker, args.replicas, tick_s=args.tick, bundle_cache_bytes=args.bundle_cache
+    )
     fleet: SimulatedFleet | None = None
     stop_telemetry = threading.Event()
     try:
@@ -281,6 +283,13 @@ def main() -> int:
     )
     parser.add_argument(
         "--download-workers", type=int, default=64, help="simulated concurrent downloads"
+    )
+    parser.add_argument(
+        "--bundle-cache",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="the replicas' models.cache_bytes (0: every download reads the database)",
     )
     parser.add_argument(
         "--ingest",
