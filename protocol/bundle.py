@@ -70,9 +70,7 @@ class BundleFormatError(ProtocolError):
 
 _ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
 """DER of an ed25519 SubjectPublicKeyInfo (RFC 8410) before its 32 raw key bytes."""
-_PEM_PUBLIC = re.compile(
-    rb"-----BEGIN PUBLIC KEY-----\s*([A-Za-z0-9+/=\s]+?)\s*-----END PUBLIC KEY-----"
-)
+_PEM_PUBLIC = re.compile(rb"-----BEGIN PUBLIC KEY-----(.*?)-----END PUBLIC KEY-----", re.DOTALL)
 
 
 def ed25519_public_from_pem(data: bytes) -> bytes:
@@ -92,7 +90,10 @@ def ed25519_public_from_pem(data: bytes) -> bytes:
     except (binascii.Error, ValueError) as err:
         raise ValueError(f"the PEM block is not valid base64: {err}") from err
     if len(der) != len(_ED25519_SPKI_PREFIX) + 32 or not der.startswith(_ED25519_SPKI_PREFIX):
-        raise ValueError("it is a public key of another algorithm, not ed25519")
+        raise ValueError(
+            f"it is not an ed25519 public key ({len(der)} bytes of DER; an ed25519 key is 44, "
+            "starting with the algorithm id 1.3.101.112)"
+        )
     return der[len(_ED25519_SPKI_PREFIX) :]
 
 

@@ -289,9 +289,10 @@ def test_load_trusted_keys_names_what_a_wrong_key_file_holds(
     good = key.public_key().public_bytes(*pub).decode()
     cases = {
         "private.pem": (private, "found a PEM PRIVATE KEY"),
-        "rsa.pub": (rsa_pub, "another algorithm, not ed25519"),
-        "ec.pub": (ec_pub, "another algorithm, not ed25519"),
-        "bad64.pub": (good.replace(good.splitlines()[1][:4], "*!*!").encode(), "PEM PUBLIC KEY"),
+        "rsa.pub": (rsa_pub, "not an ed25519 public key"),
+        "ec.pub": (ec_pub, "not an ed25519 public key"),
+        "bad64.pub": (good.replace(good.splitlines()[1][:4], "*!*!").encode(), "not valid base64"),
+        "short.pub": (good.replace(good.splitlines()[1], "AAAA").encode(), "3 bytes of DER"),
     }
     for name, (data, says) in cases.items():
         with pytest.raises(BundleError, match=says) as info:
