@@ -150,7 +150,7 @@ class MqttConnection:
         tls_resolver: Callable[[str], Path] | None = None,
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
         reconnect_min_s: float = 1.0,
-        reconnect_max_s: float = 10.0,
+        reconnect_max_s: float | None = None,
         on_connected: Callable[[int], None] | None = None,
         on_disconnected: Callable[[], None] | None = None,
         on_published: Callable[[int, bool], None] | None = None,
@@ -163,7 +163,9 @@ class MqttConnection:
             )
         self._broker = broker
         self._session_expiry_s = session_expiry_s
-        self._backoff = Backoff(reconnect_min_s, reconnect_max_s)
+        # By default the broker config's [broker] reconnect_max_s (10 s unless set).
+        ceiling = broker.reconnect_max_s if reconnect_max_s is None else reconnect_max_s
+        self._backoff = Backoff(reconnect_min_s, ceiling)
         self._on_connected = on_connected
         self._on_disconnected = on_disconnected
         self._on_published = on_published

@@ -163,7 +163,7 @@ class Publisher:
             tls_resolver=tls_resolver,
             session_expiry_s=session_expiry_s,
             reconnect_min_s=reconnect_min_s,
-            reconnect_max_s=broker.reconnect_max_s if reconnect_max_s is None else reconnect_max_s,
+            reconnect_max_s=reconnect_max_s,
             on_connected=self._on_connected,
             on_disconnected=self._on_disconnected,
             on_published=self._on_published,

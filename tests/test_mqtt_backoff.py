@@ -84,7 +84,7 @@ def test_broker_reconnect_max_s_2_caps_the_waits_at_2_s(
     tmp_path: Path, passed_explicitly: bool
 ) -> None:
     """``as-the-agent``: agent/app.py passes ``cfg.broker.reconnect_max_s``; ``by-default``:
-    the publisher takes it from the broker config it is given."""
+    the publisher and its MQTT connection take it from the broker config they are given."""
     cfg = parse_config(CONFIG.format(broker="reconnect_max_s = 2"), source="a.toml")
     assert cfg.broker.reconnect_max_s == 2.0
     explicit = cfg.broker.reconnect_max_s if passed_explicitly else None
