@@ -42,7 +42,6 @@ __all__ = [
     "check_member_name",
     "ed25519_public_from_pem",
     "key_id",
-    "key_id_raw",
     "runtime_families",
     "sign_manifest",
     "signing_payload",
@@ -97,18 +96,14 @@ def ed25519_public_from_pem(data: bytes) -> bytes:
     return der[len(_ED25519_SPKI_PREFIX) :]
 
 
-def key_id_raw(raw: bytes) -> str:
-    """First 16 hex digits of sha256 over a raw 32-byte ed25519 public key."""
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
 def key_id(key: Ed25519PublicKey | bytes) -> str:
-    """The id of ``key`` (a key object or its raw 32 bytes): :func:`key_id_raw`."""
-    if isinstance(key, bytes):
-        return key_id_raw(key)
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    """First 16 hex digits of sha256 over the raw 32-byte public key (``key`` as a key object
+    or as those raw bytes)."""
+    if not isinstance(key, bytes):
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    return key_id_raw(key.public_bytes(Encoding.Raw, PublicFormat.Raw))
+        key = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return hashlib.sha256(key).hexdigest()[:16]
 
 
 def signing_payload(manifest: Manifest) -> bytes:
