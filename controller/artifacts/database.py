@@ -43,6 +43,9 @@ class DatabaseBundleStore:
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cached_bytes = 0
         self._cache_lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+        """One lock per bundle being read into the cache (under ``_loading_lock``)."""
+        self._loading_lock = threading.Lock()
 
     def describe(self) -> str:
         return f"the database {self.database.url} (table bundle_chunks)"
@@ -86,8 +89,15 @@ class DatabaseBundleStore:
         every = [(int(p), int(n)) for p, n in spans]
         total = sum(n for _, n in every)
         if every and total <= self.cache_bytes // 4:
-            whole = b"".join(self._blocks(sha256, every, 0, total))
-            self._keep(sha256, whole)
+            with self._loading_lock:
+                loading = self._loading.setdefault(sha256, threading.Lock())
+            with loading:  # the devices of a stage arrive together: one of them reads the rows
+                whole = self._cached(sha256)
+                if whole is None:
+                    whole = b"".join(self._blocks(sha256, every, 0, total))
+                    self._keep(sha256, whole)
+            with self._loading_lock:
+                self._loading.pop(sha256, None)
             return iter([whole[start:end]])
         wanted = [(p, n) for p, n in every if p < end and p + n > start]
         return self._blocks(sha256, wanted, start, end)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,15 @@ class _Statements:
 
     def __init__(self, database: Database) -> None:
         self.count = 0
+        self.chunk_reads = 0
+        """Statements that fetched a chunk's bytes (``SELECT bundle_chunks.data ...``)."""
+        self._lock = threading.Lock()
         event.listen(database.engine, "before_cursor_execute", self._seen)
 
-    def _seen(self, *_args: Any) -> None:
-        self.count += 1
+    def _seen(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        with self._lock:
+            self.count += 1
+            self.chunk_reads += statement.lstrip().startswith("SELECT bundle_chunks.data")
 
     def during(self, fn: Any) -> int:
         before = self.count
@@ -66,6 +72,28 @@ def test_a_bundle_is_read_from_the_database_once_then_from_memory(
         got: list[bytes] = []
         assert sql.during(lambda s=start, n=length, g=got: g.append(_read(store, sha, s, n))) == 0
         assert got == [data[start : start + length]]
+
+
+def test_devices_arriving_together_read_the_rows_once(database: Database, tmp_path: Path) -> None:
+    store = DatabaseBundleStore(database, chunk_bytes=CHUNK, cache_bytes=4 << 20)
+    path, sha = _bundle(tmp_path, 200_000, 3)
+    data = path.read_bytes()
+    store.put(path, sha, len(data))
+    sql = _Statements(database)
+    barrier = threading.Barrier(8)
+    got: list[bytes] = []
+
+    def device() -> None:
+        barrier.wait()
+        got.append(_read(store, sha, 0, len(data)))
+
+    threads = [threading.Thread(target=device) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [data] * 8
+    assert sql.chunk_reads == -(-len(data) // CHUNK)  # each chunk once, not once per device
 
 
 def test_a_bundle_over_a_quarter_of_the_cache_is_streamed_every_time(
