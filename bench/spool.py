@@ -31,7 +31,7 @@ import statistics
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +159,15 @@ class Result:
     """Bytes on disk after the drain and close."""
 
 
+def bursts(pool: list[Message], n: int, rng: random.Random) -> Iterator[list[Message]]:
+    """``n`` messages taken round the pool in bursts of 1..16, as inference produces them."""
+    taken = 0
+    while taken < n:
+        size = min(rng.randint(1, 16), n - taken)
+        yield [pool[(taken + i) % len(pool)] for i in range(size)]
+        taken += size
+
+
 def steady(make: Callable[..., AnySpool], folder: Path, pool: list[Message], n: int) -> Result:
     rng = random.Random(7)
     clock = Clock()
@@ -167,12 +176,10 @@ def steady(make: Callable[..., AnySpool], folder: Path, pool: list[Message], n: 
     w0, d0 = proc_io()
     t0 = time.perf_counter()
     appended = 0
-    while appended < n:
-        burst = rng.randint(1, 16)
-        start = appended % POOL
-        spool.append_many(pool[start : start + burst])
-        appended += burst
-        clock.tick(burst)
+    for burst in bursts(pool, n, rng):
+        spool.append_many(burst)
+        appended += len(burst)
+        clock.tick(len(burst))
         sender.one_pass()
     while spool.depth:
         sender.one_pass()
@@ -193,12 +200,10 @@ def outage(
     w0, d0 = proc_io()
     t0 = time.perf_counter()
     appended = 0
-    while appended < n:
-        burst = rng.randint(1, 16)
-        start = appended % POOL
-        spool.append_many(pool[start : start + burst])
-        appended += burst
-        clock.tick(burst)
+    for burst in bursts(pool, n, rng):
+        spool.append_many(burst)
+        appended += len(burst)
+        clock.tick(len(burst))
         spool.sync_if_due()
     t1 = time.perf_counter()
     w1, d1 = proc_io()
