@@ -253,8 +253,8 @@ class StreamConfig(ConfigSection, frozen=True, kw_only=True):
         int, Meta(ge=0, le=16, description="FFmpeg decoder threads; 0 = FFmpeg chooses")
     ] = 1
     """Video files and network streams: FFmpeg decoder threads. One thread costs the least
-    CPU per frame at camera resolutions (measured: 0.52 vs 0.65 ms per 640x480 frame, and
-    about 3 MB less memory per stream); raise it only for streams one core cannot decode
+    CPU per frame at camera resolutions (measured: 0.52 vs 0.65 ms per 640x480 frame, no
+    decoder threads started); raise it only for streams one core cannot decode
     (high resolution at a high frame rate); 0 lets FFmpeg choose (one per core)."""
     motion: MotionConfig = msgspec.field(default_factory=MotionConfig)
     """Motion gating (``[streams.motion]``, agent.motion): infer only frames that changed."""
