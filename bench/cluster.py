@@ -59,6 +59,8 @@ class Cluster:
     tick_s: float = 1.0
     bundle_cache_bytes: int | None = None
     """``models.cache_bytes`` of every replica (None: the default)."""
+    repo: Path = REPO
+    """The checkout whose controller runs (another one for a baseline)."""
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     _logs: list[IO[bytes]] = field(default_factory=list)
@@ -96,7 +98,11 @@ class Cluster:
             cmd = [sys.executable, "-m", "controller", "controller", "serve", "--config"]
             self.procs.append(
                 subprocess.Popen(
-                    [*cmd, str(config)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+                    [*cmd, str(config)],
+                    cwd=self.repo,
+                    env=dict(os.environ, PYTHONPATH=str(self.repo)),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                 )
             )
             # one at a time: the first one migrates and takes the rollout lock

@@ -95,6 +95,9 @@ class BlobStore:
     def redirect_url(self, sha256: str) -> str | None:
         return None
 
+    def cached(self, sha256: str) -> bytes | None:
+        return None  # the page cache keeps the file; reads are cheap
+
     def delete(self, sha256: str) -> None:
         self.path_for(sha256).unlink(missing_ok=True)
 

@@ -333,7 +333,9 @@ def download_bundle(
                 "(or `edgefleet model migrate-storage` if it is still in another store)"
             ),
         )
-    media = "application/x-tar"
+    whole = store.cached(row.sha256)  # in memory: one body, no threadpool hop per block
+    if whole is not None and len(whole) != size:
+        whole = None
     if range_header is not None and (if_range is None or if_range.strip() == etag):
         span = _parse_range(range_header, size)
         if span is None:
@@ -346,10 +348,27 @@ def download_bundle(
         headers.update(
             {"Content-Range": f"bytes {start}-{end}/{size}", "Content-Length": str(length)}
         )
-        body = store.read(row.sha256, start, length)
-        return StreamingResponse(body, status_code=206, headers=headers, media_type=media)
+        return _body(store, row.sha256, whole, start, length, 206, headers)
     headers["Content-Length"] = str(size)
-    return StreamingResponse(store.read(row.sha256, 0, size), headers=headers, media_type=media)
+    return _body(store, row.sha256, whole, 0, size, 200, headers)
+
+
+def _body(
+    store: BundleStore,
+    sha256: str,
+    whole: bytes | None,
+    start: int,
+    length: int,
+    status_code: int,
+    headers: dict[str, str],
+) -> Response:
+    """``length`` bytes from ``start``: from ``whole`` (a bundle in memory) in one body, else
+    streamed from ``store``."""
+    media = "application/x-tar"
+    if whole is not None:
+        return Response(whole[start : start + length], status_code, headers, media)
+    body = store.read(sha256, start, length)
+    return StreamingResponse(body, status_code=status_code, headers=headers, media_type=media)
 
 
 def _check_viewer(request: Request, authorization: str | None) -> None:

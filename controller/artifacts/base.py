@@ -49,6 +49,11 @@ class BundleStore(Protocol):
         """A short-lived URL devices download from instead of the controller (S3), or None."""
         ...
 
+    def cached(self, sha256: str) -> bytes | None:
+        """The whole bundle when this store holds it in memory (the database store's cache),
+        so it is answered without a read; None otherwise."""
+        ...
+
     def delete(self, sha256: str) -> None:
         """Remove the bundle (nothing when it is not there)."""
         ...

@@ -8,7 +8,9 @@ chunk whatever the bundle's size.
 A rollout has every device of a stage fetch the same bundle, so each replica keeps recently
 read bundles in memory (``models.cache_bytes``, least recently used out; a bundle larger
 than a quarter of it is never kept): bundles are addressed by their sha256 and never change,
-so a cached copy cannot go stale, and the API checks the model row before every read.
+so a cached copy cannot go stale, and the API checks the model row before every read. A
+cached bundle's size comes from the cache too, and the download route answers it in one
+response body (no read, no database query beyond the model row).
 """
 
 from __future__ import annotations
@@ -51,8 +53,14 @@ class DatabaseBundleStore:
         return f"the database {self.database.url} (table bundle_chunks)"
 
     def stored_size(self, sha256: str) -> int | None:
+        cached = self._cached(sha256)
+        if cached is not None:  # the rows are deleted only with the model, checked before
+            return len(cached)
         with self.database.connect() as conn:
             return _stored_size(conn, sha256)
+
+    def cached(self, sha256: str) -> bytes | None:
+        return self._cached(sha256)
 
     def put(self, src: Path, sha256: str, size: int, conn: Connection | None = None) -> None:
         """Insert ``src`` in chunks through ``conn`` (the caller's transaction) or a new one."""

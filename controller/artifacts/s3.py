@@ -113,6 +113,9 @@ class S3BundleStore:
         body = got["Body"]
         return _body_blocks(body)
 
+    def cached(self, sha256: str) -> bytes | None:
+        return None  # devices download from the bucket
+
     def redirect_url(self, sha256: str) -> str | None:
         from botocore.exceptions import BotoCoreError
 

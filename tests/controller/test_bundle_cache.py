@@ -41,6 +41,8 @@ class _Statements:
         self.count = 0
         self.chunk_reads = 0
         """Statements that fetched a chunk's bytes (``SELECT bundle_chunks.data ...``)."""
+        self.on_chunks = 0
+        """Statements that touched ``bundle_chunks`` at all (sizes, spans, bytes)."""
         self._lock = threading.Lock()
         event.listen(database.engine, "before_cursor_execute", self._seen)
 
@@ -48,6 +50,7 @@ class _Statements:
         with self._lock:
             self.count += 1
             self.chunk_reads += statement.lstrip().startswith("SELECT bundle_chunks.data")
+            self.on_chunks += "bundle_chunks" in statement
 
     def during(self, fn: Any) -> int:
         before = self.count
@@ -161,3 +164,47 @@ def test_downloads_over_http_read_the_database_once(
     # Every download still looks the model up (its key, and whether it still exists); only
     # the first one reads the bundle's rows.
     assert later < first
+
+
+def test_a_cached_bundle_is_answered_without_touching_its_rows(
+    database: Database, tokens: dict[str, str], tmp_path: Path
+) -> None:
+    """Once a bundle is in memory a download (whole or a range) looks up the model row only:
+    its size comes from the cache, not from ``sum(length(data))`` over its chunks."""
+    efb = tmp_path / "face.efb"
+    package_model(MANIFEST, out=efb, name="face", version="1.0.0")
+    data = efb.read_bytes()
+    app = create_app(db=database, clock=Clock())
+    app.state.models = ModelHosting(
+        blobs=BlobStore(tmp_path / "blobs"),
+        max_bundle_bytes=10_000_000,
+        store=DatabaseBundleStore(database, chunk_bytes=CHUNK),
+    )
+    n = len(data)
+    ranges = {
+        "bytes=0-0": (0, 0),
+        "bytes=100-199": (100, 199),
+        f"bytes={n - 10}-{n + 50}": (n - 10, n - 1),
+        "bytes=-10": (n - 10, n - 1),
+        f"bytes={CHUNK - 1}-": (CHUNK - 1, n - 1),
+    }
+    with serving(app) as url, httpx.Client(base_url=url) as client:
+        auth = {"Authorization": f"Bearer {tokens['operator']}"}
+        created = client.post("/api/v1/models", content=data, headers=auth).json()
+        client.get(created["download_url"]).raise_for_status()  # fills the cache
+        sql = _Statements(database)
+        whole = client.get(created["download_url"])
+        parts = {
+            spec: client.get(created["download_url"], headers={"Range": spec}) for spec in ranges
+        }
+        assert sql.on_chunks == 0, "a cached bundle was looked up in bundle_chunks"
+        assert sql.count >= 1 + len(ranges)  # the model row, every time
+    assert whole.status_code == 200 and whole.content == data
+    assert whole.headers["content-length"] == str(n)
+    assert whole.headers["etag"] == f'"{created["sha256"]}"'
+    for spec, (first, last) in ranges.items():
+        part = parts[spec]
+        assert part.status_code == 206, spec
+        assert part.content == data[first : last + 1], spec
+        assert part.headers["content-range"] == f"bytes {first}-{last}/{n}", spec
+        assert part.headers["content-length"] == str(last - first + 1), spec
