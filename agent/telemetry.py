@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 
+from agent.tuning import name_os_threads
 from protocol import SCHEMA_VERSION, StreamTelemetry, Telemetry, encode_checked
 from protocol.limits import MAX_TEMP_C, MIN_TEMP_C
 
@@ -130,8 +131,10 @@ class TelemetryLoop:
             self._thread.join(2.0)
 
     def _run(self) -> None:
+        name_os_threads()  # the streams, the publisher and paho's thread are running by now
         last = time.monotonic()
         while not self._stop.wait(self._interval):
+            name_os_threads()  # threads started since (a reconnecting camera, a server)
             now = time.monotonic()
             try:
                 self.last = self._make(now - last)

@@ -6,8 +6,9 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+import threading
 
-__all__ = ["MALLOC_ARENAS", "limit_malloc_arenas", "tune_process"]
+__all__ = ["MALLOC_ARENAS", "limit_malloc_arenas", "name_os_threads", "tune_process"]
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +56,36 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     if not applied:
         log.debug("mallopt(M_ARENA_MAX, %d) was refused", arenas)
     return applied
+
+
+def name_os_threads() -> int:
+    """Give the OS threads of this process the names of their Python threads; returns how
+    many were renamed.
+
+    Linux knows them all as ``python3`` (Python < 3.14 does not name them): with their names
+    in ``/proc/self/task/TID/comm`` (15 bytes), ``top -H``, ``ps -L -o tid,comm,pcpu`` and
+    the CPU time in ``/proc/PID/task/TID/stat`` say which stream's inference, capture or the
+    publisher uses the CPU (bench/cameras.py splits a camera's cost this way). The main thread
+    keeps the process name. Cheap and idempotent: the daemon calls it at start and on every
+    telemetry interval, for threads started later (a reconnecting camera). No-op off Linux.
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    main = threading.main_thread()
+    renamed = 0
+    for thread in threading.enumerate():
+        tid = thread.native_id
+        if thread is main or tid is None:
+            continue
+        name = thread.name.encode("utf-8", "replace")[:15]
+        path = f"/proc/self/task/{tid}/comm"
+        try:
+            with open(path, "rb") as f:
+                if f.read().rstrip(b"\n") == name:
+                    continue
+            with open(path, "wb") as f:
+                f.write(name)
+        except OSError:  # the thread ended meanwhile, or /proc is not mounted
+            continue
+        renamed += 1
+    return renamed

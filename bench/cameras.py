@@ -2,7 +2,10 @@
 real daemon (``python -m agent.cli run``, its own process) and a real Mosquitto.
 
 For each row: CPU of the agent process per stream in % of one core (utime + stime from
-``/proc/PID/stat`` over the window), the agent's RSS (``VmRSS``) at the window's end, frames
+``/proc/PID/stat`` over the window), split by what the threads do (their names in
+``/proc/PID/task/TID/comm``, agent.tuning.name_os_threads): inference (``infer-*``),
+capture (``source-*``: decoding and preprocessing), publishing (``mqtt-publisher`` and
+paho's network thread) and the rest; the agent's RSS (``VmRSS``) at the window's end, frames
 dropped (the sources' ``frames_dropped`` from telemetry, summed) and the share of captured
 frames that were inferred; with and without motion gating (``[streams.motion]``), with and
 without cross-stream batching (``[batching] mode = "auto"``), on a static scene (one frame of
@@ -47,6 +50,9 @@ class Row:
     batching: bool
     agent: str
     cpu_per_stream: float
+    roles: dict[str, float]
+    """CPU per stream of each role (``ROLES``), % of one core; empty for an agent whose
+    threads carry no names (a baseline from before agent.tuning.name_os_threads)."""
     rss_mb: float
     dropped: int
     captured: int
@@ -93,6 +99,33 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
+ROLES = ("infer", "capture", "publish", "other")
+
+
+def _role(comm: str) -> str:
+    if comm.startswith("infer-"):
+        return "infer"
+    if comm.startswith("source-"):
+        return "capture"
+    if comm == "mqtt-publisher" or comm.startswith("paho-mqtt"):
+        return "publish"
+    return "other"
+
+
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of the process's threads by role (threads that ended are not counted)."""
+    out = dict.fromkeys(ROLES, 0.0)
+    task = Path(f"/proc/{pid}/task")
+    for tid in os.listdir(task):
+        try:
+            comm = (task / tid / "comm").read_text().strip()
+            fields = (task / tid / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[_role(comm)] += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return out
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -123,8 +156,9 @@ def measure(
     batching: bool,
     seconds: float,
     agent_root: Path = REPO,
-) -> tuple[float, float, int, int, float]:
-    """(CPU % of a core per stream, RSS MB, frames dropped, captured, inferred share)."""
+) -> tuple[float, dict[str, float], float, int, int, float]:
+    """(CPU % of a core per stream, the same by role, RSS MB, frames dropped, captured,
+    inferred share)."""
     folder = Path(tempfile.mkdtemp(dir=work))
     config = _config(folder, broker.port, video, streams, gating=gating, batching=batching)
     sub = Subscriber(broker.port, ["edgefleet/v1/bench/telemetry"], persistent=False)
@@ -141,9 +175,11 @@ def measure(
         time.sleep(3.0)  # model loads, batching measurement, first frames
         sub.wait_for(lambda ms: len(ms) >= 1, timeout=30)
         captured0, processed0, dropped0 = _totals(sub)
+        roles0 = _thread_cpu(proc.pid)
         cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
         time.sleep(seconds)
         cpu1, t1 = _cpu_seconds(proc.pid), time.monotonic()
+        roles1 = _thread_cpu(proc.pid)
         rss = _rss_mb(proc.pid)
         time.sleep(1.2)  # the telemetry that covers the window's end
         captured1, processed1, dropped1 = _totals(sub)
@@ -153,8 +189,12 @@ def measure(
         sub.close()
     captured = captured1 - captured0
     share = (processed1 - processed0) / captured if captured else 0.0
-    cpu = (cpu1 - cpu0) / (t1 - t0) * 100.0 / streams
-    return cpu, rss, dropped1 - dropped0, captured, share
+    per_stream = 100.0 / (t1 - t0) / streams
+    cpu = (cpu1 - cpu0) * per_stream
+    roles = {r: (roles1[r] - roles0[r]) * per_stream for r in ROLES}
+    if roles["infer"] == 0.0:  # unnamed threads: an agent from before the names
+        roles = {}
+    return cpu, roles, rss, dropped1 - dropped0, captured, share
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -168,7 +208,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                 for agent, root in agents.items():
                     plans = [(False, False)] if agent == "baseline" else _plans(streams)
                     for gating, batching in plans:
-                        cpu, rss, dropped, captured, share = measure(
+                        cpu, roles, rss, dropped, captured, share = measure(
                             broker,
                             work,
                             scenes[scene],
@@ -185,6 +225,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                             batching,
                             agent,
                             cpu,
+                            roles,
                             rss,
                             dropped,
                             captured,
@@ -202,7 +243,8 @@ def _plans(streams: int) -> list[tuple[bool, bool]]:
 
 HEADER = (
     f"{'scene':8} {'streams':>7} {'gating':>6} {'batch':>5} {'agent':>8} "
-    f"{'CPU %/stream':>12} {'RSS MB':>7} {'dropped':>7} {'captured':>8} {'inferred':>8}"
+    f"{'CPU %/stream':>12} {'(infer':>6} {'capt':>5} {'publ':>5} {'other)':>6} "
+    f"{'RSS MB':>7} {'dropped':>7} {'captured':>8} {'inferred':>8}"
 )
 
 
@@ -210,7 +252,12 @@ def _line(r: Row) -> str:
     return (
         f"{r.scene:8} {r.streams:7d} {'on' if r.gating else 'off':>6} "
         f"{'auto' if r.batching else 'off':>5} {r.agent:>8} {r.cpu_per_stream:12.2f} "
-        f"{r.rss_mb:7.1f} {r.dropped:7d} {r.captured:8d} {r.inferred_share:8.0%}"
+        + (
+            " ".join(f"{r.roles[k]:5.2f}" for k in ROLES)
+            if r.roles
+            else f"{'(threads not named)':>23}"
+        )
+        + f" {r.rss_mb:7.1f} {r.dropped:7d} {r.captured:8d} {r.inferred_share:8.0%}"
     )
 
 
