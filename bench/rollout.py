@@ -181,8 +181,10 @@ def run_rollout(args: argparse.Namespace, tmp: Path, db_url: str) -> dict[str, A
         broker.stop()
 
 
-def tick_scale(db_url: str, executions: int) -> tuple[float, float]:
-    """Seconds of one engine tick with ``executions`` in flight (and of the stage assignment)."""
+def tick_scale(db_url: str, executions: int) -> tuple[float, float, float, float]:
+    """Seconds of one engine tick with ``executions`` in flight, of the stage assignment, and
+    of a tick once every execution succeeded: one that re-derives them all (every
+    ``SUCCEEDED_EVERY_S``) and one between those."""
     db = Database.from_url(db_url)
     db.upgrade()
     now = time.time()
@@ -250,8 +252,38 @@ def tick_scale(db_url: str, executions: int) -> tuple[float, float]:
         times.append(time.perf_counter() - t0)
     with db.connect() as conn:
         assert status_counts(conn, [r.id])[r.id] == {"in_progress": executions}
+    done = [
+        Received(
+            topic="t",
+            device_id=d,
+            received_at=now + 1,
+            message=Reported(
+                schema=1,
+                device_id=d,
+                ts=now + 1,
+                desired_rev=1,
+                streams={"cam0": StreamReport(active="m@2", phase="idle", target="m@2")},
+            ),
+        )
+        for d in ids
+    ]
+    with db.begin() as conn:
+        for i in range(0, len(done), 5000):
+            write_messages(conn, done[i : i + 5000])
+    engine.tick()  # in_progress → succeeded
+    with db.connect() as conn:
+        assert status_counts(conn, [r.id])[r.id] == {"succeeded": executions}
+    full, between = [], []
+    for _ in range(3):
+        engine._succeeded_at.clear()  # as if the last full look were SUCCEEDED_EVERY_S ago
+        t0 = time.perf_counter()
+        engine.tick()
+        full.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        engine.tick()
+        between.append(time.perf_counter() - t0)
     db.dispose()
-    return min(times), assign
+    return min(times), assign, min(full), min(between)
 
 
 def main() -> int:
@@ -360,10 +392,13 @@ def main() -> int:
         print(f"  ratio {ingest[1]['rate'] / ingest[0]['rate']:.2f}x with {args.replicas} replicas")
     if scale:
         print(f"\nengine tick with every execution in progress ({db_name}):")
-        for n, tick, assign in scale:
+        for n, tick, assign, _, _ in scale:
             print(
                 f"  {n:>7} executions: tick {tick * 1000:7.0f} ms, stage assignment {assign * 1000:7.0f} ms"
             )
+        print("once every execution succeeded: a tick that re-reads them all / one between those")
+        for n, _, _, full, between in scale:
+            print(f"  {n:>7} executions: {full * 1000:7.0f} ms / {between * 1000:7.1f} ms")
     return 0
 
 

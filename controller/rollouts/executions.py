@@ -197,10 +197,19 @@ class Execution:
         return self.evidence
 
 
+IN_FLIGHT_WATCHED: tuple[str, ...] = tuple(s for s in WATCHED if s != "succeeded")
+"""The watched statuses of executions in flight (a tick that leaves the succeeded ones be)."""
+
+
 def executions_to_watch(
-    conn: Connection, rollout_id: int, faults: list[tuple[str, str, DeviceFault]] | None = None
+    conn: Connection,
+    rollout_id: int,
+    faults: list[tuple[str, str, DeviceFault]] | None = None,
+    *,
+    statuses: tuple[str, ...] = WATCHED,
 ) -> list[Execution]:
-    """Assigned executions still watched (queued, in progress, succeeded) with their reports.
+    """Assigned executions still watched (queued, in progress, succeeded; or ``statuses``, a
+    part of those) with their reports.
 
     A row whose stored or reported state has the wrong shape (only a database written by
     something else can hold one) is left out and, given ``faults``, added there as
@@ -229,7 +238,7 @@ def executions_to_watch(
         )
         .join(devices, devices.c.id == rd.c.device_id)
         .outerjoin(ds, and_(ds.c.device_id == rd.c.device_id, ds.c.name == rd.c.stream))
-        .where(rd.c.rollout_id == rollout_id, rd.c.status.in_(WATCHED))
+        .where(rd.c.rollout_id == rollout_id, rd.c.status.in_(statuses))
     )
     out = []
     for r in conn.execute(query):
