@@ -62,6 +62,20 @@ def _read(store: DatabaseBundleStore, sha: str, start: int, length: int) -> byte
     return b"".join(store.read(sha, start, length))
 
 
+def _app_with_a_bundle(database: Database, tmp_path: Path) -> tuple[Any, bytes]:
+    """The API on ``database`` storing bundles there (the default cache), and the bytes of
+    the shipped INT8 model's bundle to upload."""
+    efb = tmp_path / "face.efb"
+    package_model(MANIFEST, out=efb, name="face", version="1.0.0")
+    app = create_app(db=database, clock=Clock())
+    app.state.models = ModelHosting(
+        blobs=BlobStore(tmp_path / "blobs"),
+        max_bundle_bytes=10_000_000,
+        store=DatabaseBundleStore(database, chunk_bytes=CHUNK),
+    )
+    return app, efb.read_bytes()
+
+
 def test_a_bundle_is_read_from_the_database_once_then_from_memory(
     database: Database, tmp_path: Path
 ) -> None:
@@ -138,15 +152,7 @@ def test_the_least_recently_used_bundle_leaves_first_and_a_deleted_one_at_once(
 def test_downloads_over_http_read_the_database_once(
     database: Database, tokens: dict[str, str], tmp_path: Path
 ) -> None:
-    efb = tmp_path / "face.efb"
-    package_model(MANIFEST, out=efb, name="face", version="1.0.0")
-    data = efb.read_bytes()
-    app = create_app(db=database, clock=Clock())
-    app.state.models = ModelHosting(
-        blobs=BlobStore(tmp_path / "blobs"),
-        max_bundle_bytes=10_000_000,
-        store=DatabaseBundleStore(database, chunk_bytes=CHUNK),  # the default cache
-    )
+    app, data = _app_with_a_bundle(database, tmp_path)
     with serving(app) as url, httpx.Client(base_url=url) as client:
         auth = {"Authorization": f"Bearer {tokens['operator']}"}
         created = client.post("/api/v1/models", content=data, headers=auth).json()
@@ -171,15 +177,7 @@ def test_a_cached_bundle_is_answered_without_touching_its_rows(
 ) -> None:
     """Once a bundle is in memory a download (whole or a range) looks up the model row only:
     its size comes from the cache, not from ``sum(length(data))`` over its chunks."""
-    efb = tmp_path / "face.efb"
-    package_model(MANIFEST, out=efb, name="face", version="1.0.0")
-    data = efb.read_bytes()
-    app = create_app(db=database, clock=Clock())
-    app.state.models = ModelHosting(
-        blobs=BlobStore(tmp_path / "blobs"),
-        max_bundle_bytes=10_000_000,
-        store=DatabaseBundleStore(database, chunk_bytes=CHUNK),
-    )
+    app, data = _app_with_a_bundle(database, tmp_path)
     n = len(data)
     ranges = {
         "bytes=0-0": (0, 0),
