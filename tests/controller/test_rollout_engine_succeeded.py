@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from controller.rollouts import engine as engine_module
 from controller.rollouts import executions
 from controller.rollouts.engine import SUCCEEDED_EVERY_S
 from controller.rollouts.records import WATCHED
@@ -29,7 +28,7 @@ class _Watch:
             self.calls.append((tuple(kwargs.get("statuses", WATCHED)), len(out)))
             return out
 
-        monkeypatch.setattr(engine_module.executions, "executions_to_watch", watched)
+        monkeypatch.setattr(executions, "executions_to_watch", watched)  # the engine calls it so
 
     def last(self) -> tuple[tuple[str, ...], int]:
         return self.calls[-1]
