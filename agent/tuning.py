@@ -7,6 +7,7 @@ import ctypes.util
 import logging
 import sys
 import threading
+from collections.abc import Iterable
 
 __all__ = ["MALLOC_ARENAS", "limit_malloc_arenas", "name_os_threads", "tune_process"]
 
@@ -58,9 +59,9 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     return applied
 
 
-def name_os_threads() -> int:
-    """Give the OS threads of this process the names of their Python threads; returns how
-    many were renamed.
+def name_os_threads(threads: Iterable[threading.Thread] | None = None) -> int:
+    """Give the OS threads of this process (or of ``threads``) the names of their Python
+    threads; returns how many were renamed.
 
     Linux knows them all as ``python3`` (Python < 3.14 does not name them): with their names
     in ``/proc/self/task/TID/comm`` (15 bytes), ``top -H``, ``ps -L -o tid,comm,pcpu`` and
@@ -73,7 +74,7 @@ def name_os_threads() -> int:
         return 0
     main = threading.main_thread()
     renamed = 0
-    for thread in threading.enumerate():
+    for thread in threading.enumerate() if threads is None else threads:
         tid = thread.native_id
         if thread is main or tid is None:
             continue
