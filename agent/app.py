@@ -348,7 +348,6 @@ class AgentApp:
             spool=spool,
             will_payload=self._status("offline", streams=False),
             tls_resolver=self._loaded.resolve,
-            reconnect_max_s=cfg.broker.reconnect_max_s,
             on_connection_change=self._connection_changed,
         )
         self._publisher.start()

@@ -334,8 +334,6 @@ def download_bundle(
             ),
         )
     whole = store.cached(row.sha256)  # in memory: one body, no threadpool hop per block
-    if whole is not None and len(whole) != size:
-        whole = None
     if range_header is not None and (if_range is None or if_range.strip() == etag):
         span = _parse_range(range_header, size)
         if span is None:

@@ -53,14 +53,11 @@ class DatabaseBundleStore:
         return f"the database {self.database.url} (table bundle_chunks)"
 
     def stored_size(self, sha256: str) -> int | None:
-        cached = self._cached(sha256)
+        cached = self.cached(sha256)
         if cached is not None:  # the rows are deleted only with the model, checked before
             return len(cached)
         with self.database.connect() as conn:
             return _stored_size(conn, sha256)
-
-    def cached(self, sha256: str) -> bytes | None:
-        return self._cached(sha256)
 
     def put(self, src: Path, sha256: str, size: int, conn: Connection | None = None) -> None:
         """Insert ``src`` in chunks through ``conn`` (the caller's transaction) or a new one."""
@@ -87,7 +84,7 @@ class DatabaseBundleStore:
 
     def read(self, sha256: str, start: int, length: int) -> Iterator[bytes]:
         end = start + length  # exclusive
-        cached = self._cached(sha256)
+        cached = self.cached(sha256)
         if cached is not None:
             return iter([cached[start:end]])
         with self.database.connect() as conn:
@@ -100,7 +97,7 @@ class DatabaseBundleStore:
             with self._loading_lock:
                 loading = self._loading.setdefault(sha256, threading.Lock())
             with loading:  # the devices of a stage arrive together: one of them reads the rows
-                whole = self._cached(sha256)
+                whole = self.cached(sha256)
                 if whole is None:
                     whole = b"".join(self._blocks(sha256, every, 0, total))
                     self._keep(sha256, whole)
@@ -110,7 +107,7 @@ class DatabaseBundleStore:
         wanted = [(p, n) for p, n in every if p < end and p + n > start]
         return self._blocks(sha256, wanted, start, end)
 
-    def _cached(self, sha256: str) -> bytes | None:
+    def cached(self, sha256: str) -> bytes | None:
         with self._cache_lock:
             data = self._cache.get(sha256)
             if data is not None:

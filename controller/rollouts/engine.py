@@ -47,7 +47,13 @@ from controller.rollouts.health import (
     telemetry_queries,
 )
 from controller.rollouts.locks import lock_rollout
-from controller.rollouts.records import FAILURES, FINISHED, WATCHED, RolloutInfo
+from controller.rollouts.records import (
+    FAILURES,
+    FINISHED,
+    IN_FLIGHT_WATCHED,
+    WATCHED,
+    RolloutInfo,
+)
 from protocol.messages import FAILED_PHASES
 
 __all__ = [
@@ -206,7 +212,7 @@ class RolloutEngine:
     ) -> None:
         changes = []
         broken: list[tuple[str, str, DeviceFault]] = []
-        watched = WATCHED if with_succeeded else executions.IN_FLIGHT_WATCHED
+        watched = WATCHED if with_succeeded else IN_FLIGHT_WATCHED
         for e in executions.executions_to_watch(conn, r.id, broken, statuses=watched):
             status, phase, reason = next_status(e, r.model, now=now, timeout_s=r.timeout_s)
             evidence = e.evidence_for(r.model)

@@ -197,10 +197,6 @@ class Execution:
         return self.evidence
 
 
-IN_FLIGHT_WATCHED: tuple[str, ...] = tuple(s for s in WATCHED if s != "succeeded")
-"""The watched statuses of executions in flight (a tick that leaves the succeeded ones be)."""
-
-
 def executions_to_watch(
     conn: Connection,
     rollout_id: int,

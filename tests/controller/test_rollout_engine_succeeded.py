@@ -11,7 +11,7 @@ import pytest
 
 from controller.rollouts import executions
 from controller.rollouts.engine import SUCCEEDED_EVERY_S
-from controller.rollouts.records import WATCHED
+from controller.rollouts.records import IN_FLIGHT_WATCHED, WATCHED
 from tests.controller.rollout_engine_support import ids
 from tests.controller.rollout_fleet import BASELINE, Fleet
 
@@ -56,9 +56,9 @@ def test_succeeded_executions_are_reread_every_10_s_and_a_later_failure_is_count
     fleet.act()
     fleet.tick(1)
     assert list(fleet.statuses(r.id).values()).count("succeeded") == 6
-    assert watch.last() == (executions.IN_FLIGHT_WATCHED, 5)  # stage 2's, not the canary
+    assert watch.last() == (IN_FLIGHT_WATCHED, 5)  # stage 2's, not the canary
     fleet.tick(1)
-    assert watch.last() == (executions.IN_FLIGHT_WATCHED, 0)  # nothing in flight to read
+    assert watch.last() == (IN_FLIGHT_WATCHED, 0)  # nothing in flight to read
     _take_back(fleet, "dev-03", "m@2")
     fleet.tick(1)
     assert fleet.statuses(r.id)["dev-03/cam0"] == "succeeded"  # not re-read yet
@@ -69,7 +69,7 @@ def test_succeeded_executions_are_reread_every_10_s_and_a_later_failure_is_count
     before = len(watch.calls)
     for _ in range(int(SUCCEEDED_EVERY_S) - 1):  # a second apart: the succeeded stay unread
         fleet.tick(1)
-    assert [c[0] for c in watch.calls[before:]] == [executions.IN_FLIGHT_WATCHED] * 9
+    assert [c[0] for c in watch.calls[before:]] == [IN_FLIGHT_WATCHED] * 9
 
 
 def test_a_success_taken_back_during_the_bake_stops_the_stage_from_advancing(
@@ -86,7 +86,7 @@ def test_a_success_taken_back_during_the_bake_stops_the_stage_from_advancing(
     fleet.tick(1)  # the canary succeeded: its stage is done, the 5 s bake starts
     assert fleet.statuses(r.id)["dev-00/cam0"] == "succeeded"
     fleet.tick(1)
-    assert watch.last()[0] == executions.IN_FLIGHT_WATCHED
+    assert watch.last()[0] == IN_FLIGHT_WATCHED
     _take_back(fleet, "dev-00", "m@2")
     fleet.tick(4)  # the bake is over, 6 s after the last full look: inside the 10 s beat
     assert watch.last()[0] == WATCHED
