@@ -94,9 +94,10 @@ def _config(
     return path
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+def _cpu_seconds(stat: Path) -> float:
+    """utime + stime of a ``/proc/.../stat`` file (a process's or one of its threads')."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 ROLES = ("infer", "capture", "publish", "other")
@@ -118,11 +119,11 @@ def _thread_cpu(pid: int) -> dict[str, float]:
     task = Path(f"/proc/{pid}/task")
     for tid in os.listdir(task):
         try:
-            comm = (task / tid / "comm").read_text().strip()
-            fields = (task / tid / "stat").read_text().rsplit(")", 1)[1].split()
+            out[_role((task / tid / "comm").read_text().strip())] += _cpu_seconds(
+                task / tid / "stat"
+            )
         except OSError:
             continue
-        out[_role(comm)] += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     return out
 
 
@@ -176,9 +177,9 @@ def measure(
         sub.wait_for(lambda ms: len(ms) >= 1, timeout=30)
         captured0, processed0, dropped0 = _totals(sub)
         roles0 = _thread_cpu(proc.pid)
-        cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
+        cpu0, t0 = _cpu_seconds(Path(f"/proc/{proc.pid}/stat")), time.monotonic()
         time.sleep(seconds)
-        cpu1, t1 = _cpu_seconds(proc.pid), time.monotonic()
+        cpu1, t1 = _cpu_seconds(Path(f"/proc/{proc.pid}/stat")), time.monotonic()
         roles1 = _thread_cpu(proc.pid)
         rss = _rss_mb(proc.pid)
         time.sleep(1.2)  # the telemetry that covers the window's end

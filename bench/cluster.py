@@ -21,7 +21,9 @@ from sqlalchemy import text
 
 from controller.broker import EmbeddedBroker
 from controller.db.session import Database
+from controller.fleet.tokens import create_token
 from tests.broker import free_port
+from tests.bundle_factory import blazeface_files, blazeface_manifest, build_bundle
 from tools.simulator.load import publish_load, telemetry_payloads
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +40,27 @@ def mem_kib(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0
+
+
+def operator_token(db_url: str) -> str:
+    """A new operator API token in the database at ``db_url``."""
+    db = Database.from_url(db_url)
+    try:
+        with db.begin() as conn:
+            _, token = create_token(conn, name="bench", role="operator", now=time.time())
+    finally:
+        db.dispose()
+    return token
+
+
+def face_bundle(folder: Path) -> Path:
+    """The shipped INT8 BlazeFace as an unsigned bundle ``face@2.0.0`` (about 120 KiB)."""
+    return build_bundle(
+        folder / "face.efb",
+        blazeface_manifest(name="face", version="2.0.0"),
+        blazeface_files(),
+        key=None,
+    )
 
 
 def wait(condition: Callable[[], bool], timeout: float, what: str) -> None:

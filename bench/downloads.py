@@ -22,19 +22,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from bench.cluster import REPO, Cluster, cpu_s
+from bench.cluster import REPO, Cluster, cpu_s, face_bundle, operator_token
 from bench.postgres import fresh_schema
 from controller.broker import EmbeddedBroker
-from controller.db.session import Database
-from controller.fleet.tokens import create_token
-from tests.bundle_factory import blazeface_files, blazeface_manifest, build_bundle
 
 
 @dataclass
@@ -55,24 +51,14 @@ class Target:
 def _start(name: str, root: Path, tmp: Path, db_url: str, broker: EmbeddedBroker) -> Target:
     cluster = Cluster(tmp, db_url, broker, 1, repo=root)
     cluster.start()
-    db = Database.from_url(db_url)
-    try:
-        with db.begin() as conn:
-            _, token = create_token(conn, name="bench", role="operator", now=time.time())
-    finally:
-        db.dispose()
     base = f"http://127.0.0.1:{cluster.ports[0]}"
-    http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60)
-    efb = build_bundle(
-        tmp / "face.efb",
-        blazeface_manifest(name="face", version="2.0.0"),
-        blazeface_files(),
-        key=None,
-    )
-    answer = http.post("/api/v1/models", content=efb.read_bytes())
-    if answer.status_code == 409:  # a second target on the same database
-        answer = http.get("/api/v1/models/face/2.0.0")
-    answer.raise_for_status()
+    auth = {"Authorization": f"Bearer {operator_token(db_url)}"}
+    efb = face_bundle(tmp)
+    with httpx.Client(base_url=base, headers=auth, timeout=60) as http:
+        answer = http.post("/api/v1/models", content=efb.read_bytes())
+        if answer.status_code == 409:  # a second target on the same database
+            answer = http.get("/api/v1/models/face/2.0.0")
+        answer.raise_for_status()
     url = str(answer.json()["download_url"])
     device = httpx.Client(base_url=base, timeout=60)  # devices send no token
     return Target(name, cluster, device, url, efb.stat().st_size)

@@ -43,19 +43,17 @@ from typing import Any
 import httpx
 from sqlalchemy import text
 
-from bench.cluster import Cluster, database_bytes, ingest_rate
+from bench.cluster import Cluster, database_bytes, face_bundle, ingest_rate, operator_token
 from bench.postgres import fresh_schema
 from controller.broker import EmbeddedBroker
 from controller.db.session import Database
 from controller.fleet.registry import add_model
-from controller.fleet.tokens import create_token
 from controller.fleet.writes import Received, write_messages
 from controller.rollouts import commands
 from controller.rollouts.engine import RolloutEngine
 from controller.rollouts.records import status_counts
 from controller.rollouts.spec import format_duration, parse_duration
 from protocol import Reported, Status, StreamReport, StreamStatus
-from tests.bundle_factory import blazeface_files, blazeface_manifest, build_bundle
 from tools.simulator.fleet import SimulatedFleet
 from tools.simulator.gate import evidence
 from tools.simulator.ota import OtaBehaviour
@@ -83,19 +81,12 @@ def run_rollout(args: argparse.Namespace, tmp: Path, db_url: str) -> dict[str, A
     stop_telemetry = threading.Event()
     try:
         cluster.start()
+        token = operator_token(db_url)
         db = Database.from_url(db_url)
-        with db.begin() as conn:
-            _, token = create_token(conn, name="bench", role="operator", now=time.time())
         http = httpx.Client(
             base_url=cluster.url, headers={"Authorization": f"Bearer {token}"}, timeout=60
         )
-        efb = build_bundle(
-            tmp / "face.efb",
-            blazeface_manifest(name="face", version="2.0.0"),
-            blazeface_files(),
-            key=None,
-        )
-        http.post("/api/v1/models", content=efb.read_bytes()).raise_for_status()
+        http.post("/api/v1/models", content=face_bundle(tmp).read_bytes()).raise_for_status()
 
         ids = [f"sim-{i:05d}" for i in range(args.devices)]
         fleet = SimulatedFleet(
@@ -181,6 +172,26 @@ def run_rollout(args: argparse.Namespace, tmp: Path, db_url: str) -> dict[str, A
         broker.stop()
 
 
+def _report_all(
+    db: Database, ids: list[str], at: float, stream: Callable[[], StreamReport]
+) -> None:
+    """Every device of ``ids`` reports its stream ``cam0`` as ``stream()`` (desired rev 1)."""
+    reports = [
+        Received(
+            topic="t",
+            device_id=d,
+            received_at=at,
+            message=Reported(
+                schema=1, device_id=d, ts=at, desired_rev=1, streams={"cam0": stream()}
+            ),
+        )
+        for d in ids
+    ]
+    with db.begin() as conn:
+        for i in range(0, len(reports), 5000):
+            write_messages(conn, reports[i : i + 5000])
+
+
 def tick_scale(db_url: str, executions: int) -> tuple[float, float, float, float]:
     """Seconds of one engine tick with ``executions`` in flight, of the stage assignment, and
     of a tick once every execution succeeded: one that re-derives them all (every
@@ -222,28 +233,14 @@ def tick_scale(db_url: str, executions: int) -> tuple[float, float, float, float
     engine.tick()
     assign = time.perf_counter() - t0
     rng = random.Random(0)
-    reports = [
-        Received(
-            topic="t",
-            device_id=d,
-            received_at=now,
-            message=Reported(
-                schema=1,
-                device_id=d,
-                ts=now,
-                desired_rev=1,
-                streams={
-                    "cam0": StreamReport(
-                        active="base@1", phase="shadow", target="m@2", gate=evidence("shadow", rng)
-                    )
-                },
-            ),
-        )
-        for d in ids
-    ]
-    with db.begin() as conn:
-        for i in range(0, len(reports), 5000):
-            write_messages(conn, reports[i : i + 5000])
+    _report_all(
+        db,
+        ids,
+        now,
+        lambda: StreamReport(
+            active="base@1", phase="shadow", target="m@2", gate=evidence("shadow", rng)
+        ),
+    )
     engine.tick()  # queued → in_progress: every row written once
     times = []
     for _ in range(3):
@@ -252,24 +249,7 @@ def tick_scale(db_url: str, executions: int) -> tuple[float, float, float, float
         times.append(time.perf_counter() - t0)
     with db.connect() as conn:
         assert status_counts(conn, [r.id])[r.id] == {"in_progress": executions}
-    done = [
-        Received(
-            topic="t",
-            device_id=d,
-            received_at=now + 1,
-            message=Reported(
-                schema=1,
-                device_id=d,
-                ts=now + 1,
-                desired_rev=1,
-                streams={"cam0": StreamReport(active="m@2", phase="idle", target="m@2")},
-            ),
-        )
-        for d in ids
-    ]
-    with db.begin() as conn:
-        for i in range(0, len(done), 5000):
-            write_messages(conn, done[i : i + 5000])
+    _report_all(db, ids, now + 1, lambda: StreamReport(active="m@2", phase="idle", target="m@2"))
     engine.tick()  # in_progress → succeeded
     with db.connect() as conn:
         assert status_counts(conn, [r.id])[r.id] == {"succeeded": executions}
