@@ -38,6 +38,7 @@ from agent.sequence import SequenceCounter
 from agent.snapshots import snapshot_worker
 from agent.sources import FrameSource
 from agent.spool.queue import Spool
+from agent.status import StatusMessages
 from agent.stream import StreamHandle
 from agent.telemetry import TelemetryLoop, build_telemetry, sample_system
 from agent.tuning import tune_process as tune_process  # noqa: PLC0414 - benches import it here
@@ -48,7 +49,6 @@ from protocol import (
     SCHEMA_VERSION,
     Event,
     EventLevel,
-    Status,
     Telemetry,
     desired_topic,
     encode_checked,
@@ -88,8 +88,8 @@ class AgentApp:
         self._loaded = loaded
         self._config = loaded.config
         self._clock = clock
-        self._started_at = clock()
         self._facts = collect_facts()
+        self._statuses = StatusMessages(self._config.device_id, clock, self._facts)
         self._stop = stop if stop is not None else threading.Event()
         self._status_lock = threading.Lock()
         self.state_dir = loaded.resolve(self._config.state_dir)
@@ -119,22 +119,10 @@ class AgentApp:
 
     # --- messages ------------------------------------------------------------------------
 
-    def _status(self, state: DeviceState, *, streams: bool = True) -> bytes:
-        """``streams=False`` for the last will, fixed at connect time: it claims nothing about
-        the streams (the retained ``reported`` state keeps their models)."""
-        return encode_checked(
-            Status(
-                schema=SCHEMA_VERSION,
-                device_id=self._config.device_id,
-                state=state,
-                ts=self._clock(),
-                agent_version=__version__,
-                started_at=self._started_at,
-                streams=[h.status() for h in self.streams] if streams else [],
-                facts=self._facts,
-            ),
-            fit=True,
-        )
+    def _status(self, state: DeviceState) -> bytes:
+        connection = self._publisher.connections if self._publisher else 0
+        streams = [h.status() for h in self.streams]
+        return self._statuses.status(state, streams, connection=connection)
 
     def _event(self, code: str, level: EventLevel, message: str, stream: str | None) -> None:
         if self._publisher is None:
@@ -346,7 +334,7 @@ class AgentApp:
             device_id=cfg.device_id,
             broker=cfg.broker,
             spool=spool,
-            will_payload=self._status("offline", streams=False),
+            will_payload=self._statuses.will,
             tls_resolver=self._loaded.resolve,
             on_connection_change=self._connection_changed,
         )

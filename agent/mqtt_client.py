@@ -146,7 +146,7 @@ class MqttConnection:
         *,
         broker: BrokerConfig,
         client_id: str,
-        will: Will | None = None,
+        will: Will | Callable[[int], Will] | None = None,
         tls_resolver: Callable[[str], Path] | None = None,
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
         reconnect_min_s: float = 1.0,
@@ -176,6 +176,10 @@ class MqttConnection:
         self._stopping = False
         self._started = False
         self._last_refusal: str | None = None
+        self._will = will
+        self.connections = 0
+        """Connections made so far (the one up now, or the last one, is number
+        ``connections``)."""
 
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -191,13 +195,12 @@ class MqttConnection:
             client.username_pw_set(broker.username, broker.password)
         if self._address.tls:
             client.tls_set_context(build_tls_context(broker, tls_resolver))
-        if will is not None:
-            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_connect_fail = self._handle_connect_fail
         client.on_publish = self._handle_publish
         self._client = client
+        self._set_will()
         self._set_next_delay(reconnect_min_s)
 
     # --- properties -----------------------------------------------------------------------
@@ -347,6 +350,7 @@ class MqttConnection:
         self._backoff.reset()
         previous = self._state
         self._state = "connected"
+        self.connections += 1
         self._connected = True
         log.info(
             "%s MQTT broker %s (session present: %s)",
@@ -390,11 +394,21 @@ class MqttConnection:
                     self._address,
                     reason,
                 )
+        if was_connected:
+            self._set_will()  # for the next connection, before paho reconnects
         if was_connected and self._on_disconnected is not None:
             try:
                 self._on_disconnected()
             except Exception:
                 log.exception("on_disconnected hook failed")
+
+    def _set_will(self) -> None:
+        """The last will of the next connection (a factory is given its number)."""
+        will = self._will
+        if callable(will):
+            will = will(self.connections + 1)
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
 
     def _handle_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
         delay = self._backoff.next()

@@ -121,7 +121,7 @@ class Publisher:
         device_id: str,
         broker: BrokerConfig,
         spool: Spool,
-        will_payload: bytes,
+        will_payload: bytes | Callable[[int], bytes],
         client_id: str | None = None,
         tls_resolver: Callable[[str], Path] | None = None,
         max_inflight: int = 100,
@@ -147,8 +147,9 @@ class Publisher:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         self._device_id = validate_device_id(device_id)
         self._refused = RefusedLog(f"device {device_id}")
-        self._check("status", will_payload)
         self._status_topic = status_topic(device_id)
+        self._will_payload = will_payload
+        self._check("status", self._will_bytes(1))
         self._reported_topic = reported_topic(device_id)
         self._events_topic = events_topic(device_id)
         self._spool = spool
@@ -159,7 +160,7 @@ class Publisher:
         self._conn = MqttConnection(
             broker=broker,
             client_id=client_id or broker.client_id or f"edgefleet-agent-{device_id}",
-            will=Will(topic=self._status_topic, payload=will_payload, qos=1, retain=True),
+            will=self._will,
             tls_resolver=tls_resolver,
             session_expiry_s=session_expiry_s,
             reconnect_min_s=reconnect_min_s,
@@ -181,6 +182,19 @@ class Publisher:
     @property
     def connected(self) -> bool:
         return self._out.connected
+
+    @property
+    def connections(self) -> int:
+        """Connections made so far: the one up now (or the last one) is this number."""
+        return self._conn.connections
+
+    def _will_bytes(self, connection: int) -> bytes:
+        payload = self._will_payload
+        return payload(connection) if callable(payload) else payload
+
+    def _will(self, connection: int) -> Will:
+        """The retained last will of connection number ``connection``."""
+        return Will(self._status_topic, self._will_bytes(connection), qos=1, retain=True)
 
     @property
     def connection_changed_at(self) -> float:

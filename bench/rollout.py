@@ -71,11 +71,21 @@ def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def run_rollout(args: argparse.Namespace, tmp: Path, db_url: str) -> dict[str, Any]:
+def run_rollout(
+    args: argparse.Namespace, tmp: Path, db_url: str, repo: Path = REPO
+) -> dict[str, Any]:
+    """One rollout through the controllers of checkout ``repo`` (this one by default)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     broker = EmbeddedBroker(workdir=tmp / "broker", port=0)
     broker.start()
     cluster = Cluster(
-        tmp, db_url, broker, args.replicas, tick_s=args.tick, bundle_cache_bytes=args.bundle_cache
+        tmp,
+        db_url,
+        broker,
+        args.replicas,
+        tick_s=args.tick,
+        bundle_cache_bytes=args.bundle_cache,
+        repo=repo,
     )
     fleet: SimulatedFleet | None = None
     stop_telemetry = threading.Event()
@@ -192,10 +202,11 @@ def _report_all(
             write_messages(conn, reports[i : i + 5000])
 
 
-def tick_scale(db_url: str, executions: int) -> tuple[float, float, float, float]:
-    """Seconds of one engine tick with ``executions`` in flight, of the stage assignment, and
-    of a tick once every execution succeeded: one that re-derives them all (every
-    ``SUCCEEDED_EVERY_S``) and one between those."""
+def tick_scale(db_url: str, executions: int) -> dict[str, float]:
+    """Seconds of engine ticks of one rollout with ``executions``: the stage assignment; with
+    every one in progress, a tick that re-derives them all (a new leader, or every
+    ``SUCCEEDED_EVERY_S``), one after a tenth of the devices reported, one after none did;
+    once every execution succeeded, a tick that re-derives them all and one between."""
     db = Database.from_url(db_url)
     db.upgrade()
     now = time.time()
@@ -231,31 +242,39 @@ def tick_scale(db_url: str, executions: int) -> tuple[float, float, float, float
     engine = RolloutEngine(db, base_url=lambda: "http://bench", clock=time.time)
     t0 = time.perf_counter()
     engine.tick()
-    assign = time.perf_counter() - t0
+    out = {"assign": time.perf_counter() - t0}
     rng = random.Random(0)
-    _report_all(
-        db,
-        ids,
-        now,
-        lambda: StreamReport(
-            active="base@1", phase="shadow", target="m@2", gate=evidence("shadow", rng)
-        ),
-    )
+
+    def shadow() -> StreamReport:
+        gate = evidence("shadow", rng)
+        return StreamReport(active="base@1", phase="shadow", target="m@2", gate=gate)
+
+    _report_all(db, ids, now, shadow)
     engine.tick()  # queued → in_progress: every row written once
-    times = []
-    for _ in range(3):
+    full, tenth, quiet = [], [], []
+    for round_ in range(3):
+        engine._succeeded_at.clear()  # as if the last full look were SUCCEEDED_EVERY_S ago
         t0 = time.perf_counter()
         engine.tick()
-        times.append(time.perf_counter() - t0)
+        full.append(time.perf_counter() - t0)
+        _report_all(db, ids[round_::10], now + round_, shadow)
+        t0 = time.perf_counter()
+        report = engine.tick()
+        tenth.append(time.perf_counter() - t0)
+        assert report.rederived == len(ids[round_::10]), report
+        t0 = time.perf_counter()
+        engine.tick()
+        quiet.append(time.perf_counter() - t0)
     with db.connect() as conn:
         assert status_counts(conn, [r.id])[r.id] == {"in_progress": executions}
-    _report_all(db, ids, now + 1, lambda: StreamReport(active="m@2", phase="idle", target="m@2"))
+    out.update(in_flight_full=min(full), in_flight_tenth=min(tenth), in_flight_quiet=min(quiet))
+    _report_all(db, ids, now + 5, lambda: StreamReport(active="m@2", phase="idle", target="m@2"))
     engine.tick()  # in_progress → succeeded
     with db.connect() as conn:
         assert status_counts(conn, [r.id])[r.id] == {"succeeded": executions}
     full, between = [], []
     for _ in range(3):
-        engine._succeeded_at.clear()  # as if the last full look were SUCCEEDED_EVERY_S ago
+        engine._succeeded_at.clear()
         t0 = time.perf_counter()
         engine.tick()
         full.append(time.perf_counter() - t0)
@@ -263,7 +282,8 @@ def tick_scale(db_url: str, executions: int) -> tuple[float, float, float, float
         engine.tick()
         between.append(time.perf_counter() - t0)
     db.dispose()
-    return min(times), assign, min(full), min(between)
+    out.update(succeeded_full=min(full), succeeded_between=min(between))
+    return out
 
 
 def main() -> int:
@@ -311,6 +331,10 @@ def main() -> int:
     )
     parser.add_argument("--skip-rollout", action="store_true", help="only --scale / --ingest")
     parser.add_argument(
+        "--baseline",
+        help="a checkout whose controllers run the same rollout first (git archive of a commit)",
+    )
+    parser.add_argument(
         "--scale",
         default="",
         help="also time engine ticks at these execution counts, e.g. 1000,10000,50000",
@@ -332,6 +356,11 @@ def main() -> int:
             return f"sqlite:///{tmp / name}"
 
         try:
+            base = None
+            if args.baseline and not args.skip_rollout:
+                base = run_rollout(
+                    args, tmp / "baseline", url("baseline.db"), Path(args.baseline).resolve()
+                )
             res = None if args.skip_rollout else run_rollout(args, tmp, url("controller.db"))
             ingest = []
             if args.ingest:
@@ -349,16 +378,36 @@ def main() -> int:
                         )
                     )
             scale = [
-                (n, *tick_scale(url(f"scale-{n}.db"), n))
+                (n, tick_scale(url(f"scale-{n}.db"), n))
                 for n in (int(x) for x in args.scale.split(",") if x)
             ]
         finally:
             for drop in cleanups:
                 drop()
 
+    _print_results(args, base, res, ingest, scale)
+    return 0
+
+
+def _print_results(
+    args: argparse.Namespace,
+    base: dict[str, Any] | None,
+    res: dict[str, Any] | None,
+    ingest: list[dict[str, Any]],
+    scale: list[tuple[int, dict[str, float]]],
+) -> None:
     db_name = "PostgreSQL" if args.pg else "SQLite"
+    if base is not None:
+        print(f"\nbaseline ({args.baseline}):", end="")
+        _print_rollout(args, base, db_name)
     if res is not None:
         _print_rollout(args, res, db_name)
+    if base is not None and res is not None:
+        ratio = (res["wall_s"] - res["bake_total_s"]) / (base["wall_s"] - base["bake_total_s"])
+        print(
+            f"\nthis / baseline: {ratio:.2f} beyond the bake times, "
+            f"{sum(res['cpu_s']) / sum(base['cpu_s']):.2f} controllers' CPU"
+        )
     for r in ingest:
         print(
             f"\ningestion, {r['replicas']} controller(s): {r['messages']} telemetry messages "
@@ -371,15 +420,18 @@ def main() -> int:
     if len(ingest) == 2:
         print(f"  ratio {ingest[1]['rate'] / ingest[0]['rate']:.2f}x with {args.replicas} replicas")
     if scale:
-        print(f"\nengine tick with every execution in progress ({db_name}):")
-        for n, tick, assign, _, _ in scale:
+        print(f"\nengine ticks of one rollout ({db_name}), ms:")
+        print(
+            "  executions | assign | in progress: all re-derived / a tenth reported / none"
+            " | succeeded: all re-derived / between"
+        )
+        for n, t in scale:
+            ms = {k: v * 1000 for k, v in t.items()}
             print(
-                f"  {n:>7} executions: tick {tick * 1000:7.0f} ms, stage assignment {assign * 1000:7.0f} ms"
+                f"  {n:>10} | {ms['assign']:6.0f} | {ms['in_flight_full']:7.0f} / "
+                f"{ms['in_flight_tenth']:7.1f} / {ms['in_flight_quiet']:6.1f} | "
+                f"{ms['succeeded_full']:7.0f} / {ms['succeeded_between']:6.1f}"
             )
-        print("once every execution succeeded: a tick that re-reads them all / one between those")
-        for n, _, _, full, between in scale:
-            print(f"  {n:>7} executions: {full * 1000:7.0f} ms / {between * 1000:7.1f} ms")
-    return 0
 
 
 def _print_rollout(args: argparse.Namespace, res: dict[str, Any], db_name: str) -> None:

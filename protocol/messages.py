@@ -88,6 +88,26 @@ class StreamStatus(_Part, frozen=True, kw_only=True):
     """Why the source or model is not working, for a human."""
 
 
+STATUS_SEQ_BITS = 24
+"""``Status.seq`` = connection number << STATUS_SEQ_BITS | a running count within it."""
+_STATUS_SEQ_LAST = (1 << STATUS_SEQ_BITS) - 1
+_CONNECTIONS = (1 << (53 - STATUS_SEQ_BITS)) - 1
+"""Connection numbers saturate here: every ``seq`` stays within 2^53-1."""
+
+
+def status_seq(connection: int, count: int) -> int:
+    """The ``seq`` of a status built while ``connection`` (1, 2, … of the agent process; 0
+    before the first) is or was the last one: after every status of earlier connections
+    and its ``count`` (saturating) among them, before the will of ``connection``."""
+    return (min(connection, _CONNECTIONS) << STATUS_SEQ_BITS) | min(count, _STATUS_SEQ_LAST - 1)
+
+
+def will_seq(connection: int) -> int:
+    """The ``seq`` of the last will of ``connection``: after every status built while it
+    was the last connection, before any of the next one."""
+    return (min(connection, _CONNECTIONS) << STATUS_SEQ_BITS) | _STATUS_SEQ_LAST
+
+
 class Status(_Message, frozen=True, kw_only=True):
     """Retained availability of a device; the broker publishes ``offline`` as last will."""
 
@@ -97,6 +117,11 @@ class Status(_Message, frozen=True, kw_only=True):
     agent_version: AgentVersion
     started_at: Timestamp
     """When the agent process started (epoch s); uptime = ts - started_at."""
+    seq: Count | None = None
+    """The order of the agent process's statuses and last wills (``status_seq``,
+    ``will_seq``): of two with the same ``started_at``, the higher ``seq`` is the newer. The
+    will is built when the agent connects and carries that time as ``ts``, so ``ts`` cannot
+    order it. None: an agent from before ``seq``."""
     streams: Annotated[list[StreamStatus], Meta(max_length=MAX_STREAMS)] = msgspec.field(
         default_factory=list
     )

@@ -19,6 +19,8 @@ class TcpBalancer:
         self.port: int = self._sock.getsockname()[1]
         self._stopped = False
         self.connections = 0
+        self._live: list[tuple[socket.socket, socket.socket]] = []
+        self._lock = threading.Lock()
         threading.Thread(target=self._accept, name="balancer", daemon=True).start()
 
     @property
@@ -28,6 +30,17 @@ class TcpBalancer:
     def close(self) -> None:
         self._stopped = True
         self._sock.close()
+
+    def cut(self) -> int:
+        """Close every connection passing now, both sides, without a word: what a dropped
+        link does (an MQTT broker then publishes the client's last will). Returns how many."""
+        with self._lock:
+            live, self._live = self._live, []
+        for pair in live:
+            for s in pair:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+        return len(live)
 
     def _accept(self) -> None:
         while not self._stopped:
@@ -54,6 +67,8 @@ class TcpBalancer:
             return
         self.connections += 1
         backend.settimeout(None)
+        with self._lock:
+            self._live.append((client, backend))
         threading.Thread(target=_pipe, args=(backend, client), daemon=True).start()
         _pipe(client, backend)
 

@@ -76,6 +76,12 @@ class Device(Base):
     """From the latest telemetry message (like ``mem_percent`` and ``temp_c``)."""
     mem_percent: Mapped[float | None] = mapped_column(Double())
     temp_c: Mapped[float | None] = mapped_column(Double())
+    status_seq: Mapped[int | None] = mapped_column(BigInteger())
+    """``seq`` of the stored status (None: an agent from before it): a status of the same
+    process (``started_at``) with a lower one is older and not written."""
+    state_seq: Mapped[int] = mapped_column(BigInteger(), default=0, server_default="0")
+    """Counts the writes of the device's status and reported state (what rollouts are judged
+    on): the rollout engine re-derives an execution only when its device's count moved."""
 
     __table_args__ = (Index("ix_devices_online", "online"),)
 

@@ -47,13 +47,8 @@ from controller.rollouts.health import (
     telemetry_queries,
 )
 from controller.rollouts.locks import lock_rollout
-from controller.rollouts.records import (
-    FAILURES,
-    FINISHED,
-    IN_FLIGHT_WATCHED,
-    WATCHED,
-    RolloutInfo,
-)
+from controller.rollouts.records import FAILURES, FINISHED, RolloutInfo
+from controller.rollouts.watch import WatchedVersions
 from protocol.messages import FAILED_PHASES
 
 __all__ = [
@@ -87,6 +82,8 @@ class TickReport:
     assigned: int = 0
     """Executions given their desired state."""
     rolled_back: int = 0
+    rederived: int = 0
+    """Executions read and re-derived from their reports (``controller.rollouts.watch``)."""
     desired_written: int = 0
     """Devices whose desired state changed (the publisher has work)."""
     errors: int = 0
@@ -113,6 +110,7 @@ class RolloutEngine:
         self._health_at: dict[int, float] = {}
         self._succeeded_at: dict[int, float] = {}
         """When each rollout's succeeded executions were last re-derived (this process)."""
+        self._versions = WatchedVersions()
 
     def tick(self, now: float | None = None) -> TickReport:
         """One step of every live rollout (and pending rollbacks), one transaction each."""
@@ -132,6 +130,7 @@ class RolloutEngine:
             del self._health_at[rid]
         for rid in [r for r in self._succeeded_at if r not in ids]:
             del self._succeeded_at[rid]
+        self._versions.keep_only(ids)
         return report
 
     # --- one rollout --------------------------------------------------------------------
@@ -148,7 +147,7 @@ class RolloutEngine:
             self._roll_back(conn, r, now, report)
 
     def _live(self, conn: Connection, r: RolloutInfo, now: float, report: TickReport) -> None:
-        self._refresh(conn, r, now, with_succeeded=self._succeeded_due(r, now))
+        self._refresh(conn, r, now, report, with_succeeded=self._succeeded_due(r, now))
         counts = records.stage_counts(conn, r.id)
         why = abort_reason(r, counts) or self._health_check(conn, r, now, force=False)
         if why is not None:
@@ -208,15 +207,26 @@ class RolloutEngine:
         return False
 
     def _refresh(
-        self, conn: Connection, r: RolloutInfo, now: float, *, with_succeeded: bool = True
+        self,
+        conn: Connection,
+        r: RolloutInfo,
+        now: float,
+        report: TickReport,
+        *,
+        with_succeeded: bool = True,
     ) -> None:
+        """Re-derive the watched executions: every one ``with_succeeded``, else those in
+        flight whose reports or rows changed since this process last derived them, or whose
+        timeout came (``controller.rollouts.watch``)."""
         changes = []
         broken: list[tuple[str, str, DeviceFault]] = []
-        watched = WATCHED if with_succeeded else IN_FLIGHT_WATCHED
-        for e in executions.executions_to_watch(conn, r.id, broken, statuses=watched):
+        watched = self._versions.read(conn, r, now, broken, everything=with_succeeded)
+        report.rederived += len(watched)
+        for e in watched:
             status, phase, reason = next_status(e, r.model, now=now, timeout_s=r.timeout_s)
             evidence = e.evidence_for(r.model)
             if (status, phase, reason, evidence) == (e.status, e.phase, e.reason, e.evidence):
+                self._versions.derived(r.id, e, None)
                 continue
             finished = e.finished_at
             if status in FINISHED and (status != e.status or finished is None):
@@ -235,6 +245,7 @@ class RolloutEngine:
                     "now": now,
                 }
             )
+            self._versions.derived(r.id, e, changes[-1])
             if status != e.status and status in FAILURES:
                 log.warning(
                     "rollout %d: %s/%s %s (%s)", r.id, e.device_id, e.stream, status, reason

@@ -20,7 +20,17 @@ from controller.db.models import (
 )
 from controller.db.sql import chunks, from_row
 from controller.rollouts.faults import MALFORMED_STATE, DeviceFault
-from controller.rollouts.records import LIVE_STATES, WATCHED, RolloutDeviceInfo
+from controller.rollouts.records import (
+    IN_FLIGHT_WATCHED,
+    LIVE_STATES,
+    WATCHED,
+    RolloutDeviceInfo,
+)
+
+Version = tuple[int, str, int, float, float]
+"""What an execution's derived status depends on, besides the clock and the rollout: its
+device's ``state_seq`` (every status and reported-state write counts), and the execution
+row's status, rev, assignment time and last update (only the engine writes those)."""
 
 
 def _device(row: Any) -> RolloutDeviceInfo:
@@ -172,6 +182,15 @@ class Execution:
     """The health gate's evidence the device reports for ``report_target``."""
     evidence: dict[str, Any] | None = None
     """The evidence kept with the execution so far."""
+    state_seq: int = 0
+    """The device's ``state_seq`` when this was read."""
+    updated_at: float = 0.0
+    """When the execution row was last written."""
+
+    @property
+    def version(self) -> Version:
+        """The ``Version`` this was read at (as ``in_flight_versions`` gives it)."""
+        return (self.state_seq, self.status, self.rev, self.assigned_at, self.updated_at)
 
     def report_is_stale(self) -> bool:
         """The device still shows the failure it reported before it was assigned: the agent
@@ -203,15 +222,60 @@ def executions_to_watch(
     faults: list[tuple[str, str, DeviceFault]] | None = None,
     *,
     statuses: tuple[str, ...] = WATCHED,
+    devices_only: Sequence[str] | None = None,
 ) -> list[Execution]:
     """Assigned executions still watched (queued, in progress, succeeded; or ``statuses``, a
-    part of those) with their reports.
+    part of those) with their reports; given ``devices_only``, those of these devices only.
 
     A row whose stored or reported state has the wrong shape (only a database written by
     something else can hold one) is left out and, given ``faults``, added there as
     (device, stream, DeviceFault)."""
-    rd, ds = rollout_devices, device_streams
+    query = _watch_query(rollout_id, statuses)
+    if devices_only is None:
+        rows: Iterable[Any] = conn.execute(query)
+    else:
+        ids = sorted(set(devices_only))
+        rows = (
+            row
+            for chunk in chunks(ids)
+            for row in conn.execute(query.where(rollout_devices.c.device_id.in_(chunk)))
+        )
+    out = []
+    for r in rows:
+        try:
+            out.append(_execution(r))
+        except DeviceFault as fault:
+            if faults is not None:
+                faults.append((r.device_id, r.stream, fault))
+    return out
+
+
+def in_flight_versions(conn: Connection, rollout_id: int) -> dict[tuple[str, str], Version]:
+    """(device, stream) → ``Version`` of the rollout's executions in flight: one narrow read
+    (no reported state, no JSON) that tells the engine which ones changed since it looked."""
+    rd = rollout_devices
     query = (
+        select(
+            rd.c.device_id,
+            rd.c.stream,
+            devices.c.state_seq,
+            rd.c.status,
+            rd.c.rev,
+            rd.c.assigned_at,
+            rd.c.updated_at,
+        )
+        .join(devices, devices.c.id == rd.c.device_id)
+        .where(rd.c.rollout_id == rollout_id, rd.c.status.in_(IN_FLIGHT_WATCHED))
+    )
+    return {
+        (d, s): (int(seq), status, rev, assigned_at, updated_at)
+        for d, s, seq, status, rev, assigned_at, updated_at in conn.execute(query)
+    }
+
+
+def _watch_query(rollout_id: int, statuses: tuple[str, ...]) -> Any:
+    rd, ds = rollout_devices, device_streams
+    return (
         select(
             rd.c.device_id,
             rd.c.stream,
@@ -224,7 +288,9 @@ def executions_to_watch(
             rd.c.finished_at,
             rd.c.stale_outcome,
             rd.c.evidence,
+            rd.c.updated_at,
             devices.c.desired_rev,
+            devices.c.state_seq,
             ds.c.phase.label("r_phase"),
             ds.c.active_model,
             ds.c.target,
@@ -236,14 +302,6 @@ def executions_to_watch(
         .outerjoin(ds, and_(ds.c.device_id == rd.c.device_id, ds.c.name == rd.c.stream))
         .where(rd.c.rollout_id == rollout_id, rd.c.status.in_(statuses))
     )
-    out = []
-    for r in conn.execute(query):
-        try:
-            out.append(_execution(r))
-        except DeviceFault as fault:
-            if faults is not None:
-                faults.append((r.device_id, r.stream, fault))
-    return out
 
 
 _SHAPES: tuple[tuple[str, str, tuple[type, ...]], ...] = (
@@ -289,6 +347,8 @@ def _execution(r: Any) -> Execution:
         stale_outcome=dict(r.stale_outcome) if r.stale_outcome else None,
         report_gate=dict(r.r_gate) if r.r_gate else None,
         evidence=dict(r.evidence) if r.evidence else None,
+        state_seq=int(r.state_seq),
+        updated_at=float(r.updated_at),
     )
 
 
