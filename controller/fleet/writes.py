@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from sqlalchemy import Connection, bindparam, func, insert, update
+from sqlalchemy import Connection, bindparam, case, func, insert, update
 
 from controller.db.models import device_streams, devices, events
 from controller.db.sql import upsert
@@ -203,19 +203,39 @@ def _create_devices(conn: Connection, seen: dict[str, Seen], known: set[str] | N
         )
 
 
-def _create_and_lock_devices(conn: Connection, seen: dict[str, Seen]) -> None:
+def _create_and_lock_devices(
+    conn: Connection, seen: dict[str, Seen], summaries: dict[str, Telemetry]
+) -> None:
     """PostgreSQL, several replicas writing batches that name the same devices: create the
     new ones and row-lock the rest in ONE statement, in id order, so that the UPDATEs after
     it (each in its own order) cannot deadlock with another replica's batch. (A separate
     INSERT and SELECT ... FOR UPDATE still deadlocked: an INSERT waits on another
-    transaction's uncommitted row of the same id.)"""
+    transaction's uncommitted row of the same id.)
+
+    The row is written anyway, so the same statement also moves ``last_seen`` and
+    ``last_telemetry_at`` forward and sets the latest telemetry's summary (``summaries``):
+    two UPDATEs per device fewer than ``touch_devices`` and ``_DEVICE_SUMMARY`` would run."""
     if not seen:
         return
     stmt = upsert(conn, devices)
+    new = stmt.excluded
+
+    def summary(column: str) -> Any:  # a device without telemetry in the batch keeps its own
+        return case((new.mem_percent.is_(None), devices.c[column]), else_=new[column])
+
     conn.execute(
         stmt.on_conflict_do_update(
             index_elements=["id"],
-            set_={"first_seen": func.least(devices.c.first_seen, stmt.excluded.first_seen)},
+            set_={
+                "first_seen": func.least(devices.c.first_seen, new.first_seen),
+                "last_seen": func.greatest(devices.c.last_seen, new.last_seen),
+                "last_telemetry_at": func.greatest(
+                    devices.c.last_telemetry_at, new.last_telemetry_at
+                ),
+                "cpu_percent": summary("cpu_percent"),
+                "mem_percent": summary("mem_percent"),
+                "temp_c": summary("temp_c"),
+            },
         ),
         [
             {
@@ -225,6 +245,9 @@ def _create_and_lock_devices(conn: Connection, seen: dict[str, Seen]) -> None:
                 "last_telemetry_at": seen[d].telemetry,
                 "online": False,
                 "facts": {},
+                "cpu_percent": t.cpu_percent if (t := summaries.get(d)) else None,
+                "mem_percent": t.mem_percent if t else None,
+                "temp_c": t.temp_c if t else None,
             }
             for d in sorted(seen)
         ],
@@ -243,17 +266,21 @@ def touch_devices(conn: Connection, seen: dict[str, Seen]) -> None:
         )
 
 
-def _write_summaries(conn: Connection, summaries: dict[str, Telemetry]) -> None:
-    """The latest telemetry's summary on the device row and on the rows of the streams it
-    names. Only stream rows that exist are updated (status and reported states create them,
-    within ``MAX_STREAMS``): telemetry never adds streams. Two executemany UPDATEs."""
-    conn.execute(
-        _DEVICE_SUMMARY,
-        [
-            {"b_id": d, "b_cpu": t.cpu_percent, "b_mem": t.mem_percent, "b_temp": t.temp_c}
-            for d, t in summaries.items()
-        ],
-    )
+def _write_summaries(
+    conn: Connection, summaries: dict[str, Telemetry], *, devices_too: bool = True
+) -> None:
+    """The latest telemetry's summary on the device row (unless ``devices_too`` is False:
+    ``_create_and_lock_devices`` wrote it) and on the rows of the streams it names. Only
+    stream rows that exist are updated (status and reported states create them, within
+    ``MAX_STREAMS``): telemetry never adds streams. Executemany UPDATEs."""
+    if devices_too:
+        conn.execute(
+            _DEVICE_SUMMARY,
+            [
+                {"b_id": d, "b_cpu": t.cpu_percent, "b_mem": t.mem_percent, "b_temp": t.temp_c}
+                for d, t in summaries.items()
+            ],
+        )
     streams = [
         {
             "b_id": d,
@@ -283,12 +310,16 @@ def write_batch(
     at most about once a second under load (see ``Ingestor``), so a busy fleet does not
     cost one UPDATE per message.
     """
-    if conn.dialect.name == "postgresql":  # every device row this batch updates, touch too
-        _create_and_lock_devices(conn, {**(touch or {}), **batch.seen})
+    postgres = conn.dialect.name == "postgresql"
+    if postgres:  # every device row this batch updates, touch too; sets last_seen and summaries
+        seen = dict(touch or {})
+        for d, v in batch.seen.items():
+            seen[d] = seen[d].merge(v) if d in seen else v
+        _create_and_lock_devices(conn, seen, batch.summaries)
     else:
         _create_devices(conn, batch.seen, known)
-    if touch:
-        touch_devices(conn, touch)
+        if touch:
+            touch_devices(conn, touch)
     if batch.statuses:
         write_statuses(conn, batch.statuses)
     if batch.reports:
@@ -296,7 +327,7 @@ def write_batch(
     if batch.telemetry:
         conn.exec_driver_sql(_telemetry_sql(conn.dialect.name), batch.telemetry)
     if batch.summaries:
-        _write_summaries(conn, batch.summaries)
+        _write_summaries(conn, batch.summaries, devices_too=not postgres)
     if batch.events:
         conn.execute(insert(events), batch.events)
     if batch.snapshots:
