@@ -37,6 +37,9 @@ class StreamMetrics:
     """Frames not inferred because of the stream's fps cap."""
     skipped_motion: int = 0
     """Frames not inferred because the motion gate saw no change."""
+    grab_only: int = 0
+    """Frames only grabbed from the source, never converted to an image (motion gating's
+    frames between two checks); part of ``frames_captured``, each one skipped or dropped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +100,12 @@ class AgentCollector(Collector):
                 "Frames not inferred by choice, by reason (fps cap, motion gate)",
                 labels=["stream", "reason"],
             ),
+            "grab_only": CounterMetricFamily(
+                "edgefleet_stream_frames_grab_only",
+                "Frames decoded but never converted to an image (motion gating's frames "
+                "between two checks); part of the captured frames, each skipped or dropped",
+                labels=["stream"],
+            ),
             "detections": CounterMetricFamily(
                 "edgefleet_stream_detections", "Objects detected", labels=["stream"]
             ),
@@ -151,6 +160,7 @@ class AgentCollector(Collector):
             families["dropped"].add_metric([s.name], s.frames_dropped)
             families["skipped"].add_metric([s.name, "fps"], s.skipped_fps)
             families["skipped"].add_metric([s.name, "motion"], s.skipped_motion)
+            families["grab_only"].add_metric([s.name], s.grab_only)
             families["detections"].add_metric([s.name], s.detections)
             families["errors"].add_metric([s.name], s.errors)
             families["reconnects"].add_metric([s.name], s.reconnects)

@@ -1,12 +1,17 @@
 """Motion gating: skip inference on frames that barely differ from the last inferred one.
 
-Per stream (``[streams.motion]``, off by default). Each frame is shrunk to a small
-grayscale thumbnail (bilinear, ``width`` pixels wide) on the camera thread; a frame is
-inferred when more than ``min_area`` of the thumbnail's pixels differ by more than
-``threshold`` grey levels from the thumbnail of the last INFERRED frame (so a slow drift
-adds up until it counts), or when ``max_skip_s`` passed since that frame (a person standing
-still is still reported), or when there is no inferred frame yet. A skipped frame publishes
-nothing, or the last result again (``on_skip = "repeat"``, with ``infer_ms`` 0).
+Per stream (``[streams.motion]``, off by default). On a still scene every ``check_every``-th
+frame is shrunk to a small grayscale thumbnail (bilinear, ``width`` pixels wide) on the
+camera thread; the frames between are only grabbed (decoded, never converted to an image)
+and skipped, so motion that starts between two checks is seen at most ``check_every - 1``
+frames late. From a checked frame that changed on, every frame is checked until one did
+not change (a moving scene is inferred frame by frame). A checked frame is inferred when
+more than ``min_area`` of the thumbnail's pixels differ by more than ``threshold`` grey
+levels from the thumbnail of the last INFERRED frame (so a slow drift adds up until it
+counts), or when ``max_skip_s`` passed since that frame (a person standing still is still
+reported; the camera thread then converts the next frame, due for a check or not), or when
+there is no inferred frame yet. A skipped frame publishes nothing, or the last result again
+(``on_skip = "repeat"``, with ``infer_ms`` 0).
 
 OpenCV is imported when a gate is made: the controller reads agent configs without it.
 """
@@ -41,6 +46,14 @@ class MotionConfig(ConfigSection, frozen=True, kw_only=True):
     """Thumbnail width; its height keeps the frame's aspect ratio."""
     on_skip: Literal["nothing", "repeat"] = "nothing"
     """What a skipped frame publishes: nothing, or the last inferred result again."""
+    check_every: Annotated[
+        int, Meta(ge=1, le=30, description="frames; 1 = compare every frame")
+    ] = 3
+    """On a still scene, compare only every this many frames (at 15 fps, 3 compares 5 times
+    a second; 1 = every frame). The frames between are only grabbed: decoded, but not
+    converted to an image, thumbnailed or preprocessed, and counted as skipped. Motion that
+    starts between two checks is inferred at the next, at most ``check_every - 1`` frames
+    later; then every frame is compared until one did not change."""
 
 
 def thumbnail(image: np.ndarray[Any, Any], width: int) -> np.ndarray[Any, Any]:
@@ -60,9 +73,10 @@ def thumbnail(image: np.ndarray[Any, Any], width: int) -> np.ndarray[Any, Any]:
 
 
 class MotionGate:
-    """Decides per frame whether to infer. ``changed``/``due`` only read (the camera thread
-    may call them to skip preprocessing); ``inferred`` (the inference thread) moves the
-    reference to the frame just inferred."""
+    """Decides per frame whether to infer. ``changed``/``due``/``moving`` only read (the
+    camera thread may call them to skip converting or preprocessing a frame);
+    ``should_infer`` and ``inferred`` (the inference thread) decide and move the reference
+    to the frame just inferred."""
 
     def __init__(self, config: MotionConfig) -> None:
         import cv2
@@ -72,6 +86,9 @@ class MotionGate:
         self._reference: np.ndarray[Any, Any] | None = None
         self._reference_mono = 0.0
         self._min_pixels = 0
+        self.moving = False
+        """The last frame ``should_infer`` saw had changed: the camera thread then converts
+        every frame (``check_every`` is for a still scene)."""
 
     def thumbnail(self, image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         return thumbnail(image, self.config.width)
@@ -91,7 +108,9 @@ class MotionGate:
         return bool(cv2.countNonZero(mask) >= self._min_pixels)
 
     def should_infer(self, thumb: np.ndarray[Any, Any], mono: float) -> bool:
-        return self.due(mono) or self.changed(thumb)
+        """Changed or due (on the inference thread; sets ``moving``)."""
+        self.moving = self.changed(thumb)
+        return self.moving or self.due(mono)
 
     def inferred(self, thumb: np.ndarray[Any, Any], mono: float) -> None:
         self._min_pixels = max(1, int(np.ceil(self.config.min_area * thumb.size)))

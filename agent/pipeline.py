@@ -4,10 +4,12 @@ The camera thread (agent.sources) already decodes and preprocesses the frame on 
 core, so this thread only invokes the model, decodes boxes, and hands a small JSON payload
 to the publisher thread. A new detector can be swapped in between two frames.
 
-With motion gating (``[streams.motion]``, agent.motion) the camera thread also shrinks each
-frame to a grey thumbnail and preprocesses only frames that may be inferred; this thread
-skips the frames that did not change (publishing nothing or the last result again). With
-cross-stream batching (agent.batching) the invoke goes through the stream's batch group.
+With motion gating (``[streams.motion]``, agent.motion) the camera thread converts only every
+``check_every``-th frame of a still scene to an image (the others are only grabbed:
+:class:`Grabbed`), shrinks it to a grey thumbnail and preprocesses only frames that may be
+inferred; this thread skips the grabbed frames and those that did not change (publishing
+nothing or the last result again). With cross-stream batching (agent.batching) the invoke
+goes through the stream's batch group.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from agent.motion import MotionGate
 from agent.ota.shadow import ShadowOutcome, ShadowRunner
 from agent.publisher import RefusedLog
 from agent.snapshots import SnapshotWorker
-from agent.sources import Frame, FrameSource
+from agent.sources import Frame, FrameSource, Grabbed, Retrieve
 from agent.stats import StreamStats
 from inference.detector import Detector, InferenceResult, Prepared
 from protocol import (
@@ -106,6 +108,20 @@ def _tagging(detector: Detector, gate: MotionGate | None) -> Callable[[Any], _Ta
     return gated
 
 
+def _checking(gate: MotionGate | None) -> Retrieve | None:
+    """Which frames the camera thread converts to images under gating: every ``check_every``-th,
+    every one while the scene moves, and, so that ``max_skip_s`` holds, any while the gate is
+    due. None: every frame."""
+    if gate is None or gate.config.check_every == 1:
+        return None
+    every = gate.config.check_every
+
+    def check(index: int) -> bool:
+        return index % every == 0 or gate.moving or gate.due(time.monotonic())
+
+    return check
+
+
 class StreamPipeline:
     """Runs inference for one stream on its own thread."""
 
@@ -150,11 +166,13 @@ class StreamPipeline:
         """Frames skipped by the motion gate."""
         self._gate = MotionGate(config.motion) if config.motion.enabled else None
         self._repeat = config.motion.on_skip == "repeat"
-        self._last: tuple[Detector, float, list[Detection]] | None = None
+        self._last: tuple[Detector, float, list[Detection], tuple[int, int]] | None = None
+        """The last inferred frame's detector, infer_ms, detections and (height, width)."""
         self._batcher: Batcher | None = None
         self.finished = threading.Event()
         """Set when the loop ends (stop() or a finite source ran out)."""
         source.set_transform(_tagging(detector, self._gate))
+        source.set_retrieve(_checking(self._gate))
 
     @property
     def detector(self) -> Detector:
@@ -219,7 +237,7 @@ class StreamPipeline:
             while not self._stop.is_set():
                 if self._pending is not None:
                     self._take_pending()
-                frame = self._source.get(timeout=0.25)
+                frame = self._source.get_any(timeout=0.25)
                 if frame is None:
                     if self._source.ended:
                         break
@@ -230,13 +248,12 @@ class StreamPipeline:
                     if frame.mono < next_due:
                         self.skipped_fps += 1
                         continue
-                    next_due = max(next_due + self._min_interval, frame.mono)
-                if self._gate is not None and not self._gated_in(frame):
-                    self.skipped_motion += 1
-                    if self._batcher is not None:
-                        self._batcher.leave(self.name)
-                    if self._repeat and self._last is not None:
-                        self._emit(frame, *self._last, repeat=True)
+                    if isinstance(frame, Frame):  # a grab leaves the slot to the next check
+                        next_due = max(next_due + self._min_interval, frame.mono)
+                if isinstance(frame, Grabbed) or (
+                    self._gate is not None and not self._gated_in(frame)
+                ):
+                    self._skip(frame)
                     continue
                 self._process(frame)
         finally:
@@ -244,6 +261,14 @@ class StreamPipeline:
             if batcher is not None:
                 batcher.leave(self.name)
             self.finished.set()
+
+    def _skip(self, frame: Frame | Grabbed) -> None:
+        """A frame the motion gate skipped, or did not check (only grabbed)."""
+        self.skipped_motion += 1
+        if self._batcher is not None:
+            self._batcher.leave(self.name)
+        if self._repeat and self._last is not None:
+            self._emit(frame, *self._last, repeat=True)
 
     def _gated_in(self, frame: Frame) -> bool:
         """Whether the motion gate lets ``frame`` be inferred (moving its reference if so)."""
@@ -294,9 +319,10 @@ class StreamPipeline:
             detections = [d for d in detections if d.label in self._labels]
         if len(detections) > MAX_DETECTIONS:  # best first: keep the best
             detections = detections[:MAX_DETECTIONS]
-        self._emit(frame, detector, result.infer_ms, detections)
+        height, width = frame.image.shape[:2]
+        self._emit(frame, detector, result.infer_ms, detections, (int(height), int(width)))
         if self._repeat:
-            self._last = (detector, result.infer_ms, detections)
+            self._last = (detector, result.infer_ms, detections, (int(height), int(width)))
         self.stats.record(
             infer_ms=result.infer_ms,
             latency_ms=(time.monotonic() - frame.mono) * 1000.0,
@@ -319,20 +345,22 @@ class StreamPipeline:
 
     def _emit(
         self,
-        frame: Frame,
+        frame: Frame | Grabbed,
         detector: Detector,
         infer_ms: float,
         detections: list[Detection],
+        size: tuple[int, int],
         *,
         repeat: bool = False,
     ) -> None:
-        """Publish the frame's detections message; offer the frame as a snapshot. ``repeat``:
-        a motion-skipped frame carrying the last inferred result (``infer_ms`` 0)."""
+        """Publish the frame's detections message (``size``: the inferred frame's height and
+        width); offer the frame as a snapshot. ``repeat``: a motion-skipped frame carrying
+        the last inferred result (``infer_ms`` 0)."""
         if detections or self._config.publish_empty:
-            payload = self._encode(frame, detector, 0.0 if repeat else infer_ms, detections)
+            payload = self._encode(frame, detector, 0.0 if repeat else infer_ms, detections, size)
             if payload is not None:
                 self._publish(self._topic, payload)
-        if self.snapshots is not None and detections and not repeat:
+        if self.snapshots is not None and detections and isinstance(frame, Frame) and not repeat:
             self.snapshots.offer(frame.image, frame.ts, detector.ref, detections)
 
     @property
@@ -342,12 +370,17 @@ class StreamPipeline:
         return self._refused.total
 
     def _encode(
-        self, frame: Frame, detector: Detector, infer_ms: float, detections: list[Detection]
+        self,
+        frame: Frame | Grabbed,
+        detector: Detector,
+        infer_ms: float,
+        detections: list[Detection],
+        size: tuple[int, int],
     ) -> bytes | None:
         """The checked payload (fitted to the bounds if needed), or None: logged, dropped.
 
         Never raises: a message that cannot be published must not stop the stream."""
-        height, width = frame.image.shape[:2]
+        height, width = size
         try:
             message = Detections(
                 schema=SCHEMA_VERSION,
@@ -358,8 +391,8 @@ class StreamPipeline:
                 frame_index=frame.index,
                 model=detector.ref,
                 infer_ms=round(infer_ms, 3),
-                width=int(width),
-                height=int(height),
+                width=width,
+                height=height,
                 detections=detections,
             )
             return encode_checked(message, fit=True)

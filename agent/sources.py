@@ -8,6 +8,12 @@ Delivery modes:
 - files with ``realtime=False``: as fast as the consumer takes them, no drops — a small bounded
   queue and the capture thread waits while it is full (offline inference, benchmarks).
 
+A consumer that needs only some frames as images (motion gating checks every few frames) sets
+a retrieve predicate (:meth:`FrameSource.set_retrieve`): the other frames are only grabbed —
+decoded by FFmpeg (H.264 needs every frame) but not converted to a BGR image — and delivered
+as :class:`Grabbed` (:meth:`FrameSource.get_any`), counted in ``frames_grab_only``. A grabbed
+frame never displaces a waiting image frame in newest-frame-wins mode: it is dropped instead.
+
 Live sources that fail to open or stop delivering reconnect with exponential backoff; a file that
 cannot be opened fails once. The capture thread never raises: problems become the source's state
 (``starting``, ``running``, ``reconnecting``, ``failed``, ``ended``, ``stopped``) and error text.
@@ -45,6 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Transform = Callable[[np.ndarray[Any, Any]], object]
+Retrieve = Callable[[int], bool]
+"""Whether the capture thread converts frame ``index`` to an image (False: only grab it)."""
 StateCallback = Callable[[str, str | None], None]
 
 QUEUE_DEPTH = 3
@@ -73,6 +81,16 @@ class Frame:
 
 
 @dataclass(frozen=True, slots=True)
+class Grabbed:
+    """A frame that was only grabbed (decoded, no image): see :meth:`FrameSource.set_retrieve`."""
+
+    index: int
+    file_frame: int
+    ts: float
+    mono: float
+
+
+@dataclass(frozen=True, slots=True)
 class SourceStats:
     """A consistent snapshot of a source's counters."""
 
@@ -85,6 +103,8 @@ class SourceStats:
     fps_nominal: float
     """Frame rate the file/camera reports (files: fallback 15); 0.0 while unknown."""
     transform_errors: int = 0
+    frames_grab_only: int = 0
+    """Frames only grabbed, not converted to an image (part of ``frames_captured``)."""
 
 
 class FrameSource:
@@ -125,7 +145,7 @@ class FrameSource:
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._frames: deque[Frame] = deque()
+        self._frames: deque[Frame | Grabbed] = deque()
         self._state: SourceState = "starting"
         self._error: str | None = None
         self._captured = 0
@@ -134,6 +154,8 @@ class FrameSource:
         self._fps = 0.0
         self._transform_errors = 0
         self._transform_logged = False
+        self._wants: Retrieve | None = None
+        self._grab_only = 0
 
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -185,7 +207,18 @@ class FrameSource:
         return self.join(timeout)
 
     def get(self, timeout: float) -> Frame | None:
-        """The next frame, or None after ``timeout`` s or at once when no frame can come again."""
+        """The next frame, or None after ``timeout`` s or at once when no frame can come again.
+
+        Passes over grabbed-only frames (a consumer that sets a retrieve predicate wants
+        :meth:`get_any`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self.get_any(deadline - time.monotonic())
+            if not isinstance(frame, Grabbed):
+                return frame
+
+    def get_any(self, timeout: float) -> Frame | Grabbed | None:
+        """Like :meth:`get`, grabbed-only frames included."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while not self._frames:
@@ -224,6 +257,7 @@ class FrameSource:
                 reconnects=self._reconnects,
                 fps_nominal=self._fps,
                 transform_errors=self._transform_errors,
+                frames_grab_only=self._grab_only,
             )
 
     def set_transform(self, transform: Transform | None) -> None:
@@ -235,6 +269,16 @@ class FrameSource:
         with self._lock:
             self._transform = transform
             self._transform_logged = False
+
+    def set_retrieve(self, retrieve: Retrieve | None) -> None:
+        """Convert only the frames ``retrieve(index)`` is true for to images; the others are
+        only grabbed (``cap.grab()``: decoded, no BGR image, no transform) and delivered as
+        :class:`Grabbed`. None (the default): every frame is an image. Called on the capture
+        thread once the frame is grabbed (a paced file's: at its time): keep it cheap, it
+        must not raise. A live connection's first frame is always an image (its size may
+        have changed)."""
+        with self._lock:
+            self._wants = retrieve
 
     # -- capture thread ------------------------------------------------------------------------
 
@@ -287,7 +331,15 @@ class FrameSource:
         index = 0
         file_frame = 0
         while not self._stop.is_set():
-            ok, image = cap.read()
+            ok = cap.grab()
+            if ok and self.realtime:  # paced before the retrieve decision: it may need the time
+                now = time.monotonic()
+                if now - due > _RESYNC_S:
+                    due = now  # the machine stalled: do not burst frames to catch up
+                if self._stop.wait(max(0.0, due - now)):
+                    return
+                due += period
+            ok, image = self._image(cap, index, first=False) if ok else (False, None)
             if not ok:
                 if file_frame == 0:
                     self._fail(
@@ -305,13 +357,6 @@ class FrameSource:
                         self._fail(str(err))
                         return
                 continue
-            if self.realtime:
-                now = time.monotonic()
-                if now - due > _RESYNC_S:
-                    due = now  # the machine stalled: do not burst frames to catch up
-                if self._stop.wait(max(0.0, due - now)):
-                    return
-                due += period
             self._deliver(index, file_frame, image)
             if index == 0:
                 self._set_state("running", None)
@@ -335,7 +380,8 @@ class FrameSource:
                 self._fps = nominal_fps(cap)
             frames_this_connection = 0
             while not self._stop.is_set():
-                ok, image = cap.read()
+                first = frames_this_connection == 0
+                ok, image = self._image(cap, index, first=first) if cap.grab() else (False, None)
                 if not ok:
                     break
                 self._deliver(index, index, image)
@@ -366,15 +412,31 @@ class FrameSource:
             log.debug("source %s: still failing: %s; next try in %.1f s", self.name, error, delay)
         self._stop.wait(delay)
 
-    def _deliver(self, index: int, file_frame: int, image: np.ndarray[Any, Any]) -> None:
+    def _image(
+        self, cap: cv2.VideoCapture, index: int, *, first: bool
+    ) -> tuple[bool, np.ndarray[Any, Any] | None]:
+        """After a ``cap.grab()``: ``cap.retrieve()`` (the BGR image), or (True, None) for a
+        frame the retrieve predicate passes over (it stays only grabbed)."""
+        wants = self._wants
+        if wants is not None and not first and not wants(index):
+            return True, None
+        ok, image = cap.retrieve()
+        return ok, image if ok else None
+
+    def _deliver(self, index: int, file_frame: int, image: np.ndarray[Any, Any] | None) -> None:
+        """Queue frame ``index``: an image frame (transformed) or, image None, a grabbed one."""
         ts = self._clock()
         mono = time.monotonic()
-        with self._lock:
-            transform = self._transform
-        prepared = self._apply(transform, image) if transform is not None else None
-        frame = Frame(
-            index=index, file_frame=file_frame, ts=ts, mono=mono, image=image, prepared=prepared
-        )
+        frame: Frame | Grabbed | None
+        if image is None:
+            frame = Grabbed(index=index, file_frame=file_frame, ts=ts, mono=mono)
+        else:
+            with self._lock:
+                transform = self._transform
+            prepared = self._apply(transform, image) if transform is not None else None
+            frame = Frame(
+                index=index, file_frame=file_frame, ts=ts, mono=mono, image=image, prepared=prepared
+            )
         with self._cond:
             if self._lossless:
                 while len(self._frames) >= self._capacity and not self._stop.is_set():
@@ -382,10 +444,15 @@ class FrameSource:
                 if self._stop.is_set():
                     return
             elif self._frames:
-                self._frames.popleft()
                 self._dropped += 1
-            self._frames.append(frame)
+                if image is None and isinstance(self._frames[0], Frame):
+                    frame = None  # a waiting image is worth more than a newer grab
+                else:
+                    self._frames.popleft()
+            if frame is not None:
+                self._frames.append(frame)
             self._captured += 1
+            self._grab_only += image is None
             self._cond.notify_all()
 
     def _apply(self, transform: Transform, image: np.ndarray[Any, Any]) -> object | None:

@@ -96,6 +96,7 @@ class StreamHandle:
             snapshots=shots.counts() if shots is not None else None,
             skipped_fps=self.pipeline.skipped_fps if self.pipeline else 0,
             skipped_motion=self.pipeline.skipped_motion if self.pipeline else 0,
+            grab_only=src.frames_grab_only if src else 0,
         )
 
     def stop_pipeline(self, timeout: float) -> None:

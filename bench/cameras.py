@@ -10,8 +10,10 @@ dropped (the sources' ``frames_dropped`` from telemetry, summed) and the share o
 frames that were inferred; with and without motion gating (``[streams.motion]``), with and
 without cross-stream batching (``[batching] mode = "auto"``), on a static scene (one frame of
 the shipped video without a face, written into a temp dir at run time) and on the shipped
-video. ``--baseline DIR`` also runs the plain rows with the agent of another checkout (e.g.
-``git archive HEAD | tar -x -C DIR``), so a change is compared within one run.
+video. ``--baseline DIR`` also runs the plain and gated rows (no batching) with the agent of
+another checkout (e.g. ``git archive HEAD | tar -x -C DIR``), so a change is compared within
+one run. ``--check-every N ...`` runs this agent's gated rows once per ``[streams.motion]
+check_every`` (default: the agent's default; the baseline's gated rows keep theirs).
 
 Run: ``.venv/bin/python -m bench.cameras`` (about 5 minutes; ``--seconds``, ``--streams``).
 """
@@ -48,6 +50,8 @@ class Row:
     streams: int
     gating: bool
     batching: bool
+    check_every: int | None
+    """``[streams.motion] check_every`` when set (None: the agent's default, or no gating)."""
     agent: str
     cpu_per_stream: float
     roles: dict[str, float]
@@ -76,7 +80,14 @@ def static_video(folder: Path, seconds: float = 10.0) -> Path:
 
 
 def _config(
-    folder: Path, port: int, video: Path, streams: int, *, gating: bool, batching: bool
+    folder: Path,
+    port: int,
+    video: Path,
+    streams: int,
+    *,
+    gating: bool,
+    batching: bool,
+    check_every: int | None = None,
 ) -> Path:
     text = f'device_id = "bench"\nstate_dir = "{folder / "state"}"\n'
     text += f'[broker]\nurl = "mqtt://127.0.0.1:{port}"\n[telemetry]\ninterval_s = 1\n'
@@ -89,6 +100,8 @@ def _config(
         )
         if gating:
             text += "[streams.motion]\nenabled = true\n"
+            if check_every is not None:
+                text += f"check_every = {check_every}\n"
     path = folder / "agent.toml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -157,11 +170,20 @@ def measure(
     batching: bool,
     seconds: float,
     agent_root: Path = REPO,
+    check_every: int | None = None,
 ) -> tuple[float, dict[str, float], float, int, int, float]:
     """(CPU % of a core per stream, the same by role, RSS MB, frames dropped, captured,
     inferred share)."""
     folder = Path(tempfile.mkdtemp(dir=work))
-    config = _config(folder, broker.port, video, streams, gating=gating, batching=batching)
+    config = _config(
+        folder,
+        broker.port,
+        video,
+        streams,
+        gating=gating,
+        batching=batching,
+        check_every=check_every,
+    )
     sub = Subscriber(broker.port, ["edgefleet/v1/bench/telemetry"], persistent=False)
     env = dict(os.environ, PYTHONPATH=str(agent_root))
     with (folder / "agent.log").open("wb") as log:
@@ -207,8 +229,11 @@ def run(args: argparse.Namespace) -> list[Row]:
         for scene in args.scenes:
             for streams in args.streams:
                 for agent, root in agents.items():
-                    plans = [(False, False)] if agent == "baseline" else _plans(streams)
-                    for gating, batching in plans:
+                    plans = [(False, False), (True, False)]
+                    plans = plans if agent == "baseline" else _plans(streams)
+                    for gating, batching, every in _with_check_every(
+                        plans, args.check_every if agent == "this" else [None]
+                    ):
                         cpu, roles, rss, dropped, captured, share = measure(
                             broker,
                             work,
@@ -218,12 +243,14 @@ def run(args: argparse.Namespace) -> list[Row]:
                             batching=batching,
                             seconds=args.seconds,
                             agent_root=root,
+                            check_every=every,
                         )
                         row = Row(
                             scene,
                             streams,
                             gating,
                             batching,
+                            every,
                             agent,
                             cpu,
                             roles,
@@ -237,13 +264,24 @@ def run(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def _with_check_every(
+    plans: list[tuple[bool, bool]], values: Sequence[int | None]
+) -> list[tuple[bool, bool, int | None]]:
+    """Each gated plan once per ``check_every`` value; plans without gating once."""
+    return [
+        (gating, batching, every)
+        for gating, batching in plans
+        for every in (values if gating else [None])
+    ]
+
+
 def _plans(streams: int) -> list[tuple[bool, bool]]:
     plans = [(False, False), (True, False)]
     return plans + ([(False, True), (True, True)] if streams > 1 else [])
 
 
 HEADER = (
-    f"{'scene':8} {'streams':>7} {'gating':>6} {'batch':>5} {'agent':>8} "
+    f"{'scene':8} {'streams':>7} {'gating':>6} {'every':>5} {'batch':>5} {'agent':>8} "
     f"{'CPU %/stream':>12} {'(infer':>6} {'capt':>5} {'publ':>5} {'other)':>6} "
     f"{'RSS MB':>7} {'dropped':>7} {'captured':>8} {'inferred':>8}"
 )
@@ -252,6 +290,7 @@ HEADER = (
 def _line(r: Row) -> str:
     return (
         f"{r.scene:8} {r.streams:7d} {'on' if r.gating else 'off':>6} "
+        f"{'-' if r.check_every is None else r.check_every:>5} "
         f"{'auto' if r.batching else 'off':>5} {r.agent:>8} {r.cpu_per_stream:12.2f} "
         + (
             " ".join(f"{r.roles[k]:5.2f}" for k in ROLES)
@@ -267,7 +306,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window per row")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--scenes", nargs="+", default=["static", "shipped"])
-    parser.add_argument("--baseline", help="a checkout whose agent runs the plain rows too")
+    parser.add_argument(
+        "--baseline", help="a checkout whose agent runs the plain and gated rows too"
+    )
+    parser.add_argument(
+        "--check-every",
+        type=int,
+        nargs="+",
+        default=[None],
+        metavar="N",
+        help="[streams.motion] check_every of this agent's gated rows, a row per value",
+    )
     args = parser.parse_args(argv)
     print(f"{os.cpu_count()} CPUs; agent: python -m agent.cli run; {args.seconds:g} s per row")
     print(HEADER, flush=True)

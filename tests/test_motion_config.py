@@ -22,7 +22,7 @@ def test_gating_and_batching_are_off_by_default() -> None:
     motion = cfg.streams[0].motion
     assert motion.enabled is False
     assert (motion.threshold, motion.min_area, motion.max_skip_s) == (20, 0.003, 2.0)
-    assert (motion.width, motion.on_skip) == (64, "nothing")
+    assert (motion.width, motion.on_skip, motion.check_every) == (64, "nothing", 3)
     assert cfg.batching.mode == "off"
     assert cfg.batching.max_wait_ms == 40.0
 
@@ -30,11 +30,15 @@ def test_gating_and_batching_are_off_by_default() -> None:
 def test_motion_keys_are_read() -> None:
     cfg = parse_config(
         BASE + "[streams.motion]\nenabled = true\nthreshold = 30\nmin_area = 0.05\n"
-        'max_skip_s = 5\nwidth = 96\non_skip = "repeat"\n\n[batching]\nmode = "auto"\n'
+        'max_skip_s = 5\nwidth = 96\non_skip = "repeat"\ncheck_every = 30\n\n'
+        '[batching]\nmode = "auto"\n'
     )
     motion = cfg.streams[0].motion
     assert motion.enabled and motion.threshold == 30 and motion.min_area == 0.05
     assert motion.max_skip_s == 5.0 and motion.width == 96 and motion.on_skip == "repeat"
+    assert motion.check_every == 30
+    every_frame = parse_config(BASE + "[streams.motion]\ncheck_every = 1\n")
+    assert every_frame.streams[0].motion.check_every == 1
     assert cfg.batching.mode == "auto"
 
 
@@ -49,6 +53,15 @@ def test_motion_keys_are_read() -> None:
         ("max_skip_s = 61", r"max_skip_s.*<= 60"),
         ("width = 8", r"width.*>= 16"),
         ('on_skip = "last"', r"on_skip.*'nothing', 'repeat'"),
+        (
+            "check_every = 0",
+            r"agent.toml:8: streams\[0\]\.motion\.check_every must be in 1-30 .*got 0",
+        ),
+        (
+            "check_every = 31",
+            r"check_every must be in 1-30 \(frames; 1 = compare every frame\), got 31",
+        ),
+        ("check_every = 2.5", r"agent.toml:8: streams\[0\]\.motion\.check_every: Expected `int`"),
         ("treshold = 20", r"agent.toml:8: unknown key 'treshold' in streams\[0\].motion"),
     ],
 )

@@ -1,7 +1,9 @@
 """Motion gating on the real daemon (real Mosquitto, real LiteRT on the shipped model/video).
 
-A static scene is inferred on at most 20% of its frames; a face that walks in is inferred at
-once; on the shipped video the gated stream reports the faces the ungated one does."""
+A static scene is inferred on at most 20% of its frames, and only every ``check_every``-th of
+its frames is converted to an image (the others are only grabbed); a face that walks in is
+inferred at the next check; on the shipped video the gated stream reports the faces the
+ungated one does."""
 
 from __future__ import annotations
 
@@ -14,6 +16,12 @@ import cv2
 import numpy as np
 import pytest
 
+from agent.config import StreamConfig
+from agent.motion import MotionConfig
+from agent.pipeline import StreamPipeline
+from agent.sources import FrameSource
+from inference.detector import load_detector
+from inference.models import resolve_model
 from protocol import Detections, Telemetry, decode
 from tests.agent_proc import VIDEO, start_agent, stop_agent, stream_block, write_config
 from tests.broker import Mosquitto, free_port
@@ -101,11 +109,109 @@ def test_gating_skips_a_static_scene_and_infers_when_a_face_appears(
     assert 1 <= len(static_inferred) <= 12, f"static frames inferred: {static_inferred}"
     assert not any(_has_face(f) for f in frames if f.frame_index < 60)
     faces = [f for f in frames if f.frame_index >= 60]
+    # Frame 60 is a check frame of the default check_every = 3: inferred at once.
     assert faces and faces[0].frame_index <= 61, "the face's first frame is inferred at once"
     assert _has_face(faces[0])
     with_face = {f.frame_index for f in faces if _has_face(f)}
     assert len(with_face) >= 27, f"face frames reported: {sorted(with_face)}"
     assert all(f.infer_ms > 0 for f in frames), "on_skip = nothing: only inferred frames"
+
+
+def _metric(body: str, name: str, labels: str = "") -> float:
+    start = f"edgefleet_stream_{name}_total{{{labels}"
+    line = next(x for x in body.splitlines() if x.startswith(start) and 'stream="door"' in x)
+    return float(line.split()[-1])
+
+
+def test_a_still_scene_converts_only_every_check_every_th_frame_to_an_image(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    video = write_video(tmp_path / "static.mp4", [_frames()[STATIC_FRAME]] * 60)
+    metrics_port = free_port()
+    sub = Subscriber(mosquitto.port, ["edgefleet/v1/cam-01/telemetry"])
+    extra = "[streams.motion]\nenabled = true\nmax_skip_s = 2\ncheck_every = 4\n"
+    config = write_config(
+        tmp_path,
+        port=mosquitto.port,
+        streams=stream_block("door", source=str(video), realtime=True, loop=True, extra=extra),
+        extra=f"[metrics]\nenabled = true\nport = {metrics_port}\n",
+    )
+    proc = start_agent(config, tmp_path / "agent.log")
+    try:
+        sub.wait_for(
+            lambda ms: any(
+                s.frames_captured >= 75 for m in ms for s in decode(m.payload, Telemetry).streams
+            ),
+            timeout=30,
+        )
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        stop_agent(proc)
+        sub.close()
+    captured = _metric(body, "frames_captured")
+    grabbed = _metric(body, "frames_grab_only")
+    converted = captured - grabbed
+    # Every 4th frame, plus a frame or two a max_skip_s (2 s) and the first few (no
+    # inferred frame yet).
+    assert captured / 4 <= converted <= captured / 4 + captured / 15 + 6, (captured, grabbed)
+    skipped = _metric(body, "frames_skipped", 'reason="motion"')
+    processed = _metric(body, "frames_processed")
+    dropped = _metric(body, "frames_dropped")
+    assert skipped >= grabbed, "a grabbed frame is a skipped one (or dropped)"
+    assert captured - 2 <= processed + skipped + dropped <= captured, body
+    assert processed <= captured / 15 + 3, "inferred once a max_skip_s (and the first)"
+
+
+def test_grabbed_frames_are_skipped_repeated_and_a_face_is_inferred_at_the_next_check(
+    tmp_path: Path,
+) -> None:
+    """In process with the real parts, a file read without drops: exact counts."""
+    shipped = _frames()
+    video = write_video(
+        tmp_path / "still-then-face.mp4", [shipped[STATIC_FRAME]] * 90 + shipped[:30]
+    )
+    model = resolve_model("builtin:blazeface-short-int8", tmp_path)
+    motion = MotionConfig(enabled=True, max_skip_s=2.0, on_skip="repeat", check_every=4)
+    config = StreamConfig(name="door", source=str(video), model=str(model), motion=motion)
+    payloads: list[bytes] = []
+    counter = iter(range(1 << 30))
+    source = FrameSource(name="door", uri=str(video), loop=False, realtime=False)
+    detector = load_detector(model)
+    pipeline = StreamPipeline(
+        device_id="cam-01",
+        config=config,
+        source=source,
+        detector=detector,
+        publish=lambda _topic, payload: payloads.append(payload),
+        next_seq=lambda: next(counter),
+    )
+    pipeline.start()
+    source.start()
+    try:
+        assert pipeline.finished.wait(60), "the stream runs to the end of its file"
+    finally:
+        source.stop()
+        pipeline.stop()
+        detector.close()
+    stats = source.stats()
+    processed = pipeline.stats.snapshot().frames_processed
+    assert (stats.frames_captured, stats.frames_dropped) == (120, 0)
+    assert processed + pipeline.skipped_motion == 120 and pipeline.skipped_fps == 0
+    assert 64 <= stats.frames_grab_only <= 120 - processed
+    messages = [decode(p, Detections) for p in payloads]
+    assert [m.frame_index for m in messages] == list(range(120)), "repeat: one message a frame"
+    assert all((m.width, m.height) == (640, 480) for m in messages)
+    inferred = [m.frame_index for m in messages if m.infer_ms > 0]
+    assert len(inferred) == processed
+    still = [i for i in inferred if i < 90]
+    assert still and all(i % 4 == 0 or i < 4 for i in still), f"inferred: {still}"
+    first_face = next(m for m in messages if m.infer_ms > 0 and m.frame_index >= 90)
+    assert first_face.frame_index <= 93, "motion on a grabbed frame is seen at the next check"
+    assert _has_face(first_face)
+    assert not any(_has_face(m) for m in messages if m.frame_index < first_face.frame_index)
+    moving = [i for i in inferred if i > first_face.frame_index]
+    assert len(moving) >= 15, f"a moving scene is checked frame by frame: {moving}"
 
 
 def test_gated_recall_matches_ungated_on_the_shipped_video(

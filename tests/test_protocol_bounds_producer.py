@@ -171,7 +171,10 @@ class FakeSource:
     def set_transform(self, _transform: object) -> None:
         pass
 
-    def get(self, timeout: float) -> Frame | None:
+    def set_retrieve(self, _retrieve: object) -> None:
+        pass
+
+    def get_any(self, timeout: float) -> Frame | None:
         return self.frames.pop(0) if self.frames else None
 
     @property

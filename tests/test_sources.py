@@ -16,7 +16,7 @@ import pytest
 
 from agent.capture import parse_source, redact_url
 from agent.errors import AgentError, SourceError
-from agent.sources import QUEUE_DEPTH, Frame, FrameSource
+from agent.sources import QUEUE_DEPTH, Frame, FrameSource, Grabbed
 from common.backoff import Backoff
 from tests.mjpeg_server import MjpegServer, encode_video
 from tests.waiting import wait_for
@@ -82,9 +82,10 @@ def make_source() -> Iterator[Callable[..., FrameSource]]:
     """Builds started sources and stops every one of them after the test."""
     made: list[FrameSource] = []
 
-    def make(**kwargs: Any) -> FrameSource:
+    def make(*, retrieve: Callable[[int], bool] | None = None, **kwargs: Any) -> FrameSource:
         kwargs.setdefault("name", "cam")
         source = FrameSource(**kwargs)
+        source.set_retrieve(retrieve)
         made.append(source)
         source.start()
         return source
@@ -380,6 +381,100 @@ def test_raising_transform_gives_none_and_can_be_swapped_at_runtime(
     assert after[-1].prepared == ("v2", (480, 640, 3))
     assert all(f.prepared is None for f in after if f.prepared != ("v2", (480, 640, 3)))
     assert [f.index for f in frames + after] == list(range(len(frames) + len(after)))
+
+
+def every_third(index: int) -> bool:
+    return index % 3 == 0
+
+
+def test_frames_the_retrieve_predicate_passes_over_are_only_grabbed(
+    video: Path, make_source: Callable[..., FrameSource]
+) -> None:
+    transformed: list[tuple[int, int]] = []
+    plain = make_source(uri=str(video), realtime=False, loop=False)
+    images = [f.image for f in take(plain, VIDEO_FRAMES)]
+    source = make_source(
+        uri=str(video),
+        realtime=False,
+        loop=False,
+        retrieve=every_third,
+        transform=lambda image: transformed.append(image.shape[:2]),
+    )
+    items: list[Frame | Grabbed] = []
+    while (item := source.get_any(timeout=10.0)) is not None:
+        items.append(item)
+    assert [i.index for i in items] == list(range(VIDEO_FRAMES))
+    assert [i.file_frame for i in items] == list(range(VIDEO_FRAMES))
+    frames = [i for i in items if isinstance(i, Frame)]
+    assert [f.index for f in frames] == list(range(0, VIDEO_FRAMES, 3))
+    assert all(isinstance(i, Grabbed) for i in items if i.index % 3)
+    # A grab moved the decoder on: each image is the frame of its own index.
+    assert all(np.array_equal(f.image, images[f.index]) for f in frames)
+    assert len(transformed) == len(frames), "grabbed frames are not transformed"
+    stats = source.stats()
+    assert (stats.frames_captured, stats.frames_dropped) == (VIDEO_FRAMES, 0)
+    assert stats.frames_grab_only == VIDEO_FRAMES - len(frames) == 100
+    assert plain.stats().frames_grab_only == 0
+
+
+def test_get_passes_over_grabbed_frames_and_a_looping_file_keeps_its_schedule(
+    video: Path, make_source: Callable[..., FrameSource]
+) -> None:
+    source = make_source(uri=str(video), realtime=False, loop=True, retrieve=every_third)
+    frames = take(source, VIDEO_FRAMES)  # two loops of the file
+    assert [f.index for f in frames] == list(range(0, 3 * VIDEO_FRAMES, 3))
+    assert [f.file_frame for f in frames] == [i % VIDEO_FRAMES for i in range(0, 450, 3)]
+    assert np.array_equal(frames[50].image, frames[0].image)  # file frame 0 again
+
+
+def test_a_grabbed_frame_does_not_displace_a_waiting_image(
+    video: Path, make_source: Callable[..., FrameSource]
+) -> None:
+    source = make_source(uri=str(video), realtime=True, loop=True, retrieve=every_third)
+    taken: list[Frame | Grabbed] = []
+    work = threading.Event()  # never set: the consumer's 0.4 s of work, 6 frames at 15 fps
+    while len(taken) < 6:
+        item = source.get_any(timeout=10.0)
+        assert item is not None
+        taken.append(item)
+        work.wait(0.4)
+    source.stop()
+    stats = source.stats()
+    # Each 0.4 s brings an image frame, which stays until the next image frame replaces it.
+    images = sum(isinstance(i, Frame) for i in taken[1:])
+    assert images >= 4, [type(i).__name__ for i in taken]
+    assert stats.frames_dropped > 0 and stats.frames_grab_only > 0
+
+
+def test_a_live_camera_only_grabs_but_retrieves_the_first_frame_of_each_connection(
+    jpeg_frames: list[bytes], make_source: Callable[..., FrameSource]
+) -> None:
+    server = MjpegServer(jpeg_frames, fps=30.0).start()
+    try:
+        states = States()
+        source = make_source(
+            uri=server.url,
+            reconnect_min_s=0.1,
+            reconnect_max_s=0.4,
+            open_timeout_s=3.0,
+            read_timeout_s=3.0,
+            on_state=states,
+            retrieve=lambda index: False,
+        )
+        first = source.get(timeout=10.0)
+        assert first is not None and first.index == 0 and first.image.shape == (480, 640, 3)
+        wait_for(lambda: source.stats().frames_grab_only >= 5, timeout=10, what="grabs")
+        server.stop()
+        states.wait_for("reconnecting")
+        boundary = source.stats().frames_captured  # the next connection's first index
+        server.start()
+        again = source.get(timeout=10.0)  # passes over grabbed frames
+        assert again is not None and again.index == boundary, (again, boundary)
+        assert again.image.shape == (480, 640, 3)
+        stats = source.stats()
+        assert stats.frames_grab_only == stats.frames_captured - 2
+    finally:
+        server.stop()
 
 
 def test_missing_file_fails_once_naming_the_path(
