@@ -35,6 +35,36 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def machine_cpu() -> dict[int, tuple[str, float]]:
+    """pid → (command name, CPU seconds) of every process on the machine now."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        out[int(entry.name)] = (name, (int(fields[11]) + int(fields[12])) / _TICK)
+    return out
+
+
+def cpu_split(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], roles: dict[int, str]
+) -> dict[str, float]:
+    """CPU seconds between two ``machine_cpu`` snapshots, by role (``roles``: pid → role;
+    other processes by command name). Processes that ended between them are not counted."""
+    split: dict[str, float] = {}
+    for pid, (name, seconds) in after.items():
+        spent = seconds - before.get(pid, (name, 0.0))[1]
+        if spent > 0:
+            role = roles.get(pid, name)
+            split[role] = split.get(role, 0.0) + spent
+    return split
+
+
 def mem_kib(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):

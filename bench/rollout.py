@@ -11,6 +11,9 @@ that act on their desired states: downloading → … → committed, each phase 
   the broker and the devices add; per stage, assignment → every device done;
 * each controller process's CPU time and RSS (peak) during the rollout, which one led,
   and the database size after it;
+* the whole machine's CPU time during the rollout by process (controllers, the bench
+  process with the simulated devices, Mosquitto, PostgreSQL's backends, …): what the wall
+  time is made of on a machine they share;
 * a check that every device runs the target and got exactly one rev carrying it.
 
 ``--scale N,N,...`` adds the engine alone: the time of one ``tick`` of a rollout whose N
@@ -43,7 +46,15 @@ from typing import Any
 import httpx
 from sqlalchemy import text
 
-from bench.cluster import Cluster, database_bytes, face_bundle, ingest_rate, operator_token
+from bench.cluster import (
+    Cluster,
+    cpu_split,
+    database_bytes,
+    face_bundle,
+    ingest_rate,
+    machine_cpu,
+    operator_token,
+)
 from bench.postgres import fresh_schema
 from controller.broker import EmbeddedBroker
 from controller.db.session import Database
@@ -132,6 +143,7 @@ def run_rollout(
         _wait(known, 300, f"{args.devices} devices in the controller")
         db.dispose()
         time.sleep(1.0)
+        machine0 = machine_cpu()
         cpu0, t0 = cluster.cpu(), time.monotonic()
         body = {
             "model": TARGET,
@@ -153,6 +165,13 @@ def run_rollout(
             time.sleep(0.2)
         wall = time.monotonic() - t0
         cpu = [b - a for a, b in zip(cpu0, cluster.cpu(), strict=True)]
+        roles = {p.pid: f"controller {i}" for i, p in enumerate(cluster.procs)}
+        roles[os.getpid()] = "simulator (bench process)"
+        if broker.proc is not None:
+            roles[broker.proc.pid] = "mosquitto"
+        if cluster.balancer is not None:
+            roles[cluster.balancer.pid] = "balancer"
+        machine = cpu_split(machine0, machine_cpu(), roles)
         stop_telemetry.set()
         ok_active = sum(1 for d in fleet.devices.values() if d.streams["cam0"]["active"] == TARGET)
         one_rev = sum(1 for d in fleet.devices.values() if len(d.revs_with(TARGET)) == 1)
@@ -165,6 +184,7 @@ def run_rollout(
             "stages": [(s["devices"], s["started_at"], s["done_at"]) for s in r["stage_progress"]],
             "created_at": r["created_at"],
             "cpu_s": cpu,
+            "machine_cpu_s": machine,
             "rss_peak_kib": rss_peak,
             "rss_hwm_kib": cluster.hwm_kib(),
             "leaders": cluster.leaders(),
@@ -469,6 +489,11 @@ def _print_rollout(args: argparse.Namespace, res: dict[str, Any], db_name: str) 
             f"(high-water {hwm / 1024:.0f} MiB)"
         )
     print(f"  database size after the rollout: {res['db_bytes'] / 2**20:.1f} MiB")
+    split = sorted(res["machine_cpu_s"].items(), key=lambda kv: -kv[1])
+    total = sum(v for _, v in split)
+    cores = total / res["wall_s"]
+    print(f"  the machine's CPU during the rollout: {total:.1f} s ({cores:.2f} cores busy):")
+    print("    " + ", ".join(f"{role} {v:.1f} s" for role, v in split if v >= 0.5))
 
 
 if __name__ == "__main__":
