@@ -104,8 +104,7 @@ class Sender:
         out = self._out
         with out.cond:
             if not out.wake and not out.stop:
-                busy = out.linger_s and (self._inflight or self.retained_inflight)
-                out.cond.wait(out.linger_s if busy else TICK_S)
+                out.cond.wait(out.linger_s if self._on_beat() else TICK_S)
             if (
                 out.bursting
                 and out.live
@@ -153,6 +152,20 @@ class Sender:
                 if out.flushed:
                     out.cond.notify_all()
         return True
+
+    def _on_beat(self) -> bool:
+        """Whether to collect acknowledgements on the linger beat (``cond`` held): while a
+        burst, a spool replay, a retained message or a reconnect's re-sends are in flight,
+        something waits on them. At camera rates a live message's acknowledgement is
+        collected on the next message's pass (or after ``TICK_S``): one wake-up of this
+        thread per message instead of two."""
+        if not self._out.linger_s:
+            return False
+        if self.retained_inflight or self._settling:
+            return True
+        if not self._inflight:
+            return False
+        return self._out.bursting or self.inflight_live < len(self._inflight)
 
     def settle(self, acked: set[int]) -> None:
         """Retire acknowledged messages (in order) and ack their spool records."""
