@@ -48,10 +48,11 @@ from controller.rollouts.health import (
 )
 from controller.rollouts.locks import lock_rollout
 from controller.rollouts.records import FAILURES, FINISHED, RolloutInfo
-from controller.rollouts.watch import WatchedVersions
+from controller.rollouts.watch import SUCCEEDED_EVERY_S, WatchedVersions
 from protocol.messages import FAILED_PHASES
 
 __all__ = [
+    "SUCCEEDED_EVERY_S",
     "RolloutEngine",
     "TickReport",
     "abort_reason",
@@ -63,13 +64,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-SUCCEEDED_EVERY_S = 10.0
-"""Succeeded executions are re-derived at least this often (and on every tick that could
-end a stage's bake); the ones in flight on every tick. Only a failure can follow a success
-(the device reports the model failed or rolled back later), and with thousands of devices
-done re-deriving them all every tick was most of a tick's work."""
-
 
 # --- the engine ---------------------------------------------------------------------------
 
@@ -108,8 +102,6 @@ class RolloutEngine:
         self.clock = clock
         self.health = health or HealthPolicy()
         self._health_at: dict[int, float] = {}
-        self._succeeded_at: dict[int, float] = {}
-        """When each rollout's succeeded executions were last re-derived (this process)."""
         self._versions = WatchedVersions()
 
     def tick(self, now: float | None = None) -> TickReport:
@@ -128,8 +120,6 @@ class RolloutEngine:
                 log.exception("rollout %d: tick failed; retrying on the next tick", rollout_id)
         for rid in [r for r in self._health_at if r not in ids]:
             del self._health_at[rid]
-        for rid in [r for r in self._succeeded_at if r not in ids]:
-            del self._succeeded_at[rid]
         self._versions.keep_only(ids)
         return report
 
@@ -147,7 +137,7 @@ class RolloutEngine:
             self._roll_back(conn, r, now, report)
 
     def _live(self, conn: Connection, r: RolloutInfo, now: float, report: TickReport) -> None:
-        self._refresh(conn, r, now, report, with_succeeded=self._succeeded_due(r, now))
+        self._refresh(conn, r, now, report)
         counts = records.stage_counts(conn, r.id)
         why = abort_reason(r, counts) or self._health_check(conn, r, now, force=False)
         if why is not None:
@@ -194,33 +184,13 @@ class RolloutEngine:
         )
         self._assign(conn, dataclasses.replace(r, current_stage=stage + 1), stage + 1, now, report)
 
-    def _succeeded_due(self, r: RolloutInfo, now: float) -> bool:
-        """Whether this tick re-derives the succeeded executions too: every
-        ``SUCCEEDED_EVERY_S``, and on any tick that may advance or complete the rollout (the
-        current stage's bake is over, or there is none), so no decision counts a success the
-        device has since taken back."""
-        last = self._succeeded_at.get(r.id)
-        bake_over = r.stage_done_at is not None and now >= r.stage_done_at + r.bake_s
-        if last is None or not now - SUCCEEDED_EVERY_S < last <= now or bake_over or r.bake_s <= 0:
-            self._succeeded_at[r.id] = now
-            return True
-        return False
-
-    def _refresh(
-        self,
-        conn: Connection,
-        r: RolloutInfo,
-        now: float,
-        report: TickReport,
-        *,
-        with_succeeded: bool = True,
-    ) -> None:
-        """Re-derive the watched executions: every one ``with_succeeded``, else those in
-        flight whose reports or rows changed since this process last derived them, or whose
-        timeout came (``controller.rollouts.watch``)."""
+    def _refresh(self, conn: Connection, r: RolloutInfo, now: float, report: TickReport) -> None:
+        """Re-derive the watched executions: every one every ``SUCCEEDED_EVERY_S`` and before
+        a stage may end, else those in flight whose reports or rows changed since this
+        process last derived them, or whose timeout came (``controller.rollouts.watch``)."""
         changes = []
         broken: list[tuple[str, str, DeviceFault]] = []
-        watched = self._versions.read(conn, r, now, broken, everything=with_succeeded)
+        watched = self._versions.read(conn, r, now, broken)
         report.rederived += len(watched)
         for e in watched:
             status, phase, reason = next_status(e, r.model, now=now, timeout_s=r.timeout_s)

@@ -64,7 +64,7 @@ def failures(counts: Mapping[str, int]) -> int:
 
 WATCHED: tuple[str, ...] = ("queued", "in_progress", "succeeded")
 """Statuses re-derived from the reported state (failed/timed_out are final): those in flight
-on every tick, succeeded ones every ``engine.SUCCEEDED_EVERY_S``."""
+on every tick, succeeded ones every ``watch.SUCCEEDED_EVERY_S``."""
 IN_FLIGHT_WATCHED: tuple[str, ...] = ("queued", "in_progress")
 """The watched statuses of executions in flight (a tick that leaves the succeeded ones be)."""
 

@@ -1,7 +1,7 @@
 """Which executions a rollout tick re-derives.
 
 Each tick re-derives the executions in flight (queued, in progress) from what their
-devices report, and every ``SUCCEEDED_EVERY_S`` (engine) the succeeded ones too. Reading
+devices report, and every ``SUCCEEDED_EVERY_S`` the succeeded ones too. Reading
 every in-flight execution with its reported state and gate evidence on every tick cost
 most of a tick with thousands in flight (10,000: 487 ms, bench.rollout --scale), while
 most of them had not changed since the tick before.
@@ -31,12 +31,20 @@ from controller.rollouts.records import IN_FLIGHT_WATCHED, WATCHED, RolloutInfo
 
 Pair = tuple[str, str]
 
+SUCCEEDED_EVERY_S = 10.0
+"""Succeeded executions are re-derived at least this often (and on every tick that could
+end a stage's bake); the ones in flight on every tick. Only a failure can follow a success
+(the device reports the model failed or rolled back later), and with thousands of devices
+done re-deriving them all every tick was most of a tick's work."""
+
 
 class WatchedVersions:
-    """The versions the in-flight executions of each rollout were last derived at."""
+    """What this process derived of each rollout: when it last re-derived every watched
+    execution, and the versions the in-flight ones were derived at since."""
 
     def __init__(self) -> None:
         self._seen: dict[int, dict[Pair, Version]] = {}
+        self._everything_at: dict[int, float] = {}
 
     def read(
         self,
@@ -44,16 +52,14 @@ class WatchedVersions:
         r: RolloutInfo,
         now: float,
         faults: list[tuple[str, str, DeviceFault]],
-        *,
-        everything: bool,
     ) -> list[Execution]:
-        """The executions this tick re-derives: every watched one (``everything``, or
-        nothing remembered for ``r``), else the in-flight ones that changed or timed out."""
+        """The executions this tick re-derives: every watched one, succeeded included, when
+        that is due (``_everything_due``); else the in-flight ones that changed or timed out."""
         seen = self._seen.get(r.id)
-        if everything or seen is None:
-            statuses = WATCHED if everything else IN_FLIGHT_WATCHED
+        if seen is None or self._everything_due(r, now):
+            self._everything_at[r.id] = now
             self._seen[r.id] = {}
-            return executions.executions_to_watch(conn, r.id, faults, statuses=statuses)
+            return executions.executions_to_watch(conn, r.id, faults, statuses=WATCHED)
         current = executions.in_flight_versions(conn, r.id)
         due = {
             pair[0]
@@ -66,6 +72,21 @@ class WatchedVersions:
         return executions.executions_to_watch(
             conn, r.id, faults, statuses=IN_FLIGHT_WATCHED, devices_only=sorted(due)
         )
+
+    def _everything_due(self, r: RolloutInfo, now: float) -> bool:
+        """Every ``SUCCEEDED_EVERY_S``, and on any tick that may advance or complete the
+        rollout (the current stage's bake is over, or there is none), so no decision counts
+        a success the device has since taken back."""
+        last = self._everything_at.get(r.id)
+        bake_over = r.stage_done_at is not None and now >= r.stage_done_at + r.bake_s
+        return (
+            last is None or not now - SUCCEEDED_EVERY_S < last <= now or bake_over or r.bake_s <= 0
+        )
+
+    def look_at_everything_next(self) -> None:
+        """The next tick of every rollout re-derives every watched execution (benchmarks:
+        as if the last such look were ``SUCCEEDED_EVERY_S`` ago)."""
+        self._everything_at.clear()
 
     def derived(self, rollout_id: int, e: Execution, written: dict[str, Any] | None) -> None:
         """``e`` was re-derived; ``written``: the change the tick writes for it (None: none)."""
@@ -81,6 +102,7 @@ class WatchedVersions:
         keep = set(rollout_ids)
         for rid in [r for r in self._seen if r not in keep]:
             del self._seen[rid]
+            self._everything_at.pop(rid, None)
 
 
 def _timed_out(v: Version, now: float, timeout_s: float) -> bool:
