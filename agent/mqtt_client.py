@@ -139,6 +139,7 @@ class MqttConnection:
     The ``on_connected(receive_maximum)``, ``on_disconnected()`` and
     ``on_published(mid, failed)`` hooks run on paho's network thread; they must be quick and
     must not call back into paho while holding a lock that a publishing thread holds.
+    ``will(n)`` is the last will of connection number ``n`` (set before each connect).
     """
 
     def __init__(
@@ -146,7 +147,7 @@ class MqttConnection:
         *,
         broker: BrokerConfig,
         client_id: str,
-        will: Will | Callable[[int], Will] | None = None,
+        will: Callable[[int], Will] | None = None,
         tls_resolver: Callable[[str], Path] | None = None,
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
         reconnect_min_s: float = 1.0,
@@ -403,11 +404,9 @@ class MqttConnection:
                 log.exception("on_disconnected hook failed")
 
     def _set_will(self) -> None:
-        """The last will of the next connection (a factory is given its number)."""
-        will = self._will
-        if callable(will):
-            will = will(self.connections + 1)
-        if will is not None:
+        """The last will of the next connection: ``will`` is given its number."""
+        if self._will is not None:
+            will = self._will(self.connections + 1)
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
 
     def _handle_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
