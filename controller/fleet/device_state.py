@@ -134,6 +134,18 @@ def _within_stream_cap(conn: Connection, rows: list[dict[str, Any]]) -> list[dic
     return kept
 
 
+def _still_written(
+    conn: Connection, columns: Sequence[Any], wrote: dict[str, tuple[Any, ...]]
+) -> set[str]:
+    """The devices of ``wrote`` whose ``columns`` hold the values this transaction's guarded
+    UPDATE wrote: those it changed (it locked their rows, so no other replica's write came
+    in between), not those the guard left alone."""
+    if not wrote:
+        return set()
+    query = select(devices.c.id, *columns).where(devices.c.id.in_(list(wrote)))
+    return {d for d, *values in conn.execute(query) if tuple(values) == wrote[d]}
+
+
 def write_statuses(conn: Connection, statuses: dict[str, tuple[Status, float]]) -> None:
     conn.execute(
         _STATUS,
@@ -152,21 +164,11 @@ def write_statuses(conn: Connection, statuses: dict[str, tuple[Status, float]]) 
             for d, (s, _) in statuses.items()
         ],
     )
-    ordered = [d for d, (s, _) in statuses.items() if s.seq is not None]
-    if ordered:
-        # The guarded UPDATE locked the rows it changed: a status older than the stored one
-        # of its process (committed by another replica) is left out of the stream rows too.
-        stored = conn.execute(
-            select(devices.c.id, devices.c.started_at, devices.c.status_seq).where(
-                devices.c.id.in_(ordered)
-            )
-        ).all()
-        older = {
-            d
-            for d, started, seq in stored
-            if (started, seq) != (statuses[d][0].started_at, statuses[d][0].seq)
-        }
-        statuses = {d: v for d, v in statuses.items() if d not in older}
+    # A status older than the stored one of its process (committed by another replica) is
+    # left out of the stream rows too.
+    ordered = {d: (s.started_at, s.seq) for d, (s, _) in statuses.items() if s.seq is not None}
+    kept = _still_written(conn, (devices.c.started_at, devices.c.status_seq), ordered)
+    statuses = {d: v for d, v in statuses.items() if d not in ordered or d in kept}
     rows = _within_stream_cap(
         conn, [r for d, (s, at) in statuses.items() for r in _status_stream_rows(d, s, at)]
     )
@@ -183,12 +185,10 @@ def write_reports(conn: Connection, reports: dict[str, tuple[Reported, float]]) 
         _REPORTED,
         [{"b_id": d, "b_rev": r.desired_rev, "b_ts": r.ts} for d, (r, _) in reports.items()],
     )
-    # The guarded UPDATE locked the rows it changed: those now carry this batch's ts; a
-    # report older than the stored one (committed by another replica) is left out.
-    stored = conn.execute(
-        select(devices.c.id, devices.c.reported_at).where(devices.c.id.in_(list(reports)))
-    ).all()
-    reports = {d: reports[d] for d, at in stored if d in reports and at == reports[d][0].ts}
+    # A report older than the stored one (committed by another replica) is left out.
+    wrote = {d: (r.ts,) for d, (r, _) in reports.items()}
+    kept = _still_written(conn, (devices.c.reported_at,), wrote)
+    reports = {d: v for d, v in reports.items() if d in kept}
     if not reports:
         return
     for d, (r, _) in reports.items():
