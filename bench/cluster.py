@@ -30,9 +30,14 @@ REPO = Path(__file__).resolve().parent.parent
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _stat_cpu_s(stat: str) -> float:
+    """utime + stime in seconds of a ``/proc/PID/stat`` line."""
+    fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def cpu_s(pid: int) -> float:
+    return _stat_cpu_s(Path(f"/proc/{pid}/stat").read_text())
 
 
 def machine_cpu() -> dict[int, tuple[str, float]]:
@@ -45,9 +50,7 @@ def machine_cpu() -> dict[int, tuple[str, float]]:
             text = (entry / "stat").read_text()
         except OSError:  # gone meanwhile
             continue
-        name = text[text.index("(") + 1 : text.rindex(")")]
-        fields = text.rsplit(")", 1)[1].split()
-        out[int(entry.name)] = (name, (int(fields[11]) + int(fields[12])) / _TICK)
+        out[int(entry.name)] = (text[text.index("(") + 1 : text.rindex(")")], _stat_cpu_s(text))
     return out
 
 
