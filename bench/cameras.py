@@ -32,6 +32,7 @@ from pathlib import Path
 
 import cv2
 
+from bench.procstat import cpu_s
 from inference import ASSETS_DIR
 from protocol import Telemetry, decode
 from tests.broker import Mosquitto
@@ -41,7 +42,6 @@ VIDEO = ASSETS_DIR / "face-walk-640x480.mp4"
 REPO = Path(__file__).resolve().parent.parent
 STATIC_FRAME = 45
 """A frame of the shipped video without a face."""
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +107,6 @@ def _config(
     return path
 
 
-def _cpu_seconds(stat: Path) -> float:
-    """utime + stime of a ``/proc/.../stat`` file (a process's or one of its threads')."""
-    fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
 ROLES = ("infer", "capture", "publish", "other")
 
 
@@ -126,18 +120,20 @@ def _role(comm: str) -> str:
     return "other"
 
 
-def _thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds of the process's threads by role (threads that ended are not counted)."""
+def _thread_cpu(pid: int) -> dict[str, float] | None:
+    """CPU seconds of the process's threads by role (threads that ended are not counted);
+    None when no thread has a role's name (an agent from before the names)."""
     out = dict.fromkeys(ROLES, 0.0)
+    named = False
     task = Path(f"/proc/{pid}/task")
     for tid in os.listdir(task):
         try:
-            out[_role((task / tid / "comm").read_text().strip())] += _cpu_seconds(
-                task / tid / "stat"
-            )
+            role = _role((task / tid / "comm").read_text().strip())
+            out[role] += cpu_s(task / tid / "stat")
         except OSError:
             continue
-    return out
+        named = named or role != "other"
+    return out if named else None
 
 
 def _rss_mb(pid: int) -> float:
@@ -199,9 +195,9 @@ def measure(
         sub.wait_for(lambda ms: len(ms) >= 1, timeout=30)
         captured0, processed0, dropped0 = _totals(sub)
         roles0 = _thread_cpu(proc.pid)
-        cpu0, t0 = _cpu_seconds(Path(f"/proc/{proc.pid}/stat")), time.monotonic()
+        cpu0, t0 = cpu_s(Path(f"/proc/{proc.pid}/stat")), time.monotonic()
         time.sleep(seconds)
-        cpu1, t1 = _cpu_seconds(Path(f"/proc/{proc.pid}/stat")), time.monotonic()
+        cpu1, t1 = cpu_s(Path(f"/proc/{proc.pid}/stat")), time.monotonic()
         roles1 = _thread_cpu(proc.pid)
         rss = _rss_mb(proc.pid)
         time.sleep(1.2)  # the telemetry that covers the window's end
@@ -214,9 +210,9 @@ def measure(
     share = (processed1 - processed0) / captured if captured else 0.0
     per_stream = 100.0 / (t1 - t0) / streams
     cpu = (cpu1 - cpu0) * per_stream
-    roles = {r: (roles1[r] - roles0[r]) * per_stream for r in ROLES}
-    if roles["infer"] == 0.0:  # unnamed threads: an agent from before the names
-        roles = {}
+    roles = {}
+    if roles0 is not None and roles1 is not None:
+        roles = {r: (roles1[r] - roles0[r]) * per_stream for r in ROLES}
     return cpu, roles, rss, dropped1 - dropped0, captured, share
 
 

@@ -19,6 +19,7 @@ from typing import IO, Any
 import httpx
 from sqlalchemy import text
 
+from bench import procstat
 from controller.broker import EmbeddedBroker
 from controller.db.session import Database
 from controller.fleet.tokens import create_token
@@ -27,17 +28,10 @@ from tests.bundle_factory import blazeface_files, blazeface_manifest, build_bund
 from tools.simulator.load import publish_load, telemetry_payloads
 
 REPO = Path(__file__).resolve().parent.parent
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _stat_cpu_s(stat: str) -> float:
-    """utime + stime in seconds of a ``/proc/PID/stat`` line."""
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def cpu_s(pid: int) -> float:
-    return _stat_cpu_s(Path(f"/proc/{pid}/stat").read_text())
+    return procstat.cpu_s(Path(f"/proc/{pid}/stat"))
 
 
 def machine_cpu() -> dict[int, tuple[str, float]]:
@@ -50,7 +44,10 @@ def machine_cpu() -> dict[int, tuple[str, float]]:
             text = (entry / "stat").read_text()
         except OSError:  # gone meanwhile
             continue
-        out[int(entry.name)] = (text[text.index("(") + 1 : text.rindex(")")], _stat_cpu_s(text))
+        out[int(entry.name)] = (
+            text[text.index("(") + 1 : text.rindex(")")],
+            procstat.stat_cpu_s(text),
+        )
     return out
 
 

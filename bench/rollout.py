@@ -64,7 +64,6 @@ from tools.simulator.ota import OtaBehaviour
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = "face@2.0.0"
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
