@@ -222,7 +222,7 @@ def executions_to_watch(
     faults: list[tuple[str, str, DeviceFault]] | None = None,
     *,
     statuses: tuple[str, ...] = WATCHED,
-    devices_only: Sequence[str] | None = None,
+    devices_only: Iterable[str] | None = None,
 ) -> list[Execution]:
     """Assigned executions still watched (queued, in progress, succeeded; or ``statuses``, a
     part of those) with their reports; given ``devices_only``, those of these devices only.

@@ -70,7 +70,7 @@ class WatchedVersions:
         # in ``derived`` (as read, or as the tick writes them).
         self._seen[r.id] = {p: v for p, v in current.items() if p[0] not in due}
         return executions.executions_to_watch(
-            conn, r.id, faults, statuses=IN_FLIGHT_WATCHED, devices_only=sorted(due)
+            conn, r.id, faults, statuses=IN_FLIGHT_WATCHED, devices_only=due
         )
 
     def _everything_due(self, r: RolloutInfo, now: float) -> bool:
