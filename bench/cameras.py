@@ -10,10 +10,11 @@ dropped (the sources' ``frames_dropped`` from telemetry, summed) and the share o
 frames that were inferred; with and without motion gating (``[streams.motion]``), with and
 without cross-stream batching (``[batching] mode = "auto"``), on a static scene (one frame of
 the shipped video without a face, written into a temp dir at run time) and on the shipped
-video. ``--baseline DIR`` also runs the plain and gated rows (no batching) with the agent of
-another checkout (e.g. ``git archive HEAD | tar -x -C DIR``), so a change is compared within
-one run. ``--check-every N ...`` runs this agent's gated rows once per ``[streams.motion]
-check_every`` (default: the agent's default; the baseline's gated rows keep theirs).
+video. ``--baseline DIR`` also runs the plain and gated rows (no batching; the gated one only
+where that agent has motion gating) with the agent of another checkout (e.g. ``git archive
+HEAD | tar -x -C DIR``), so a change is compared within one run. ``--check-every N ...``
+runs this agent's gated rows once per ``[streams.motion] check_every`` (default: the agent's
+default; the baseline's gated rows keep theirs).
 
 Run: ``.venv/bin/python -m bench.cameras`` (about 5 minutes; ``--seconds``, ``--streams``).
 """
@@ -225,8 +226,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         for scene in args.scenes:
             for streams in args.streams:
                 for agent, root in agents.items():
-                    plans = [(False, False), (True, False)]
-                    plans = plans if agent == "baseline" else _plans(streams)
+                    plans = _plans(streams) if agent == "this" else _baseline_plans(root)
                     for gating, batching, every in _with_check_every(
                         plans, args.check_every if agent == "this" else [None]
                     ):
@@ -269,6 +269,13 @@ def _with_check_every(
         for gating, batching in plans
         for every in (values if gating else [None])
     ]
+
+
+def _baseline_plans(root: Path) -> list[tuple[bool, bool]]:
+    """The plain row, and the gated one where that agent knows ``[streams.motion]`` (a
+    baseline from before issue 15, such as its parent commit 4099dd4, does not)."""
+    knows_motion = (root / "agent" / "motion.py").exists()
+    return [(False, False)] + ([(True, False)] if knows_motion else [])
 
 
 def _plans(streams: int) -> list[tuple[bool, bool]]:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import httpx
 from sqlalchemy import text
@@ -34,8 +34,17 @@ def cpu_s(pid: int) -> float:
     return procstat.cpu_s(Path(f"/proc/{pid}/stat"))
 
 
-def machine_cpu() -> dict[int, tuple[str, float]]:
-    """pid → (command name, CPU seconds) of every process on the machine now."""
+class ProcCpu(NamedTuple):
+    name: str
+    """The command name (``comm``)."""
+    cpu_s: float
+    """Its CPU seconds with those of its children that ended and were waited for (the
+    backends of a PostgreSQL server count for the postmaster)."""
+    ppid: int
+
+
+def machine_cpu() -> dict[int, ProcCpu]:
+    """pid → its :class:`ProcCpu` for every process on the machine now."""
     out = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -44,24 +53,32 @@ def machine_cpu() -> dict[int, tuple[str, float]]:
             text = (entry / "stat").read_text()
         except OSError:  # gone meanwhile
             continue
-        out[int(entry.name)] = (
+        out[int(entry.name)] = ProcCpu(
             text[text.index("(") + 1 : text.rindex(")")],
-            procstat.stat_cpu_s(text),
+            procstat.stat_cpu_s(text, children=True),
+            int(text.rsplit(")", 1)[1].split()[1]),
         )
     return out
 
 
 def cpu_split(
-    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], roles: dict[int, str]
+    before: dict[int, ProcCpu], after: dict[int, ProcCpu], roles: dict[int, str]
 ) -> dict[str, float]:
     """CPU seconds between two ``machine_cpu`` snapshots, by role (``roles``: pid → role;
-    other processes by command name). Processes that ended between them are not counted."""
+    other processes by command name). A process that ended between them counts for its
+    parent, without what it had spent before the first snapshot; one whose parent did not
+    wait for it is not counted."""
+    spent = {
+        pid: p.cpu_s - before[pid].cpu_s if pid in before else p.cpu_s for pid, p in after.items()
+    }
+    for pid, gone in before.items():
+        if pid not in after and gone.ppid in spent:
+            spent[gone.ppid] -= gone.cpu_s
     split: dict[str, float] = {}
-    for pid, (name, seconds) in after.items():
-        spent = seconds - before.get(pid, (name, 0.0))[1]
-        if spent > 0:
-            role = roles.get(pid, name)
-            split[role] = split.get(role, 0.0) + spent
+    for pid, seconds in spent.items():
+        if seconds > 0:
+            role = roles.get(pid, after[pid].name)
+            split[role] = split.get(role, 0.0) + seconds
     return split
 
 

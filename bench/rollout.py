@@ -45,6 +45,7 @@ from typing import Any
 import httpx
 from sqlalchemy import text
 
+from bench import procstat
 from bench.cluster import (
     Cluster,
     cpu_split,
@@ -135,7 +136,7 @@ def run_rollout(
         _wait(known, 300, f"{args.devices} devices in the controller")
         db.dispose()
         time.sleep(1.0)
-        machine0 = machine_cpu()
+        machine0, busy0 = machine_cpu(), procstat.machine_busy_s()
         cpu0, t0 = cluster.cpu(), time.monotonic()
         body = {
             "model": TARGET,
@@ -164,6 +165,7 @@ def run_rollout(
         if cluster.balancer is not None:
             roles[cluster.balancer.pid] = "balancer"
         machine = cpu_split(machine0, machine_cpu(), roles)
+        busy1 = procstat.machine_busy_s()
         stop_telemetry.set()
         ok_active = sum(1 for d in fleet.devices.values() if d.streams["cam0"]["active"] == TARGET)
         one_rev = sum(1 for d in fleet.devices.values() if len(d.revs_with(TARGET)) == 1)
@@ -177,6 +179,7 @@ def run_rollout(
             "created_at": r["created_at"],
             "cpu_s": cpu,
             "machine_cpu_s": machine,
+            "machine_busy_s": (busy1[0] - busy0[0], busy1[1] - busy0[1]),
             "rss_peak_kib": rss_peak,
             "rss_hwm_kib": cluster.hwm_kib(),
             "leaders": cluster.leaders(),
@@ -380,7 +383,12 @@ def _print_rollout(args: argparse.Namespace, res: dict[str, Any], db_name: str) 
     split = sorted(res["machine_cpu_s"].items(), key=lambda kv: -kv[1])
     total = sum(v for _, v in split)
     cores = total / res["wall_s"]
-    print(f"  the machine's CPU during the rollout: {total:.1f} s ({cores:.2f} cores busy):")
+    busy, available = res["machine_busy_s"]
+    print(
+        f"  the machine during the rollout (/proc/stat): {busy:.1f} s busy of {available:.1f} s "
+        f"({busy / available:.0%}); processes {total:.1f} s ({cores:.2f} cores), the rest "
+        f"{busy - total:.1f} s (the kernel's own work, such as loopback networking):"
+    )
     print("    " + ", ".join(f"{role} {v:.1f} s" for role, v in split if v >= 0.5))
 
 
