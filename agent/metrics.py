@@ -39,7 +39,8 @@ class StreamMetrics:
     """Frames not inferred because the motion gate saw no change."""
     grab_only: int = 0
     """Frames only grabbed from the source, never converted to an image (motion gating's
-    frames between two checks); part of ``frames_captured``, each one skipped or dropped."""
+    frames between two checks, and frames the fps cap skips); part of ``frames_captured``,
+    each one skipped or dropped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +104,8 @@ class AgentCollector(Collector):
             "grab_only": CounterMetricFamily(
                 "edgefleet_stream_frames_grab_only",
                 "Frames decoded but never converted to an image (motion gating's frames "
-                "between two checks); part of the captured frames, each skipped or dropped",
+                "between two checks, frames the fps cap skips); part of the captured frames, "
+                "each skipped or dropped",
                 labels=["stream"],
             ),
             "detections": CounterMetricFamily(

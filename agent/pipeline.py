@@ -8,7 +8,9 @@ With motion gating (``[streams.motion]``, agent.motion) the camera thread conver
 ``check_every``-th frame of a still scene to an image (the others are only grabbed:
 :class:`Grabbed`), shrinks it to a grey thumbnail and preprocesses only frames that may be
 inferred; this thread skips the grabbed frames and those that did not change (publishing
-nothing or the last result again). With cross-stream batching (agent.batching) the invoke
+nothing or the last result again). Frames an fps cap (``streams[].fps``) skips are only
+grabbed too, and the cap keeps to its schedule within a few milliseconds (a frame slightly
+early counts as due). With cross-stream batching (agent.batching) the invoke
 goes through the stream's batch group.
 """
 
@@ -108,6 +110,13 @@ def _tagging(detector: Detector, gate: MotionGate | None) -> Callable[[Any], _Ta
     return gated
 
 
+FPS_EARLY_MAX_S = 0.02
+"""At most this much early (and at most a quarter of the cap's interval), a frame counts as
+due for the fps cap: the camera thread decides whether to convert a frame to an image when
+it is grabbed, a little before the frame's timestamp is taken, and a paced source's frames
+fall around the cap's schedule, not on it."""
+
+
 def _checking(gate: MotionGate | None) -> Retrieve | None:
     """Which frames the camera thread converts to images under gating: every ``check_every``-th,
     every one while the scene moves, and, so that ``max_skip_s`` holds, any while the gate is
@@ -120,6 +129,18 @@ def _checking(gate: MotionGate | None) -> Retrieve | None:
         return index % every == 0 or gate.moving or gate.due(time.monotonic())
 
     return check
+
+
+def _capped(pipeline: StreamPipeline, check: Retrieve | None) -> Retrieve:
+    """``check`` (None: every frame), and only frames the fps cap lets through: a frame the
+    cap will skip is only grabbed, never converted to an image nor preprocessed."""
+
+    def wanted(index: int) -> bool:
+        if time.monotonic() < pipeline.next_due - pipeline.early_s:
+            return False
+        return check is None or check(index)
+
+    return wanted
 
 
 class StreamPipeline:
@@ -172,7 +193,11 @@ class StreamPipeline:
         self.finished = threading.Event()
         """Set when the loop ends (stop() or a finite source ran out)."""
         source.set_transform(_tagging(detector, self._gate))
-        source.set_retrieve(_checking(self._gate))
+        self.next_due = 0.0
+        """With an fps cap: when (``time.monotonic()``) the next frame is due."""
+        self.early_s = min(self._min_interval / 4, FPS_EARLY_MAX_S)
+        check = _checking(self._gate)
+        source.set_retrieve(_capped(self, check) if self._min_interval else check)
 
     @property
     def detector(self) -> Detector:
@@ -232,7 +257,6 @@ class StreamPipeline:
                 self._swapped.notify_all()
 
     def _run(self) -> None:
-        next_due = 0.0
         try:
             while not self._stop.is_set():
                 if self._pending is not None:
@@ -245,11 +269,18 @@ class StreamPipeline:
                         self._batcher.leave(self.name)
                     continue
                 if self._min_interval:
-                    if frame.mono < next_due:
+                    if frame.mono < self.next_due - self.early_s or (
+                        isinstance(frame, Grabbed) and self._gate is None
+                    ):  # only the cap has frames grabbed without a gate
                         self.skipped_fps += 1
                         continue
                     if isinstance(frame, Frame):  # a grab leaves the slot to the next check
-                        next_due = max(next_due + self._min_interval, frame.mono)
+                        # On the schedule while frames come on time; one interval from now
+                        # after a late frame (no burst to catch up), and after the first.
+                        self.next_due = max(
+                            self.next_due + self._min_interval,
+                            frame.mono + self._min_interval - self.early_s,
+                        )
                 if isinstance(frame, Grabbed) or (
                     self._gate is not None and not self._gated_in(frame)
                 ):

@@ -14,7 +14,8 @@ video. ``--baseline DIR`` also runs the plain and gated rows (no batching; the g
 where that agent has motion gating) with the agent of another checkout (e.g. ``git archive
 HEAD | tar -x -C DIR``), so a change is compared within one run. ``--check-every N ...``
 runs this agent's gated rows once per ``[streams.motion] check_every`` (default: the agent's
-default; the baseline's gated rows keep theirs).
+default; the baseline's gated rows keep theirs). ``--fps N`` caps every stream at N frames a
+second (``streams[].fps``), both agents.
 
 Run: ``.venv/bin/python -m bench.cameras`` (about 5 minutes; ``--seconds``, ``--streams``).
 """
@@ -89,6 +90,7 @@ def _config(
     gating: bool,
     batching: bool,
     check_every: int | None = None,
+    fps: float = 0.0,
 ) -> Path:
     text = f'device_id = "bench"\nstate_dir = "{folder / "state"}"\n'
     text += f'[broker]\nurl = "mqtt://127.0.0.1:{port}"\n[telemetry]\ninterval_s = 1\n'
@@ -99,6 +101,8 @@ def _config(
             f'[[streams]]\nname = "cam{i}"\nsource = "{video}"\n'
             'model = "builtin:blazeface-short-int8"\nrealtime = true\nloop = true\n'
         )
+        if fps:
+            text += f"fps = {fps}\n"
         if gating:
             text += "[streams.motion]\nenabled = true\n"
             if check_every is not None:
@@ -168,6 +172,7 @@ def measure(
     seconds: float,
     agent_root: Path = REPO,
     check_every: int | None = None,
+    fps: float = 0.0,
 ) -> tuple[float, dict[str, float], float, int, int, float]:
     """(CPU % of a core per stream, the same by role, RSS MB, frames dropped, captured,
     inferred share)."""
@@ -180,6 +185,7 @@ def measure(
         gating=gating,
         batching=batching,
         check_every=check_every,
+        fps=fps,
     )
     sub = Subscriber(broker.port, ["edgefleet/v1/bench/telemetry"], persistent=False)
     env = dict(os.environ, PYTHONPATH=str(agent_root))
@@ -240,6 +246,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                             seconds=args.seconds,
                             agent_root=root,
                             check_every=every,
+                            fps=args.fps,
                         )
                         row = Row(
                             scene,
@@ -320,8 +327,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="N",
         help="[streams.motion] check_every of this agent's gated rows, a row per value",
     )
+    parser.add_argument(
+        "--fps", type=float, default=0.0, help="every stream's fps cap (streams[].fps; 0: none)"
+    )
     args = parser.parse_args(argv)
-    print(f"{os.cpu_count()} CPUs; agent: python -m agent.cli run; {args.seconds:g} s per row")
+    cap = f"; fps cap {args.fps:g}" if args.fps else ""
+    print(f"{os.cpu_count()} CPUs; agent: python -m agent.cli run; {args.seconds:g} s per row{cap}")
     print(HEADER, flush=True)
     run(args)
 
