@@ -12,13 +12,12 @@ import cv2
 import numpy as np
 
 from agent.config import StreamConfig
-from agent.pipeline import StreamPipeline
-from agent.sources import FrameSource
 from inference.detector import load_detector
 from inference.models import resolve_model
 from inference.preprocess import Prepared
 from protocol import Detections, decode
 from tests.agent_proc import VIDEO
+from tests.pipeline_run import run_to_end
 
 CLIP_FRAMES = 45
 """3 s of the shipped 15 fps video."""
@@ -40,7 +39,6 @@ def test_frames_the_fps_cap_skips_are_only_grabbed(tmp_path: Path) -> None:
     clip = _clip(tmp_path / "clip.mp4")
     model = resolve_model("builtin:blazeface-short-int8", tmp_path)
     config = StreamConfig(name="door", source=str(clip), model=str(model), fps=5)
-    source = FrameSource(name="door", uri=str(clip), loop=False, realtime=True)
     detector = load_detector(model)
     prepared: list[int] = []
     preprocess = detector.preprocess
@@ -50,33 +48,15 @@ def test_frames_the_fps_cap_skips_are_only_grabbed(tmp_path: Path) -> None:
         return preprocess(image)
 
     detector.preprocess = counting  # type: ignore[method-assign,assignment]
-    payloads: list[bytes] = []
-    counter = iter(range(1 << 30))
-    pipeline = StreamPipeline(
-        device_id="cam-01",
-        config=config,
-        source=source,
-        detector=detector,
-        publish=lambda _topic, payload: payloads.append(payload),
-        next_seq=lambda: next(counter),
-    )
-    pipeline.start()
-    source.start()
-    try:
-        assert pipeline.finished.wait(30), "the stream runs to the end of its file"
-    finally:
-        source.stop()
-        pipeline.stop()
-        detector.close()
-    stats = source.stats()
-    processed = pipeline.stats.snapshot().frames_processed
+    run = run_to_end(config, detector, realtime=True, timeout=30)
+    stats, pipeline, processed = run.source, run.pipeline, run.processed
     assert stats.frames_captured == CLIP_FRAMES
     assert processed + pipeline.skipped_fps + stats.frames_dropped == CLIP_FRAMES
     assert pipeline.skipped_motion == 0
     assert 12 <= processed <= 18, f"5 fps of a 3 s clip: {processed} frames inferred"
     assert len(prepared) <= processed + 2, "only frames the cap keeps are preprocessed"
     assert stats.frames_grab_only >= CLIP_FRAMES - processed - 2
-    indexes = [decode(p, Detections).frame_index for p in payloads]
+    indexes = [decode(p, Detections).frame_index for p in run.payloads]
     assert len(indexes) == processed and indexes == sorted(indexes)
     gaps = [b - a for a, b in itertools.pairwise(indexes)]
     assert sum(g == 3 for g in gaps) >= len(gaps) - 2, f"every third frame at 15 fps: {indexes}"

@@ -18,14 +18,13 @@ import pytest
 
 from agent.config import StreamConfig
 from agent.motion import MotionConfig
-from agent.pipeline import StreamPipeline
-from agent.sources import FrameSource
 from inference.detector import load_detector
 from inference.models import resolve_model
 from protocol import Detections, Telemetry, decode
 from tests.agent_proc import VIDEO, start_agent, stop_agent, stream_block, write_config
 from tests.broker import Mosquitto, free_port
 from tests.mqtt_sub import Received, Subscriber
+from tests.pipeline_run import run_to_end
 
 pytestmark = pytest.mark.slow
 
@@ -174,28 +173,8 @@ def test_grabbed_frames_are_skipped_repeated_and_a_face_is_inferred_at_the_next_
     model = resolve_model("builtin:blazeface-short-int8", tmp_path)
     motion = MotionConfig(enabled=True, max_skip_s=2.0, on_skip="repeat", check_every=4)
     config = StreamConfig(name="door", source=str(video), model=str(model), motion=motion)
-    payloads: list[bytes] = []
-    counter = iter(range(1 << 30))
-    source = FrameSource(name="door", uri=str(video), loop=False, realtime=False)
-    detector = load_detector(model)
-    pipeline = StreamPipeline(
-        device_id="cam-01",
-        config=config,
-        source=source,
-        detector=detector,
-        publish=lambda _topic, payload: payloads.append(payload),
-        next_seq=lambda: next(counter),
-    )
-    pipeline.start()
-    source.start()
-    try:
-        assert pipeline.finished.wait(60), "the stream runs to the end of its file"
-    finally:
-        source.stop()
-        pipeline.stop()
-        detector.close()
-    stats = source.stats()
-    processed = pipeline.stats.snapshot().frames_processed
+    run = run_to_end(config, load_detector(model), realtime=False)
+    stats, pipeline, payloads, processed = run.source, run.pipeline, run.payloads, run.processed
     assert (stats.frames_captured, stats.frames_dropped) == (120, 0)
     assert processed + pipeline.skipped_motion == 120 and pipeline.skipped_fps == 0
     assert 64 <= stats.frames_grab_only <= 120 - processed
