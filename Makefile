@@ -110,9 +110,10 @@ typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy protocol common inference agent controller tools tests bench
 
 # Two workers: most tests wait on brokers, agents and timers, so the suite takes about
-# 9 minutes instead of 14 on a 2-core machine. `make pytest PYTEST_ARGS="-n 0 -x"` runs
-# it in one process.
-PYTEST_ARGS ?= -n 2
+# 9-12 minutes instead of 14 on a 2-core machine (12 on the slower AMD EPYC of
+# 2026-12-07). The 15 slowest tests are listed at the end, to keep an eye on the total.
+# `make pytest PYTEST_ARGS="-n 0 -x"` runs it in one process.
+PYTEST_ARGS ?= -n 2 --durations=15
 pytest: install-dev mosquitto chromium promtool rtsp-deps
 	PATH="$(abspath $(PROMTOOL_DIR)):$$PATH:/usr/sbin" $(VENV)/bin/pytest $(PYTEST_ARGS)
 

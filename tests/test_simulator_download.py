@@ -7,6 +7,7 @@ import hashlib
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -63,3 +64,34 @@ def test_the_bytes_are_checked_after_a_redirect(server: str) -> None:
         "size_mismatch"
     )
     assert fetch_bundle(f"{server}/missing", SHA, len(BUNDLE), retry_s=0) == "http_404"
+
+
+class _KeepAlive(_Handler):
+    """HTTP/1.1 with keep-alive, but a connection is closed after its second response
+    without saying so, as a server's idle timeout does."""
+
+    protocol_version = "HTTP/1.1"
+    served: ClassVar[dict[int, int]] = {}
+    """Responses per connection (by the client's port)."""
+
+    def do_GET(self) -> None:
+        super().do_GET()
+        key = self.client_address[1]
+        self.served[key] = self.served.get(key, 0) + 1
+        if self.served[key] >= 2:
+            self.close_connection = True
+
+
+def test_a_kept_alive_connection_the_server_closed_is_replaced() -> None:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _KeepAlive)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/bundle"
+    try:
+        results = [fetch_bundle(url, SHA, len(BUNDLE), retry_s=0) for _ in range(5)]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert results == [None] * 5
+    assert sum(_KeepAlive.served.values()) == 5
+    assert len(_KeepAlive.served) == 3, "two downloads per connection, then a new one"
