@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -35,28 +34,14 @@ from inference.detector import Detector, load_detector
 from inference.golden import check_golden
 from protocol import Desired, Event, ModelRef, Reported, decode, encode
 from tests.bundle_factory import ASSETS
-from tests.ota_support import BASELINE_REF, VIDEO, FakeClock
+from tests.ota_support import BASELINE_REF, FakeClock
+from tests.video_files import shipped_frames
 
 BASELINE = ASSETS / "blazeface-short-int8.json"
 FPS = 30.0
 
 
-def video_frames(step: int = 5) -> list[npt.NDArray[Any]]:
-    cap = cv2.VideoCapture(str(VIDEO))
-    frames = []
-    index = 0
-    while True:
-        ok, image = cap.read()
-        if not ok:
-            break
-        if index % step == 0:
-            frames.append(image)
-        index += 1
-    cap.release()
-    return frames
-
-
-FRAMES = video_frames()  # 30 frames, 18 with a face
+FRAMES = shipped_frames()[::5]  # 30 frames, 18 with a face
 
 
 class SimStream:

@@ -6,9 +6,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-import cv2
 import numpy as np
 import pytest
 
@@ -19,20 +17,9 @@ from protocol import Detection, Detections, decode
 from tests.agent_proc import VIDEO, start_agent, stream_block, write_config
 from tests.broker import Mosquitto
 from tests.mqtt_sub import Subscriber
+from tests.video_files import shipped_frames
 
 ASSETS = Path(__file__).resolve().parent.parent / "inference" / "assets"
-
-
-def _frames(count: int) -> list[np.ndarray[Any, Any]]:
-    cap = cv2.VideoCapture(str(VIDEO))
-    frames: list[np.ndarray[Any, Any]] = []
-    while len(frames) < count:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
-    cap.release()
-    return frames
 
 
 def test_batch_sizes_are_the_group_size_and_powers_of_two() -> None:
@@ -63,7 +50,7 @@ def test_find_layout_of_a_plain_batch_and_of_segments() -> None:
 @pytest.mark.parametrize("model", ["int8", "fp16"])
 def test_a_batch_gives_the_detections_of_separate_calls(model: str) -> None:
     manifest = ASSETS / f"blazeface-short-{model}.json"
-    frames = _frames(150)[::10]  # faces and the empty scene
+    frames = shipped_frames(150)[::10]  # faces and the empty scene
     with load_detector(manifest) as separate, load_detector(manifest) as own:
         batched = BatchedModel(own, max_batch=8)
         try:
@@ -89,7 +76,7 @@ def test_a_model_without_a_batch_dimension_runs_separately() -> None:
         batched = BatchedModel(detector, max_batch=4)
         assert not batched.supports(2)
         assert batched.measure(2) is None
-        frames = _frames(3)
+        frames = shipped_frames(3)
         results = batched.infer([detector.preprocess(f) for f in frames])
         assert [len(r.detections) for r in results] == [1, 1, 1]
 
@@ -118,7 +105,7 @@ def test_the_daemon_batches_streams_with_the_detections_of_separate_calls(
     assert ran and int(ran.group(1)) >= 50, text[-3000:]
     sub.wait_for(lambda ms: len(ms) >= 300)
     sub.close()
-    frames = _frames(150)
+    frames = shipped_frames(150)
     with load_detector(ASSETS / "blazeface-short-int8.json") as detector:
         expected = [detector.detect(f).detections for f in frames]
     for name in names:
@@ -130,7 +117,7 @@ def test_the_daemon_batches_streams_with_the_detections_of_separate_calls(
 
 def test_a_batch_group_batches_waiting_streams_and_does_not_wait_for_one_that_left() -> None:
     manifest = ASSETS / "blazeface-short-int8.json"
-    frames = _frames(90)[::10]
+    frames = shipped_frames(90)[::10]
     with load_detector(manifest) as stream_detector:
         prepared = [stream_detector.preprocess(f) for f in frames]
         expected = [stream_detector.infer(p).detections for p in prepared]

@@ -8,7 +8,6 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from agent.config import StreamConfig
@@ -16,27 +15,15 @@ from inference.detector import load_detector
 from inference.models import resolve_model
 from inference.preprocess import Prepared
 from protocol import Detections, decode
-from tests.agent_proc import VIDEO
 from tests.pipeline_run import run_to_end
+from tests.video_files import shipped_frames, write_video
 
 CLIP_FRAMES = 45
 """3 s of the shipped 15 fps video."""
 
 
-def _clip(path: Path) -> Path:
-    cap = cv2.VideoCapture(str(VIDEO))
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), 15.0, (640, 480))
-    for _ in range(CLIP_FRAMES):
-        ok, frame = cap.read()
-        assert ok
-        writer.write(frame)
-    writer.release()
-    cap.release()
-    return path
-
-
 def test_frames_the_fps_cap_skips_are_only_grabbed(tmp_path: Path) -> None:
-    clip = _clip(tmp_path / "clip.mp4")
+    clip = write_video(tmp_path / "clip.mp4", shipped_frames(CLIP_FRAMES))
     model = resolve_model("builtin:blazeface-short-int8", tmp_path)
     config = StreamConfig(name="door", source=str(clip), model=str(model), fps=5)
     detector = load_detector(model)

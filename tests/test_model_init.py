@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -20,6 +19,7 @@ from inference.detector import load_detector
 from inference.errors import ModelError
 from inference.inspect import ModelSummary, draft_manifest
 from protocol import decode_manifest
+from tests.video_files import shipped_frames
 
 VIDEO = ASSETS_DIR / "face-walk-640x480.mp4"
 
@@ -35,17 +35,6 @@ def _copy(tmp_path: Path, name: str) -> Path:
     target = tmp_path / name
     shutil.copyfile(ASSETS_DIR / name, target)
     return target
-
-
-def _frames() -> list[np.ndarray[Any, Any]]:
-    capture = cv2.VideoCapture(str(VIDEO))
-    frames = []
-    ok, frame = capture.read()
-    while ok:
-        frames.append(frame)
-        ok, frame = capture.read()
-    capture.release()
-    return frames
 
 
 def test_int8_draft_loads_and_detects_like_the_shipped_manifest(tmp_path: Path) -> None:
@@ -70,7 +59,7 @@ def test_int8_draft_loads_and_detects_like_the_shipped_manifest(tmp_path: Path) 
         load_detector(ASSETS_DIR / "blazeface-short-int8.json") as reference,
     ):
         found = 0
-        for frame in _frames():
+        for frame in shipped_frames():
             got, want = drafted.detect(frame).detections, reference.detect(frame).detections
             assert [(d.label, d.score, d.box) for d in got] == [
                 (d.label, d.score, d.box) for d in want

@@ -8,12 +8,8 @@ ungated one does."""
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import cv2
-import numpy as np
 import pytest
 
 from agent.config import StreamConfig
@@ -25,6 +21,7 @@ from tests.agent_proc import VIDEO, start_agent, stop_agent, stream_block, write
 from tests.broker import Mosquitto, free_port
 from tests.mqtt_sub import Received, Subscriber
 from tests.pipeline_run import run_to_end
+from tests.video_files import shipped_frames, write_video
 
 pytestmark = pytest.mark.slow
 
@@ -32,28 +29,6 @@ FACE_FRAMES = set(range(30)) | set(range(60, 90)) | set(range(120, 150))
 STATIC_FRAME = 45
 """A frame of the shipped video without a face (frames 30-59 show the empty scene)."""
 GATED = '[streams.motion]\nenabled = true\nmax_skip_s = 2\non_skip = "{}"\n'
-
-
-def _frames() -> list[np.ndarray[Any, Any]]:
-    cap = cv2.VideoCapture(str(VIDEO))
-    frames: list[np.ndarray[Any, Any]] = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
-    cap.release()
-    return frames
-
-
-def write_video(path: Path, frames: Sequence[np.ndarray[Any, Any]], fps: float = 15.0) -> Path:
-    height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), fps, (width, height))
-    for frame in frames:
-        writer.write(frame)
-    writer.release()
-    assert path.stat().st_size > 0
-    return path
 
 
 def _detections(messages: list[Received], stream: str) -> list[Detections]:
@@ -67,7 +42,7 @@ def _has_face(message: Detections) -> bool:
 def test_gating_skips_a_static_scene_and_infers_when_a_face_appears(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
-    shipped = _frames()
+    shipped = shipped_frames()
     static = [shipped[STATIC_FRAME]] * 60
     video = write_video(tmp_path / "static-then-face.mp4", static + shipped[:30])
     metrics_port = free_port()
@@ -125,7 +100,7 @@ def _metric(body: str, name: str, labels: str = "") -> float:
 def test_a_still_scene_converts_only_every_check_every_th_frame_to_an_image(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
-    video = write_video(tmp_path / "static.mp4", [_frames()[STATIC_FRAME]] * 60)
+    video = write_video(tmp_path / "static.mp4", [shipped_frames()[STATIC_FRAME]] * 60)
     metrics_port = free_port()
     sub = Subscriber(mosquitto.port, ["edgefleet/v1/cam-01/telemetry"])
     extra = "[streams.motion]\nenabled = true\nmax_skip_s = 2\ncheck_every = 4\n"
@@ -166,7 +141,7 @@ def test_grabbed_frames_are_skipped_repeated_and_a_face_is_inferred_at_the_next_
     tmp_path: Path,
 ) -> None:
     """In process with the real parts, a file read without drops: exact counts."""
-    shipped = _frames()
+    shipped = shipped_frames()
     video = write_video(
         tmp_path / "still-then-face.mp4", [shipped[STATIC_FRAME]] * 90 + shipped[:30]
     )
