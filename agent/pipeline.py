@@ -131,18 +131,6 @@ def _checking(gate: MotionGate | None) -> Retrieve | None:
     return check
 
 
-def _capped(pipeline: StreamPipeline, check: Retrieve | None) -> Retrieve:
-    """``check`` (None: every frame), and only frames the fps cap lets through: a frame the
-    cap will skip is only grabbed, never converted to an image nor preprocessed."""
-
-    def wanted(index: int) -> bool:
-        if time.monotonic() < pipeline.next_due - pipeline.early_s:
-            return False
-        return check is None or check(index)
-
-    return wanted
-
-
 class StreamPipeline:
     """Runs inference for one stream on its own thread."""
 
@@ -193,11 +181,22 @@ class StreamPipeline:
         self.finished = threading.Event()
         """Set when the loop ends (stop() or a finite source ran out)."""
         source.set_transform(_tagging(detector, self._gate))
-        self.next_due = 0.0
+        self._next_due = 0.0
         """With an fps cap: when (``time.monotonic()``) the next frame is due."""
-        self.early_s = min(self._min_interval / 4, FPS_EARLY_MAX_S)
+        self._early_s = min(self._min_interval / 4, FPS_EARLY_MAX_S)
         check = _checking(self._gate)
-        source.set_retrieve(_capped(self, check) if self._min_interval else check)
+        source.set_retrieve(self._capped(check) if self._min_interval else check)
+
+    def _capped(self, check: Retrieve | None) -> Retrieve:
+        """``check`` (None: every frame), and only frames the fps cap lets through: a frame
+        the cap will skip is only grabbed, never converted to an image nor preprocessed."""
+
+        def wanted(index: int) -> bool:
+            if time.monotonic() < self._next_due - self._early_s:
+                return False
+            return check is None or check(index)
+
+        return wanted
 
     @property
     def detector(self) -> Detector:
@@ -269,7 +268,7 @@ class StreamPipeline:
                         self._batcher.leave(self.name)
                     continue
                 if self._min_interval:
-                    if frame.mono < self.next_due - self.early_s or (
+                    if frame.mono < self._next_due - self._early_s or (
                         isinstance(frame, Grabbed) and self._gate is None
                     ):  # only the cap has frames grabbed without a gate
                         self.skipped_fps += 1
@@ -277,9 +276,9 @@ class StreamPipeline:
                     if isinstance(frame, Frame):  # a grab leaves the slot to the next check
                         # On the schedule while frames come on time; one interval from now
                         # after a late frame (no burst to catch up), and after the first.
-                        self.next_due = max(
-                            self.next_due + self._min_interval,
-                            frame.mono + self._min_interval - self.early_s,
+                        self._next_due = max(
+                            self._next_due + self._min_interval,
+                            frame.mono + self._min_interval - self._early_s,
                         )
                 if isinstance(frame, Grabbed) or (
                     self._gate is not None and not self._gated_in(frame)

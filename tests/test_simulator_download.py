@@ -3,6 +3,7 @@ a download with a redirect to a presigned URL), size and sha256 checked (tools.s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections.abc import Iterator
@@ -37,14 +38,23 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+@contextlib.contextmanager
+def _serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A local HTTP server with ``handler`` on a thread; its base URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with _serving(_Handler) as url:
+        yield url
 
 
 def test_a_redirected_download_is_followed_and_checked(server: str) -> None:
@@ -83,15 +93,8 @@ class _KeepAlive(_Handler):
 
 
 def test_a_kept_alive_connection_the_server_closed_is_replaced() -> None:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _KeepAlive)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/bundle"
-    try:
-        results = [fetch_bundle(url, SHA, len(BUNDLE), retry_s=0) for _ in range(5)]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with _serving(_KeepAlive) as server:
+        results = [fetch_bundle(f"{server}/bundle", SHA, len(BUNDLE), retry_s=0) for _ in range(5)]
     assert results == [None] * 5
     assert sum(_KeepAlive.served.values()) == 5
     assert len(_KeepAlive.served) == 3, "two downloads per connection, then a new one"
