@@ -185,16 +185,18 @@ class BatchedModel:
         size = len(prepared)
         backend = self._backends[size]
         backend.set_input(np.concatenate([p.tensor for p in prepared]))
-        start = time.perf_counter()
+        on_caller = backend.computes_on_caller
+        start, cpu_start = time.perf_counter(), time.thread_time()
         backend.invoke()
         infer_ms = (time.perf_counter() - start) * 1000.0 / size
+        cpu_ms = (time.thread_time() - cpu_start) * 1000.0 / size if on_caller else None
         outputs = []
         for k, layout in enumerate(self._layouts[size]):
             array = backend.output(k)
             rows = array.reshape((size * layout.shape[1], *array.shape[2:]))
             outputs.append(rows[layout][:, None])  # frame i: [1, rows, ...] like a single call
         return [
-            self.detector.decode([out[i] for out in outputs], p, infer_ms)
+            self.detector.decode([out[i] for out in outputs], p, infer_ms, cpu_ms=cpu_ms)
             for i, p in enumerate(prepared)
         ]
 

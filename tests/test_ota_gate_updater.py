@@ -39,7 +39,7 @@ def shifted(detector: Detector) -> None:
             moved.append(
                 Detection(label=d.label, score=d.score, box=(x0 + half, y0, x1 + half, y1))
             )
-        return InferenceResult(detections=moved, infer_ms=result.infer_ms)
+        return dataclasses.replace(result, detections=moved)
 
     detector.infer = run  # type: ignore[method-assign]
 
@@ -49,7 +49,8 @@ def ten_times_slower(detector: Detector) -> None:
 
     def run(prepared: Prepared, *, min_score: float | None = None) -> InferenceResult:
         result = infer(prepared, min_score=min_score)
-        return dataclasses.replace(result, infer_ms=result.infer_ms * 10)
+        cpu_ms = result.cpu_ms * 10 if result.cpu_ms is not None else None
+        return dataclasses.replace(result, infer_ms=result.infer_ms * 10, cpu_ms=cpu_ms)
 
     detector.infer = run  # type: ignore[method-assign]
 

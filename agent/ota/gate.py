@@ -64,6 +64,25 @@ class Pair:
     """None: the candidate raised or gave NaN/infinite outputs on this frame (an error)."""
     score_shift: tuple[float, ...] = ()
     """Candidate minus current score of each matched box."""
+    current_cpu_ms: float | None = None
+    candidate_cpu_ms: float | None = None
+    """The inference thread's CPU time of each invoke, where the backend computes on that
+    thread (``InferenceResult.cpu_ms``): the latency check compares these when both are
+    known, the wall-clock times otherwise."""
+
+    @property
+    def log_ratio(self) -> float | None:
+        """log(candidate / current inference time): CPU times where both are known (a busy
+        host or interpreter lock does not stretch them), else wall-clock times; None for an
+        error or a zero time."""
+        if self.candidate_ms is None:
+            return None
+        cand, cur = self.candidate_cpu_ms, self.current_cpu_ms
+        if cand is None or cur is None or cand <= 0 or cur <= 0:
+            cand, cur = self.candidate_ms, self.current_ms
+        if cand <= 0 or cur <= 0:
+            return None
+        return math.log(cand / cur)
 
     @property
     def error(self) -> bool:
@@ -311,11 +330,7 @@ def _latency(
 ) -> tuple[float | None, tuple[float, float] | None, GateVerdict]:
     medians = []
     for block in blocks:
-        logs = [
-            math.log(p.candidate_ms / p.current_ms)
-            for p in block
-            if p.candidate_ms is not None and p.candidate_ms > 0 and p.current_ms > 0
-        ]
+        logs = [r for r in (p.log_ratio for p in block) if r is not None]
         if logs:
             medians.append(statistics.median(logs))
     if not medians:

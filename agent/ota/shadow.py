@@ -67,6 +67,10 @@ class ShadowOutcome:
     infer_ms: float | None
     spent_s: float
 
+    @property
+    def cpu_ms(self) -> float | None:
+        return self.result.cpu_ms if self.infer_ms is not None else None
+
 
 class ShadowRunner:
     """Runs ``shadow`` on sampled frames after the active model (inference thread only)."""
@@ -120,11 +124,13 @@ class ShadowRunner:
         if self._candidate:
             current, candidate = result, shadow.result
             current_ms, candidate_ms = result.infer_ms, shadow.infer_ms
+            current_cpu, candidate_cpu = result.cpu_ms, shadow.cpu_ms
         else:
             if shadow.infer_ms is None:
                 return  # the old model failed: no evidence about the candidate
             current, candidate = shadow.result, result
             current_ms, candidate_ms = shadow.infer_ms, result.infer_ms
+            current_cpu, candidate_cpu = shadow.cpu_ms, result.cpu_ms
         if candidate_ms is None:
             self.pairs.add(Pair(now, len(current.detections), 0, 0, current_ms, None))
             return
@@ -138,6 +144,8 @@ class ShadowRunner:
                 current_ms=current_ms,
                 candidate_ms=candidate_ms,
                 score_shift=tuple(round(b.score - a.score, 4) for a, b in matches),
+                current_cpu_ms=current_cpu,
+                candidate_cpu_ms=candidate_cpu,
             )
         )
 

@@ -87,6 +87,13 @@ class Backend(abc.ABC):
     def invoke(self) -> None:
         """Run the model on the current inputs."""
 
+    @property
+    def computes_on_caller(self) -> bool:
+        """Whether ``invoke`` does all its work on the calling thread (one CPU thread), so that
+        the thread's CPU time over the call is the model's cost; False for a GPU or where a
+        thread pool shares the work."""
+        return self.threads == 1
+
     @abc.abstractmethod
     def output(self, index: int) -> npt.NDArray[Any]:
         """Output ``index`` of the last invoke (raw: quantized outputs stay quantized).

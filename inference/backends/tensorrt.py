@@ -261,6 +261,10 @@ class TensorRTBackend(Backend):
             )
         np.copyto(host, array, casting="same_kind")
 
+    @property
+    def computes_on_caller(self) -> bool:
+        return False  # the GPU computes; the calling thread waits for it
+
     def invoke(self) -> None:
         cuda = self._cuda
         if cuda is None:
