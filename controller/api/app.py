@@ -14,6 +14,7 @@ from controller.api import errors
 from controller.api.auth import AuthLimiter
 from controller.api.bodylimit import BodyLimit
 from controller.api.credentials import router as credentials_router
+from controller.api.models import ModelRows
 from controller.api.models import router as models_router
 from controller.api.params import MAX_JSON_BODY_BYTES
 from controller.api.rollouts import router as rollouts_router
@@ -52,6 +53,7 @@ def create_app(
     app.state.clock = clock
     app.state.ingest_snapshot = ingest_snapshot
     app.state.auth_limiter = auth_limiter if auth_limiter is not None else AuthLimiter()
+    app.state.model_rows = ModelRows()
     app.state.registry = build_registry(
         db=db, ingest_snapshot=ingest_snapshot, auth=app.state.auth_limiter
     )

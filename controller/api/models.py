@@ -5,6 +5,10 @@ from __future__ import annotations
 import hmac
 import os
 import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,6 +39,50 @@ router = APIRouter(prefix="/api/v1", tags=["models"], responses=AUTH)
 def _db(request: Request) -> Database:
     db: Database = request.app.state.db
     return db
+
+
+class ModelRows:
+    """Models by name and version, remembered once found, for bundle downloads (a rollout's
+    devices each fetch the same few): without it every download checked a database
+    connection out of the pool for one row, and bursts of downloads opened and closed
+    overflow connections (measured in bench.rollout: the database round trips were most of a
+    download's time, and each replica serves thousands in a stage).
+
+    A version is immutable and is never deleted, so a row once found stays true; ``ttl_s``
+    only bounds what a database restored from an older backup could leave stale. A model
+    not found is not remembered: another replica may store it the next moment.
+    """
+
+    def __init__(
+        self, *, ttl_s: float = 60.0, size: int = 256, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ttl_s = ttl_s
+        self._size = size
+        self._clock = clock
+        self._rows: OrderedDict[tuple[str, str], tuple[float, registry.ModelInfo]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, db: Database, name: str, version: str) -> registry.ModelInfo | None:
+        key, now = (name, version), self._clock()
+        with self._lock:
+            hit = self._rows.get(key)
+            if hit is not None and now - hit[0] < self._ttl_s:
+                self._rows.move_to_end(key)
+                return hit[1]
+        with db.connect() as conn:
+            row = registry.get_model(conn, name, version)
+        if row is not None:
+            with self._lock:
+                self._rows[key] = (now, row)
+                self._rows.move_to_end(key)
+                while len(self._rows) > self._size:
+                    self._rows.popitem(last=False)
+        return row
+
+
+def _model_rows(request: Request) -> ModelRows:
+    rows: ModelRows = request.app.state.model_rows
+    return rows
 
 
 def _hosting(request: Request) -> ModelHosting:
@@ -300,8 +348,7 @@ def download_bundle(
     Devices authenticate with the URL's ``key`` (the download URL in the desired state);
     operators may use a viewer token instead.
     """
-    with _db(request).connect() as conn:
-        row = registry.get_model(conn, name, version)
+    row = _model_rows(request).get(_db(request), name, version)
     key_ok = row is not None and key is not None and hmac.compare_digest(key, row.download_key)
     if not key_ok:
         _check_viewer(request, authorization)

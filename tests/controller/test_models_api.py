@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import httpx
 import pytest
+from sqlalchemy import event
 
 from controller.api import create_app
 from controller.blobstore import BlobStore, ModelHosting
@@ -215,3 +216,30 @@ def test_bundle_download_without_key_needs_a_viewer_token(
     with_token = client.get(plain, headers=auth(tokens["viewer"]))
     assert with_token.status_code == 200
     assert with_token.content == bundles["1.0.0"].read_bytes()
+
+
+def test_downloads_of_a_model_read_its_row_once(
+    client: httpx.Client, database: Database, tokens: dict[str, str], bundles: dict[str, Path]
+) -> None:
+    """A rollout's devices fetch the same bundle thousands of times: the model's row is read
+    from the database once (versions are immutable), keys are still checked every time, and
+    a version not stored yet is not remembered as missing."""
+    selects: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM models" in statement:
+            selects.append(statement)
+
+    url = push(client, tokens["operator"], bundles["1.0.0"]).json()["download_url"]
+    missing = "/api/v1/models/face/1.1.0/bundle"
+    event.listen(database.engine, "before_cursor_execute", count)
+    try:
+        for _ in range(5):
+            assert client.get(url).status_code == 200
+        assert client.get(url.replace("key=", "key=x")).status_code == 401
+        assert len(selects) == 1, selects
+        assert client.get(missing, headers=auth(tokens["viewer"])).status_code == 404
+        created = push(client, tokens["operator"], bundles["1.1.0"]).json()
+        assert client.get(created["download_url"]).status_code == 200
+    finally:
+        event.remove(database.engine, "before_cursor_execute", count)
