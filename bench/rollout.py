@@ -2,8 +2,10 @@
 
 A local Mosquitto, ``--replicas`` controller processes (``edgefleet controller serve``, as
 deployed; several share PostgreSQL and an MQTT shared group, behind a round-robin TCP
-balancer that is their ``api.public_url``: bench/cluster.py), and ``SimulatedFleet`` devices (protocol-level, a few shared MQTT connections)
-that act on their desired states: downloading → … → committed, each phase reported after
+balancer that is their ``api.public_url``: bench/cluster.py), and ``SimulatedFleet`` devices
+(protocol-level, a few shared MQTT connections; split over ``--sim-processes`` child
+processes, one per 2,500 devices by default, ``--baseline-sim-processes N`` runs the same
+rollout first with another split, 0 = in the bench process) that act on their desired states: downloading → … → committed, each phase reported after
 ``--phase-delay``. The bench uploads a bundle, creates a rollout (``--stages``,
 ``--bake``) and follows it over the API until it completed, then reports:
 
@@ -36,7 +38,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,7 @@ from controller.broker import EmbeddedBroker
 from controller.db.session import Database
 from controller.rollouts.spec import format_duration, parse_duration
 from tools.simulator.fleet import SimulatedFleet
+from tools.simulator.fleet_procs import FleetProcesses
 from tools.simulator.ota import OtaBehaviour
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,9 +78,16 @@ def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def run_rollout(
-    args: argparse.Namespace, tmp: Path, db_url: str, repo: Path = REPO
+    args: argparse.Namespace,
+    tmp: Path,
+    db_url: str,
+    repo: Path = REPO,
+    sim_processes: int | None = None,
 ) -> dict[str, Any]:
-    """One rollout through the controllers of checkout ``repo`` (this one by default)."""
+    """One rollout through the controllers of checkout ``repo`` (this one by default), the
+    devices simulated in ``sim_processes`` child processes (0: in this one; None:
+    ``args.sim_processes``)."""
+    processes = args.sim_processes if sim_processes is None else sim_processes
     tmp.mkdir(parents=True, exist_ok=True)
     broker = EmbeddedBroker(workdir=tmp / "broker", port=0)
     broker.start()
@@ -91,8 +100,7 @@ def run_rollout(
         bundle_cache_bytes=args.bundle_cache,
         repo=repo,
     )
-    fleet: SimulatedFleet | None = None
-    stop_telemetry = threading.Event()
+    fleet: SimulatedFleet | FleetProcesses | None = None
     try:
         cluster.start()
         token = operator_token(db_url)
@@ -102,29 +110,25 @@ def run_rollout(
         )
         http.post("/api/v1/models", content=face_bundle(tmp).read_bytes()).raise_for_status()
 
-        ids = [f"sim-{i:05d}" for i in range(args.devices)]
-        fleet = SimulatedFleet(
-            broker_url=broker.url,
-            username=broker.username,
-            password=broker.password,
-            device_ids=ids,
-            behaviour=OtaBehaviour(
+        fleet_args: dict[str, Any] = {
+            "broker_url": broker.url,
+            "username": broker.username,
+            "password": broker.password,
+            "device_ids": [f"sim-{i:05d}" for i in range(args.devices)],
+            "behaviour": OtaBehaviour(
                 phase_delay_s=args.phase_delay, download=args.download, download_retry_s=120
             ),
-            per_connection=args.per_connection,
-            telemetry_interval_s=args.telemetry_interval,
-            download_workers=args.download_workers,
-        )
-        fleet.connect()
+            "per_connection": args.per_connection,
+            "telemetry_interval_s": args.telemetry_interval,
+            "download_workers": -(-args.download_workers // max(processes, 1)),
+        }
+        if processes:
+            fleet = FleetProcesses(processes=processes, **fleet_args)
+        else:
+            fleet = SimulatedFleet(**fleet_args)
+        fleet.connect(timeout=300)
         fleet.announce()
-
-        sim = fleet
-
-        def telemetry() -> None:
-            while not stop_telemetry.wait(args.telemetry_interval):
-                sim.publish_telemetry()
-
-        threading.Thread(target=telemetry, daemon=True).start()
+        fleet.start_telemetry(args.telemetry_interval)
 
         def known() -> bool:
             with db.connect() as conn:
@@ -159,16 +163,16 @@ def run_rollout(
         wall = time.monotonic() - t0
         cpu = [b - a for a, b in zip(cpu0, cluster.cpu(), strict=True)]
         roles = {p.pid: f"controller {i}" for i, p in enumerate(cluster.procs)}
-        roles[os.getpid()] = "simulator (bench process)"
+        roles[os.getpid()] = "bench process" + ("" if processes else " (simulator)")
+        if isinstance(fleet, FleetProcesses):
+            roles.update({pid: f"simulator ({processes} processes)" for pid in fleet.pids})
         if broker.proc is not None:
             roles[broker.proc.pid] = "mosquitto"
         if cluster.balancer is not None:
             roles[cluster.balancer.pid] = "balancer"
         machine = cpu_split(machine0, machine_cpu(), roles)
         busy1 = procstat.machine_busy_s()
-        stop_telemetry.set()
-        ok_active = sum(1 for d in fleet.devices.values() if d.streams["cam0"]["active"] == TARGET)
-        one_rev = sum(1 for d in fleet.devices.values() if len(d.revs_with(TARGET)) == 1)
+        ended = fleet.summary(TARGET)
         shown = http.get(f"/api/v1/rollouts/{rid}").json()["devices"]
         passed = sum(1 for d in shown if (d["evidence"] or {}).get("verdict") == "pass")
         return {
@@ -184,13 +188,13 @@ def run_rollout(
             "rss_hwm_kib": cluster.hwm_kib(),
             "leaders": cluster.leaders(),
             "db_bytes": database_bytes(db_url),
-            "devices_on_target": ok_active,
-            "devices_one_rev": one_rev,
+            "devices_on_target": ended.on_model,
+            "devices_one_rev": ended.one_rev,
+            "sim_processes": processes,
             "gate_passed": passed,
             "counts": r["counts"],
         }
     finally:
-        stop_telemetry.set()
         if fleet is not None:
             fleet.stop()
         cluster.stop()
@@ -225,7 +229,24 @@ def main() -> int:
         help="controller processes (>1: PostgreSQL, shared group)",
     )
     parser.add_argument(
-        "--download-workers", type=int, default=64, help="simulated concurrent downloads"
+        "--download-workers",
+        type=int,
+        default=64,
+        help="simulated concurrent downloads (split over the simulator processes)",
+    )
+    parser.add_argument(
+        "--sim-processes",
+        type=int,
+        default=None,
+        help="processes simulating the devices (0: the bench process itself; default: one "
+        "per 2,500 devices, at most 8)",
+    )
+    parser.add_argument(
+        "--baseline-sim-processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the same rollout first with the devices in N simulator processes",
     )
     parser.add_argument(
         "--bundle-cache",
@@ -252,6 +273,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     args.bake_s = parse_duration(args.bake)
+    if args.sim_processes is None:
+        args.sim_processes = min(8, -(-args.devices // 2500))
     if args.replicas > 1 and not args.pg:
         parser.error("--replicas > 1 needs --pg (replicas share a PostgreSQL database)")
 
@@ -268,9 +291,13 @@ def main() -> int:
 
         try:
             base = None
-            if args.baseline and not args.skip_rollout:
+            if (args.baseline or args.baseline_sim_processes is not None) and not args.skip_rollout:
                 base = run_rollout(
-                    args, tmp / "baseline", url("baseline.db"), Path(args.baseline).resolve()
+                    args,
+                    tmp / "baseline",
+                    url("baseline.db"),
+                    Path(args.baseline).resolve() if args.baseline else REPO,
+                    args.baseline_sim_processes,
                 )
             res = None if args.skip_rollout else run_rollout(args, tmp, url("controller.db"))
             ingest = []
@@ -309,7 +336,7 @@ def _print_results(
 ) -> None:
     db_name = "PostgreSQL" if args.pg else "SQLite"
     if base is not None:
-        print(f"\nbaseline ({args.baseline}):", end="")
+        print(f"\nbaseline ({args.baseline or 'this checkout'}):", end="")
         _print_rollout(args, base, db_name)
     if res is not None:
         _print_rollout(args, res, db_name)
@@ -347,11 +374,13 @@ def _print_results(
 
 def _print_rollout(args: argparse.Namespace, res: dict[str, Any], db_name: str) -> None:
     beyond = res["wall_s"] - res["bake_total_s"]
+    n = res["sim_processes"]
+    where = f"{n} process{'es' if n > 1 else ''}" if n else "the bench process"
     print(
         f"\nrollout of {TARGET} to {args.devices} simulated devices through {args.replicas} "
         f"controller(s) ({db_name}, stages {args.stages}, bake {format_duration(args.bake_s)}, "
         f"tick {args.tick}s, phase delay {args.phase_delay}s x 7 phases"
-        f"{', real downloads' if args.download else ''})"
+        f"{', real downloads' if args.download else ''}; devices simulated in {where})"
     )
     print(f"  result: {res['state']}, {res['counts']}")
     print(

@@ -5,6 +5,7 @@ to download one bundle after another, which made a 10,000-device benchmark measu
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import threading
@@ -15,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from controller.broker import free_port
 from protocol import Desired, ModelRef, desired_topic, encode
 from tests.broker import Mosquitto
 from tests.mqtt_sub import Subscriber
 from tests.waiting import wait_for
-from tools.simulator.fleet import SimulatedFleet
+from tools.simulator.fleet import FleetSummary, SimulatedFleet
+from tools.simulator.fleet_procs import FleetProcesses, SimulatorError
 from tools.simulator.mqtt import connect, mqtt_client
 from tools.simulator.ota import OtaBehaviour
 
@@ -120,3 +123,62 @@ def test_the_command_line_runs_thousands_of_devices_over_shared_connections(
             sub.close()
     finally:
         broker.stop()
+
+
+def test_a_fleet_split_over_processes_acts_as_one(mosquitto: Mosquitto, bundles: str) -> None:
+    """Three child processes (one interpreter lock each) share 30 devices; every device
+    downloads and commits, each on one rev, and the parent sums what they ended with."""
+    ids = [f"px-{i:02d}" for i in range(30)]
+    fleet = FleetProcesses(
+        processes=3,
+        broker_url=mosquitto.url,
+        device_ids=ids,
+        behaviour=OtaBehaviour(download=True, phase_delay_s=0.01),
+        per_connection=5,
+        telemetry_interval_s=0.5,
+    )
+    ref = ModelRef(
+        name="m", version="2", url=bundles, sha256=hashlib.sha256(BODY).hexdigest(), size=len(BODY)
+    )
+    sub = Subscriber(mosquitto.port, ["edgefleet/v1/+/telemetry"], persistent=False)
+    client = mqtt_client("test-desired-px", None, None)
+    connect(client, mosquitto.url, keepalive=30)
+    client.loop_start()
+    try:
+        assert len(set(fleet.pids)) == 3 and os.getpid() not in fleet.pids
+        fleet.connect()
+        fleet.announce()
+        fleet.start_telemetry(0.5)
+        for d in ids:
+            desired = Desired(schema=1, rev=1, models={"cam0": ref})
+            client.publish(desired_topic(d), encode(desired), qos=1, retain=True)
+        wait_for(lambda: fleet.summary("m@2").on_model == 30, timeout=20, what="30 devices on m@2")
+        assert fleet.summary("m@2") == FleetSummary(devices=30, on_model=30, one_rev=30)
+        assert fleet.summary("other@1") == FleetSummary(devices=30, on_model=0, one_rev=0)
+        # Every child publishes its own devices' telemetry on its own loop.
+        sub.wait_for(lambda ms: {m.topic.split("/")[2] for m in ms} == set(ids), timeout=10)
+    finally:
+        fleet.stop()
+        sub.close()
+        client.disconnect()
+        client.loop_stop()
+    assert all(not p.is_alive() for p in fleet._procs)
+
+
+def test_a_child_that_fails_a_command_is_reported_with_its_error(tmp_path: Path) -> None:
+    closed = free_port()
+    fleet = FleetProcesses(
+        processes=2,
+        broker_url=f"mqtt://127.0.0.1:{closed}",
+        device_ids=["a", "b", "c"],
+        behaviour=OtaBehaviour(),
+    )
+    try:
+        with pytest.raises(SimulatorError, match="process 0 failed connect: ConnectionRefused"):
+            fleet.connect(timeout=5)
+        with pytest.raises(SimulatorError, match="at least 1"):
+            FleetProcesses(
+                processes=0, broker_url="mqtt://x", device_ids=[], behaviour=OtaBehaviour()
+            )
+    finally:
+        fleet.stop()

@@ -16,14 +16,16 @@ absent from ``models`` goes back to its baseline. With
 ``slow`` make its telemetry clearly worse (the controller's health comparison); ``load``
 scales every device's inference latency over time, updated or not (a fleet-wide spike).
 :class:`~tools.simulator.fleet.SimulatedFleet` runs many such devices over a few shared
-connections (benchmarks).
+connections (benchmarks); :class:`~tools.simulator.fleet_procs.FleetProcesses` splits such a
+fleet over several processes, one interpreter lock each (``bench.rollout --sim-processes``).
 
 :func:`~tools.simulator.load.publish_load` pushes pre-encoded telemetry of many device ids
 through a few connections as fast as possible (or at a rate) for load tests and benchmarks.
 
 Modules: ``messages`` (protocol messages a device sends), ``ota`` (OTA behaviour of one
 device), ``gate`` (health-gate evidence), ``download`` (fetching and checking bundles),
-``mqtt`` (connections and the step scheduler), ``device``, ``fleet``, ``load``, ``cli``.
+``mqtt`` (connections and the step scheduler), ``device``, ``fleet``, ``fleet_procs``,
+``load``, ``cli``.
 
 Command line::
 

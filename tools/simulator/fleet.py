@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from protocol import (
@@ -28,6 +29,25 @@ from protocol import (
 from tools.simulator.messages import DEFAULT_MODEL, status_message
 from tools.simulator.mqtt import Scheduler, connect, mqtt_client
 from tools.simulator.ota import DeviceOta, OtaBehaviour, Step, decode_desired
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSummary:
+    """What a fleet's devices ended with, for one model on one stream."""
+
+    devices: int
+    on_model: int
+    """Devices whose stream runs the model."""
+    one_rev: int
+    """Devices that received exactly one desired rev carrying the model (none got two revs
+    for one assignment)."""
+
+    def __add__(self, other: FleetSummary) -> FleetSummary:
+        return FleetSummary(
+            self.devices + other.devices,
+            self.on_model + other.on_model,
+            self.one_rev + other.one_rev,
+        )
 
 
 class SimulatedFleet:
@@ -65,6 +85,7 @@ class SimulatedFleet:
         self._scheduler = Scheduler("sim-fleet")
         self._downloads = ThreadPoolExecutor(download_workers, thread_name_prefix="sim-download")
         self._subscribed = threading.Semaphore(0)
+        self._stopped = threading.Event()
         for n, group in enumerate(self._groups):
             client = mqtt_client(f"sim-fleet-{n}-{time.monotonic_ns() % 10**9}", username, password)
             client.max_inflight_messages_set(1000)
@@ -127,6 +148,23 @@ class SimulatedFleet:
                 retain=False,
             )
 
+    def start_telemetry(self, interval_s: float) -> None:
+        """Publish every device's telemetry every ``interval_s`` until :meth:`stop`."""
+
+        def loop() -> None:
+            while not self._stopped.wait(interval_s):
+                self.publish_telemetry()
+
+        threading.Thread(target=loop, name="sim-telemetry", daemon=True).start()
+
+    def summary(self, model: str, stream: str = "cam0") -> FleetSummary:
+        devices = list(self.devices.values())
+        return FleetSummary(
+            devices=len(devices),
+            on_model=sum(1 for d in devices if d.streams[stream]["active"] == model),
+            one_rev=sum(1 for d in devices if len(d.revs_with(model)) == 1),
+        )
+
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
         try:
             device_id = parse_topic(msg.topic).device_id
@@ -174,6 +212,7 @@ class SimulatedFleet:
         )
 
     def stop(self) -> None:
+        self._stopped.set()
         self._scheduler.stop()
         self._downloads.shutdown(wait=False, cancel_futures=True)
         for client in self._clients:
