@@ -3,6 +3,7 @@ downloads with Range, ETag and the per-bundle download key."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from sqlalchemy import event
 
 from controller.api import create_app
+from controller.api.models import ModelRows
 from controller.blobstore import BlobStore, ModelHosting
 from controller.bundles import package_model, sign_bundle
 from controller.db.session import Database
@@ -218,22 +220,31 @@ def test_bundle_download_without_key_needs_a_viewer_token(
     assert with_token.content == bundles["1.0.0"].read_bytes()
 
 
-def test_downloads_of_a_model_read_its_row_once(
-    client: httpx.Client, database: Database, tokens: dict[str, str], bundles: dict[str, Path]
-) -> None:
-    """A rollout's devices fetch the same bundle thousands of times: the model's row is read
-    from the database once (versions are immutable), keys are still checked every time, and
-    a version not stored yet is not remembered as missing."""
+@contextlib.contextmanager
+def model_selects(database: Database) -> Iterator[list[str]]:
+    """The ``SELECT ... FROM models`` statements run on ``database`` meanwhile."""
     selects: list[str] = []
 
     def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
         if statement.lstrip().upper().startswith("SELECT") and "FROM models" in statement:
             selects.append(statement)
 
-    url = push(client, tokens["operator"], bundles["1.0.0"]).json()["download_url"]
-    missing = "/api/v1/models/face/1.1.0/bundle"
     event.listen(database.engine, "before_cursor_execute", count)
     try:
+        yield selects
+    finally:
+        event.remove(database.engine, "before_cursor_execute", count)
+
+
+def test_downloads_of_a_model_read_its_row_once(
+    client: httpx.Client, database: Database, tokens: dict[str, str], bundles: dict[str, Path]
+) -> None:
+    """A rollout's devices fetch the same bundle thousands of times: the model's row is read
+    from the database once (versions are immutable), keys are still checked every time, and
+    a version not stored yet is not remembered as missing."""
+    url = push(client, tokens["operator"], bundles["1.0.0"]).json()["download_url"]
+    missing = "/api/v1/models/face/1.1.0/bundle"
+    with model_selects(database) as selects:
         for _ in range(5):
             assert client.get(url).status_code == 200
         assert client.get(url.replace("key=", "key=x")).status_code == 401
@@ -241,5 +252,25 @@ def test_downloads_of_a_model_read_its_row_once(
         assert client.get(missing, headers=auth(tokens["viewer"])).status_code == 404
         created = push(client, tokens["operator"], bundles["1.1.0"]).json()
         assert client.get(created["download_url"]).status_code == 200
-    finally:
-        event.remove(database.engine, "before_cursor_execute", count)
+
+
+def test_remembered_model_rows_expire_and_are_bounded(
+    client: httpx.Client, database: Database, tokens: dict[str, str], bundles: dict[str, Path]
+) -> None:
+    for version in ("1.0.0", "1.1.0"):
+        push(client, tokens["operator"], bundles[version])
+    now = [0.0]
+    rows = ModelRows(ttl_s=10.0, size=1, clock=lambda: now[0])
+    with model_selects(database) as selects:
+        found = rows.get(database, "face", "1.0.0")
+        assert found is not None and found.ref == "face@1.0.0"
+        assert rows.get(database, "face", "1.0.0") is found
+        assert len(selects) == 1
+        assert rows.get(database, "face", "1.1.0") is not None  # the only slot: 1.0.0 goes
+        assert rows.get(database, "face", "1.0.0") is not None
+        assert len(selects) == 3
+        now[0] = 10.5  # past the TTL
+        assert rows.get(database, "face", "1.0.0") is not None
+        assert rows.get(database, "face", "9.9.9") is None
+        assert rows.get(database, "face", "9.9.9") is None
+        assert len(selects) == 6
