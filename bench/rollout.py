@@ -4,8 +4,8 @@ A local Mosquitto, ``--replicas`` controller processes (``edgefleet controller s
 deployed; several share PostgreSQL and an MQTT shared group, behind a round-robin TCP
 balancer that is their ``api.public_url``: bench/cluster.py), and ``SimulatedFleet`` devices
 (protocol-level, a few shared MQTT connections; split over ``--sim-processes`` child
-processes, one per 2,500 devices by default, ``--baseline-sim-processes N`` runs the same
-rollout first with another split, 0 = in the bench process) that act on their desired states: downloading → … → committed, each phase reported after
+processes, by default none: the bench process simulates them; ``--baseline-sim-processes
+N`` runs the same rollout first with another split) that act on their desired states: downloading → … → committed, each phase reported after
 ``--phase-delay``. The bench uploads a bundle, creates a rollout (``--stages``,
 ``--bake``) and follows it over the API until it completed, then reports:
 
@@ -237,9 +237,9 @@ def main() -> int:
     parser.add_argument(
         "--sim-processes",
         type=int,
-        default=None,
-        help="processes simulating the devices (0: the bench process itself; default: one "
-        "per 2,500 devices, at most 8)",
+        default=0,
+        help="child processes simulating the devices (default 0: the bench process itself; "
+        "measured no faster on 2 cores, docs/scaling.md)",
     )
     parser.add_argument(
         "--baseline-sim-processes",
@@ -273,8 +273,6 @@ def main() -> int:
     )
     args = parser.parse_args()
     args.bake_s = parse_duration(args.bake)
-    if args.sim_processes is None:
-        args.sim_processes = min(8, -(-args.devices // 2500))
     if args.replicas > 1 and not args.pg:
         parser.error("--replicas > 1 needs --pg (replicas share a PostgreSQL database)")
 

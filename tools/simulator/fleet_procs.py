@@ -7,7 +7,10 @@ devices' phase steps started 6 s late at the median (11 s at the 99th percentile
 scheduler thread was busy only half the time, so the benchmark measured the simulator's lock
 as much as the controllers. Here each child process runs its own fleet of a contiguous slice
 of the device ids, with its own connections, scheduler, download pool and telemetry loop; the
-parent sends each command to every child at once and gathers their answers.
+parent sends each command to every child at once and gathers their answers. On a machine
+whose cores are already full this only adds work (docs/scaling.md: no gain at 10,000
+devices on 2 cores, 1.17x slower at 50,000 with 8 processes); it is for one with cores to
+spare.
 
 Children are started with ``spawn`` (the parent may already run threads: a fork would copy
 their locks held). A child that fails a command answers with its error, raised here as
