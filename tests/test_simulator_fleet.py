@@ -4,13 +4,14 @@ to download one bundle after another, which made a 10,000-device benchmark measu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -64,6 +65,30 @@ def bundles() -> Iterator[str]:
         server.shutdown()
 
 
+@contextlib.contextmanager
+def _operator(broker_url: str, bundle_url: str) -> Iterator[Callable[[list[str]], None]]:
+    """A connected MQTT client; yields a function that sets every given device's retained
+    desired state to m@2 (the bundle at ``bundle_url``)."""
+    ref = ModelRef(
+        name="m", version="2", url=bundle_url, sha256=hashlib.sha256(BODY).hexdigest(),
+        size=len(BODY),
+    )  # fmt: skip
+    client = mqtt_client(f"test-desired-{time.monotonic_ns()}", None, None)
+    connect(client, broker_url, keepalive=30)
+    client.loop_start()
+
+    def send(ids: list[str]) -> None:
+        for d in ids:
+            desired = Desired(schema=1, rev=1, models={"cam0": ref})
+            client.publish(desired_topic(d), encode(desired), qos=1, retain=True)
+
+    try:
+        yield send
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def test_a_fleet_downloads_concurrently(mosquitto: Mosquitto, bundles: str) -> None:
     ids = [f"dl-{i:02d}" for i in range(40)]
     fleet = SimulatedFleet(
@@ -73,28 +98,19 @@ def test_a_fleet_downloads_concurrently(mosquitto: Mosquitto, bundles: str) -> N
         per_connection=20,
         download_workers=64,
     )
-    ref = ModelRef(
-        name="m", version="2", url=bundles, sha256=hashlib.sha256(BODY).hexdigest(), size=len(BODY)
-    )
-    client = mqtt_client("test-desired", None, None)
-    connect(client, mosquitto.url, keepalive=30)
-    client.loop_start()
-    try:
-        fleet.connect()
-        t0 = time.monotonic()
-        for d in ids:
-            desired = Desired(schema=1, rev=1, models={"cam0": ref})
-            client.publish(desired_topic(d), encode(desired), qos=1, retain=True)
+    with _operator(mosquitto.url, bundles) as send:
+        try:
+            fleet.connect()
+            t0 = time.monotonic()
+            send(ids)
 
-        def done() -> bool:
-            return all(o.streams["cam0"]["active"] == "m@2" for o in fleet.devices.values())
+            def done() -> bool:
+                return all(o.streams["cam0"]["active"] == "m@2" for o in fleet.devices.values())
 
-        wait_for(done, timeout=15, what="every device to download and commit m@2")
-        took = time.monotonic() - t0
-    finally:
-        fleet.stop()
-        client.disconnect()
-        client.loop_stop()
+            wait_for(done, timeout=15, what="every device to download and commit m@2")
+            took = time.monotonic() - t0
+        finally:
+            fleet.stop()
     # One after another: 40 x 0.5 s = 20 s. Concurrent: about one delay.
     assert _SlowBundles.peak >= 20, _SlowBundles.peak
     assert took < 10 * DELAY_S, f"{took:.1f}s"
@@ -137,31 +153,22 @@ def test_a_fleet_split_over_processes_acts_as_one(mosquitto: Mosquitto, bundles:
         per_connection=5,
         telemetry_interval_s=0.5,
     )
-    ref = ModelRef(
-        name="m", version="2", url=bundles, sha256=hashlib.sha256(BODY).hexdigest(), size=len(BODY)
-    )
     sub = Subscriber(mosquitto.port, ["edgefleet/v1/+/telemetry"], persistent=False)
-    client = mqtt_client("test-desired-px", None, None)
-    connect(client, mosquitto.url, keepalive=30)
-    client.loop_start()
-    try:
-        assert len(set(fleet.pids)) == 3 and os.getpid() not in fleet.pids
-        fleet.connect()
-        fleet.announce()
-        fleet.start_telemetry(0.5)
-        for d in ids:
-            desired = Desired(schema=1, rev=1, models={"cam0": ref})
-            client.publish(desired_topic(d), encode(desired), qos=1, retain=True)
-        wait_for(lambda: fleet.summary("m@2").on_model == 30, timeout=20, what="30 devices on m@2")
-        assert fleet.summary("m@2") == FleetSummary(devices=30, on_model=30, one_rev=30)
-        assert fleet.summary("other@1") == FleetSummary(devices=30, on_model=0, one_rev=0)
-        # Every child publishes its own devices' telemetry on its own loop.
-        sub.wait_for(lambda ms: {m.topic.split("/")[2] for m in ms} == set(ids), timeout=10)
-    finally:
-        fleet.stop()
-        sub.close()
-        client.disconnect()
-        client.loop_stop()
+    with _operator(mosquitto.url, bundles) as send:
+        try:
+            assert len(set(fleet.pids)) == 3 and os.getpid() not in fleet.pids
+            fleet.connect()
+            fleet.announce()
+            fleet.start_telemetry(0.5)
+            send(ids)
+            wait_for(lambda: fleet.summary("m@2").on_model == 30, timeout=20, what="30 on m@2")
+            assert fleet.summary("m@2") == FleetSummary(devices=30, on_model=30, one_rev=30)
+            assert fleet.summary("other@1") == FleetSummary(devices=30, on_model=0, one_rev=0)
+            # Every child publishes its own devices' telemetry on its own loop.
+            sub.wait_for(lambda ms: {m.topic.split("/")[2] for m in ms} == set(ids), timeout=10)
+        finally:
+            fleet.stop()
+            sub.close()
     assert all(not p.is_alive() for p in fleet._procs)
 
 
