@@ -185,11 +185,9 @@ class BatchedModel:
         size = len(prepared)
         backend = self._backends[size]
         backend.set_input(np.concatenate([p.tensor for p in prepared]))
-        on_caller = backend.computes_on_caller
-        start, cpu_start = time.perf_counter(), time.thread_time()
-        backend.invoke()
-        infer_ms = (time.perf_counter() - start) * 1000.0 / size
-        cpu_ms = (time.thread_time() - cpu_start) * 1000.0 / size if on_caller else None
+        wall_ms, thread_ms = backend.timed_invoke()
+        infer_ms = wall_ms / size
+        cpu_ms = thread_ms / size if thread_ms is not None else None
         outputs = []
         for k, layout in enumerate(self._layouts[size]):
             array = backend.output(k)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -84,15 +83,7 @@ class Detector:
     def infer(self, prepared: Prepared, *, min_score: float | None = None) -> InferenceResult:
         backend = self.backend
         backend.set_input(prepared.tensor)
-        if backend.computes_on_caller:
-            start, cpu_start = time.perf_counter(), time.thread_time()
-            backend.invoke()
-            cpu_ms: float | None = (time.thread_time() - cpu_start) * 1000.0
-            infer_ms = (time.perf_counter() - start) * 1000.0
-        else:
-            start = time.perf_counter()
-            backend.invoke()
-            infer_ms, cpu_ms = (time.perf_counter() - start) * 1000.0, None
+        infer_ms, cpu_ms = backend.timed_invoke()
         return self.decode(self._outputs, prepared, infer_ms, min_score=min_score, cpu_ms=cpu_ms)
 
     def decode(

@@ -10,6 +10,7 @@ tflite-runtime environment, without OpenCV).
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -93,6 +94,15 @@ class Backend(abc.ABC):
         the thread's CPU time over the call is the model's cost; False for a GPU or where a
         thread pool shares the work."""
         return self.threads == 1
+
+    def timed_invoke(self) -> tuple[float, float | None]:
+        """``invoke()``, returning its wall-clock milliseconds and the calling thread's CPU
+        milliseconds over it (None unless :attr:`computes_on_caller`)."""
+        start, cpu_start = time.perf_counter(), time.thread_time()
+        self.invoke()
+        cpu_s = time.thread_time() - cpu_start
+        wall_s = time.perf_counter() - start
+        return wall_s * 1000.0, cpu_s * 1000.0 if self.computes_on_caller else None
 
     @abc.abstractmethod
     def output(self, index: int) -> npt.NDArray[Any]:

@@ -100,9 +100,6 @@ class FleetProcesses:
     def announce(self) -> None:
         self._all("announce")
 
-    def publish_telemetry(self) -> None:
-        self._all("telemetry")
-
     def start_telemetry(self, interval_s: float) -> None:
         """Every child publishes its devices' telemetry every ``interval_s`` on its own."""
         self._all("telemetry_every", interval_s)
@@ -146,8 +143,6 @@ def _command(fleet: SimulatedFleet, command: str, arg: Any) -> Any:
         fleet.connect(timeout=arg)
     elif command == "announce":
         fleet.announce()
-    elif command == "telemetry":
-        fleet.publish_telemetry()
     elif command == "telemetry_every":
         fleet.start_telemetry(arg)
     elif command == "summary":
