@@ -5,8 +5,8 @@ deployed; several share PostgreSQL and an MQTT shared group, behind a round-robi
 balancer that is their ``api.public_url``: bench/cluster.py), and ``SimulatedFleet`` devices
 (protocol-level, a few shared MQTT connections; split over ``--sim-processes`` child
 processes, by default none: the bench process simulates them; ``--baseline-sim-processes
-N`` runs the same rollout first with another split) that act on their desired states: downloading → … → committed, each phase reported after
-``--phase-delay``. The bench uploads a bundle, creates a rollout (``--stages``,
+N`` runs the same rollout first with another split) that act on their desired states:
+downloading → … → committed, each phase reported after ``--phase-delay``. The bench uploads a bundle, creates a rollout (``--stages``,
 ``--bake``) and follows it over the API until it completed, then reports:
 
 * the time beyond the bake times (wall time minus stages × bake): what the controller,
