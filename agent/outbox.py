@@ -63,6 +63,7 @@ class Outbox:
         """Counts connections; the sender re-sends the retained messages on a new one."""
         self.receive_max = 65535
         self.last_enqueue = 0.0
+        self._claimed_at = 0.0
         self.bursting = False
         self.wake = False
         self.stop = False
@@ -98,6 +99,35 @@ class Outbox:
             # message of a burst, and again when a batch is full while it lingers.
             if len(self.live) in (0, 1, BATCH) or self.closing or not self.linger_s:
                 self.cond.notify_all()
+
+    def claim_direct(self, seen_epoch: int) -> tuple[set[int], int] | None:
+        """For a producer about to hand its message to paho itself (``Sender.send_now``):
+        None when the message must be queued instead (not connected, a connection the sender
+        has not settled, closing, anything queued, spooled or retained-pending, or a burst);
+        else the acknowledgements to settle first and the broker's Receive Maximum. A claim
+        counts as an enqueue for burst detection; :meth:`unclaim` when it is not used."""
+        with self.cond:
+            now = time.monotonic()
+            if (
+                not self.connected
+                or self.epoch != seen_epoch
+                or self.closing
+                or self.closed
+                or self.live
+                or self.retained_dirty
+                or self.spool.depth
+                or now - self.last_enqueue < self.linger_s
+            ):
+                return None
+            self._claimed_at, self.last_enqueue = self.last_enqueue, now
+            self.bursting = False
+            acked, self.acked = self.acked, set()
+            return acked, self.receive_max
+
+    def unclaim(self) -> None:
+        """A claim whose message goes to the queue after all (the window was full)."""
+        with self.cond:
+            self.last_enqueue = self._claimed_at
 
     def spill(self, batch: list[OutMessage]) -> None:
         """Append ``batch`` to the end of the spool (``cond`` held); counted as lost on error."""
@@ -154,6 +184,7 @@ class Outbox:
                     )
             self.wake = True
             # Acknowledgements are collected on the linger beat while messages are in
-            # flight; close() waits for them, so it is woken at once.
-            if self.closing or failed or not self.linger_s:
+            # flight; close() waits for them, and queued messages may wait for room in the
+            # window (a producer found it full), so those are woken at once.
+            if self.closing or failed or not self.linger_s or self.live:
                 self.cond.notify_all()

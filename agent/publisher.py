@@ -10,6 +10,10 @@ order is always ``in flight (handed to paho, not yet acknowledged) < spool < liv
   time (also capped by the broker's Receive Maximum). It sends from the spool while the spool
   has records, and from the live queue only once the spool is empty; spool and live messages
   are never in flight together, so the in-flight set is always a contiguous stretch.
+  Where nothing is ahead of a message (connected and settled, queue and spool empty, room in
+  the window, not a burst) its producer hands it to paho itself under the same window lock
+  (``Sender.send_now``): paho's own calls never block, and at camera rates that saves the
+  publisher thread's wake-up per message.
 - As soon as a disconnect is seen nothing more is handed to paho; the live queue moves to the
   spool. Paho keeps what is in flight and re-sends it (DUP) after the reconnect. Only when all
   of it has been acknowledged ("settling") does the thread re-publish the retained status /
@@ -245,12 +249,18 @@ class Publisher:
     def publish_detections(self, topic: str, payload: bytes) -> None:
         """Queue a detections message (QoS 1, not retained); never blocks on the network."""
         if self._check("detections", payload):
-            self._out.enqueue(OutMessage(topic, payload, 1))
+            self._queue(OutMessage(topic, payload, 1))
 
     def publish_event(self, payload: bytes) -> None:
         """Queue an event (QoS 1, not retained), ordered and spooled like detections."""
         if self._check("events", payload):
-            self._out.enqueue(OutMessage(self._events_topic, payload, 1))
+            self._queue(OutMessage(self._events_topic, payload, 1))
+
+    def _queue(self, msg: OutMessage) -> None:
+        """An ordered message: handed to paho at once where nothing is ahead of it
+        (``Sender.send_now``), else queued for the publisher thread."""
+        if not self._sender.send_now(msg):
+            self._out.enqueue(msg)
 
     def publish_status(self, payload: bytes) -> None:
         """Set the retained status (QoS 1); the latest one is re-sent after every reconnect."""
