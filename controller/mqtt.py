@@ -1,8 +1,9 @@
 """The controller's MQTT v5 connection: subscribes to what the devices publish and
 publishes their retained desired states.
 
-paho-mqtt 2.x runs the network loop on its own thread; ``on_message`` only hands the
-topic and payload to the ingestor (decode + enqueue). The session is persistent
+paho-mqtt 2.x runs the network loop on its own thread, reading its socket in chunks
+(:mod:`controller.mqtt_reads`); ``on_message`` only hands the topic and payload to the
+ingestor (decode + enqueue). The session is persistent
 (``clean_start`` false with a session expiry), so QoS 1 messages published while the
 controller restarts are queued by the broker and delivered when it comes back.
 ``publish_confirmed`` publishes QoS 1 messages and reports which ones the broker
@@ -85,8 +86,9 @@ class MqttSubscriber:
         """``on_session(session_present)`` runs on every successful connect (network thread);
         ``manual_ack``: ``on_message(topic, payload, ack)``, see the module doc; ``will``: a
         (topic, payload) last will, retained; ``extra_filters``: more (unshared) filters."""
-        import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+        from controller.mqtt_reads import ChunkedReadClient
 
         self.settings = settings
         self.kinds = kinds
@@ -103,7 +105,7 @@ class MqttSubscriber:
             subscription(kind, shared_group=settings.shared_group) for kind in self.kinds
         ]
         self.filters += list(extra_filters)
-        client = mqtt.Client(
+        client = ChunkedReadClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
