@@ -62,17 +62,21 @@ def _busy_interpreter() -> Callable[[], None]:
     return stopper
 
 
-def _quiet_ratio(current: Detector, candidate: Detector, image: np.ndarray) -> float:
-    """The candidate's median invoke time over the current model's, nothing else running (the
-    baseline from the same run: the ratio depends on the CPU's instructions)."""
-    times: dict[int, list[float]] = {id(current): [], id(candidate): []}
-    inputs = {id(d): d.preprocess(image) for d in (current, candidate)}
+def _quiet_ms(detectors: list[Detector], image: np.ndarray) -> list[float]:
+    """Each detector's median invoke time, nothing else running in this process (the baseline
+    from the same run: the models' speeds depend on the CPU's instructions). CPU times where
+    the backend reports them, as the gate compares: the wall clock also measured the other
+    pytest worker on a loaded machine."""
+    times: list[list[float]] = [[] for _ in detectors]
+    inputs = [d.preprocess(image) for d in detectors]
+    order = list(range(len(detectors)))
     for run in range(90):
-        for detector in (current, candidate) if run % 2 else (candidate, current):
-            infer_ms = detector.infer(inputs[id(detector)]).infer_ms
+        for i in order if run % 2 else order[::-1]:
+            result = detectors[i].infer(inputs[i])
             if run >= 10:  # warmed up
-                times[id(detector)].append(infer_ms)
-    return statistics.median(times[id(candidate)]) / statistics.median(times[id(current)])
+                cpu_ms = result.cpu_ms
+                times[i].append(result.infer_ms if cpu_ms is None else cpu_ms)
+    return [statistics.median(t) for t in times]
 
 
 def _pair(current: Detector, candidate: Detector, frames: list[np.ndarray]) -> PairLog:
@@ -99,25 +103,33 @@ def frames() -> list[np.ndarray]:
 def test_a_slower_model_is_measured_as_slow_while_the_interpreter_is_busy(
     assets: Path, frames: list[np.ndarray]
 ) -> None:
-    """INT8 BlazeFace (the current model) against the ONNX one: their ratio far from 1 (1.9 on
-    a CPU with VNNI) showed the drift: wall-clock pairs measured 1.1."""
-    current = load_detector(assets / "blazeface-short-int8.json")
-    candidate = load_detector(assets / "blazeface-short-onnx.json")
-    quiet = _quiet_ratio(current, candidate, frames[0])
+    """The fastest of the shipped models as the current one, the slowest as the candidate:
+    which are which depends on the CPU (with VNNI the ONNX model is 1.9x the INT8 one; without,
+    the INT8 one is the slowest, 1.5x the fp16 one, and INT8 and ONNX are within 0.8-1.0x).
+    With wall-clock pairs a 1.6x ratio measured 1.13x."""
+    models = [
+        load_detector(assets / f"blazeface-short-{name}.json") for name in ("int8", "fp16", "onnx")
+    ]
+    quiet_ms = _quiet_ms(models, frames[0])
+    fastest, slowest = quiet_ms.index(min(quiet_ms)), quiet_ms.index(max(quiet_ms))
+    current, candidate = models[fastest], models[slowest]
+    quiet = quiet_ms[slowest] / quiet_ms[fastest]
+    assert quiet >= 1.3, f"the shipped models are too close to tell apart here: {quiet_ms}"
     stop = _busy_interpreter()
     try:
         pairs = _pair(current, candidate, frames).snapshot()
     finally:
         stop()
     above, below = (
-        GateRules(max_latency_ratio=quiet / 1.3),
-        GateRules(max_latency_ratio=quiet * 1.3),
+        GateRules(max_latency_ratio=quiet / 1.5),
+        GateRules(max_latency_ratio=quiet * 1.5),
     )
     result = evaluate(pairs, above)
+    what = (quiet_ms, result.summary(above))
     assert result.latency_ratio is not None
-    assert quiet / 1.2 <= result.latency_ratio <= quiet * 1.2, (quiet, result.summary(above))
-    assert result.latency_verdict == "fail", (quiet, result.summary(above))
-    assert evaluate(pairs, below).latency_verdict == "pass", (quiet, result.summary(below))
+    assert quiet / 1.3 <= result.latency_ratio <= quiet * 1.3, what
+    assert result.latency_verdict == "fail", what
+    assert evaluate(pairs, below).latency_verdict == "pass", (quiet_ms, result.summary(below))
 
 
 def test_the_same_model_passes_latency_while_the_interpreter_is_busy(
