@@ -134,6 +134,8 @@ bench: $(VENV)/.runtime
 	$(PY) -m bench.snapshots
 	$(PY) -m bench.http
 	$(PY) -m bench.cameras
+	$(PY) -m bench.publish
+	$(PY) -m bench.mqtt_reads
 
 # The edgefleet-agent .deb (self-contained venv under /opt/edgefleet): docs/operations.md.
 # Build it on the devices' Debian release and architecture; DEB_ARGS passes options on.
