@@ -119,7 +119,12 @@ class Sender:
             if self._settling or len(self._inflight) >= self._limit(receive_max):
                 self._out.unclaim()
                 return False
-            sent = self._conn.publish(msg.topic, msg.payload, qos=msg.qos, retain=False)
+            try:
+                sent = self._conn.publish(msg.topic, msg.payload, qos=msg.qos, retain=False)
+            except Exception:  # never into the producer (a stream's thread): queue it
+                log.exception("handing a message to paho failed; queued for the publisher")
+                self._out.unclaim()
+                return False
             self._inflight.append(_Inflight(sent.mid, msg, None))
             self.inflight_live += 1
             self.sent_now += 1

@@ -11,10 +11,12 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from agent.mqtt_client import PublishResult
 from agent.publisher import Publisher
 from protocol import detections_topic
 from tests.broker import Mosquitto
@@ -54,14 +56,27 @@ def _received_in_order(sub: Subscriber, topic: str, count: int) -> None:
     assert payloads == [seq_payload(i) for i in range(count)], runs(payloads)
 
 
+@contextmanager
+def _rig(
+    broker: Mosquitto, tmp_path: Path, topics: list[str], **kw: object
+) -> Iterator[tuple[Subscriber, Publisher]]:
+    """A subscriber (persistent session) on ``topics`` and a connected, settled publisher;
+    both closed afterwards."""
+    sub = Subscriber(broker.port, topics)
+    publisher = make_publisher(broker.url, tmp_path / "spool", **kw)
+    try:
+        _connected(publisher)
+        yield sub, publisher
+    finally:
+        publisher.close()
+        sub.close()
+
+
 def test_camera_rate_messages_do_not_wake_the_publisher_thread(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
     topic = detections_topic(DEVICE, "cam")
-    sub = Subscriber(broker.port, [topic])
-    publisher = make_publisher(broker.url, tmp_path / "spool")
-    try:
-        _connected(publisher)
+    with _rig(broker, tmp_path, [topic]) as (sub, publisher):
         before = _wake_ups(publisher)
         started = time.monotonic()
         for i in range(40):
@@ -75,24 +90,18 @@ def test_camera_rate_messages_do_not_wake_the_publisher_thread(
         assert publisher._sender.sent_now >= 35
         wait_for(lambda: publisher.in_flight == 0, timeout=5, what="acknowledgements")
         assert publisher.published >= 40
-    finally:
-        publisher.close()
-        sub.close()
 
 
 def test_four_producers_keep_each_streams_order(broker: Mosquitto, tmp_path: Path) -> None:
     topics = [detections_topic(DEVICE, f"cam{n}") for n in range(4)]
-    sub = Subscriber(broker.port, [topics[0].rsplit("/", 1)[0] + "/+"])
-    publisher = make_publisher(broker.url, tmp_path / "spool")
+    with _rig(broker, tmp_path, [topics[0].rsplit("/", 1)[0] + "/+"]) as (sub, publisher):
 
-    def stream(topic: str, offset: float) -> None:
-        time.sleep(offset)
-        for i in range(30):
-            publisher.publish_detections(topic, seq_payload(i))
-            time.sleep(CAMERA_GAP_S)
+        def stream(topic: str, offset: float) -> None:
+            time.sleep(offset)
+            for i in range(30):
+                publisher.publish_detections(topic, seq_payload(i))
+                time.sleep(CAMERA_GAP_S)
 
-    try:
-        _connected(publisher)
         threads = [
             threading.Thread(target=stream, args=(t, n * CAMERA_GAP_S / 4))
             for n, t in enumerate(topics)
@@ -105,25 +114,16 @@ def test_four_producers_keep_each_streams_order(broker: Mosquitto, tmp_path: Pat
             _received_in_order(sub, topic, 30)
         # Most went straight to paho; some met another producer in the window lock.
         assert publisher._sender.sent_now >= 60
-    finally:
-        publisher.close()
-        sub.close()
 
 
 def test_a_burst_is_queued_and_batched(broker: Mosquitto, tmp_path: Path) -> None:
     topic = detections_topic(DEVICE, "cam")
-    sub = Subscriber(broker.port, [topic])
-    publisher = make_publisher(broker.url, tmp_path / "spool")
-    try:
-        _connected(publisher)
+    with _rig(broker, tmp_path, [topic]) as (sub, publisher):
         for i in range(300):
             publisher.publish_detections(topic, seq_payload(i))
         _received_in_order(sub, topic, 300)
         # Only the burst's first message may go straight (nothing before it was recent).
         assert publisher._sender.sent_now <= 2
-    finally:
-        publisher.close()
-        sub.close()
 
 
 def test_a_full_window_queues_behind_it_and_keeps_the_order(
@@ -132,11 +132,8 @@ def test_a_full_window_queues_behind_it_and_keeps_the_order(
     """The broker stops acknowledging (paused): with one message allowed in flight, the
     messages after the first are queued, never handed over ahead of their turn."""
     topic = detections_topic(DEVICE, "cam")
-    sub = Subscriber(broker.port, [topic])
-    publisher = make_publisher(broker.url, tmp_path / "spool", max_inflight=1)
     assert broker.proc is not None
-    try:
-        _connected(publisher)
+    with _rig(broker, tmp_path, [topic], max_inflight=1) as (sub, publisher):
         broker.proc.send_signal(signal.SIGSTOP)
         try:
             for i in range(10):
@@ -155,18 +152,13 @@ def test_a_full_window_queues_behind_it_and_keeps_the_order(
         _received_in_order(sub, topic, 20)
         # An acknowledgement later than the next message queues that one (and drains).
         assert publisher._sender.sent_now >= 6
-    finally:
-        publisher.close()
-        sub.close()
 
 
 def test_messages_after_an_outage_wait_for_the_spool(broker: Mosquitto, tmp_path: Path) -> None:
-    """Spooled messages go first after a reconnect; new ones are not handed over ahead."""
+    """Spooled messages go first after a reconnect; new ones are not handed over ahead (the
+    subscriber's persistent session gets what it missed)."""
     topic = detections_topic(DEVICE, "cam")
-    sub = Subscriber(broker.port, [topic])  # persistent session: it gets what it missed
-    publisher = make_publisher(broker.url, tmp_path / "spool")
-    try:
-        _connected(publisher)
+    with _rig(broker, tmp_path, [topic]) as (sub, publisher):
         for i in range(5):
             publisher.publish_detections(topic, seq_payload(i))
             time.sleep(CAMERA_GAP_S)
@@ -181,6 +173,29 @@ def test_messages_after_an_outage_wait_for_the_spool(broker: Mosquitto, tmp_path
             publisher.publish_detections(topic, seq_payload(i))
             time.sleep(0.01)
         _received_in_order(sub, topic, 260)
-    finally:
-        publisher.close()
-        sub.close()
+
+
+def test_a_failing_hand_over_is_queued_not_raised(
+    broker: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault injected into paho's publish on the producer's thread: the producer (a stream's
+    inference thread) does not see it, and the message goes out through the queue, in order."""
+    topic = detections_topic(DEVICE, "cam")
+    with _rig(broker, tmp_path, [topic]) as (sub, publisher):
+        conn = publisher._conn
+        real = conn.publish
+        failures = [1]
+
+        def flaky(topic: str, payload: bytes, *, qos: int, retain: bool) -> PublishResult:
+            if failures and threading.current_thread() is threading.main_thread():
+                failures.pop()
+                raise RuntimeError("injected")
+            return real(topic, payload, qos=qos, retain=retain)
+
+        conn.publish = flaky  # type: ignore[method-assign]
+        for i in range(10):
+            publisher.publish_detections(topic, seq_payload(i))
+            time.sleep(CAMERA_GAP_S)
+        _received_in_order(sub, topic, 10)
+        assert not failures
+        assert "handing a message to paho failed" in caplog.text
