@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.config import OtaConfig
 from controller.broker import free_port
 from controller.service import Controller, build_controller
 from inference import ASSETS_DIR
@@ -38,6 +39,11 @@ DEVICES = ("demo-cam-1", "demo-cam-2", "demo-cam-3")
 BASELINE = "builtin:blazeface-short-fp16"
 INT8 = "blazeface-short-int8"
 PROBATION_S = 5
+DEVICE_TIMEOUT_S = OtaConfig().shadow_max_s + PROBATION_S + 60
+"""The rollouts' per-device limit: longer than the agent's longest shadow phase, its
+probation and a minute for download, self-test and swap, so a health gate that cannot decide
+ends as the agent's own ``shadow_inconclusive`` report, with its evidence, not as a
+controller timeout (a loaded machine can keep the gate undecided that long)."""
 FACE_FRAME, NO_FACE_FRAME = 10, 45
 """Frames of the shipped video with and without a face (inference/assets/README.md)."""
 
@@ -227,7 +233,8 @@ class Demo:
         anything else the CLI says keeps its ``error:``."""
         args = (
             "rollout", "create", ref, "--select", "all", "--stages", "1,100%", "--bake", bake,
-            "--max-failures", "0%", "--min-executed", "1", "--timeout", "90s", "--json",
+            "--max-failures", "0%", "--min-executed", "1", "--timeout", f"{DEVICE_TIMEOUT_S:g}s",
+            "--json",
         )  # fmt: skip
         print(f"   $ edgefleet {' '.join(args[:-1])}", flush=True)
         created = json.loads(self.must(*args))
