@@ -1,8 +1,9 @@
 """Messages at camera rates are handed to paho by their producer, without waking the
 publisher thread, and keep their order (real Mosquitto).
 
-Publishing a detections message cost about 0.7-0.9 ms of CPU on a 2-core machine, a third of
-it the publisher thread's wake-up and pass per message (bench: the closing note of issue 15).
+Publishing a detections message cost about 0.8-0.9 ms of CPU on a 2-core machine, the
+publisher thread's wake-up and pass 240-280 us of it; handing it over on the producer's
+thread cost 0.77-0.84x (bench/publish.py, docs/performance.md).
 """
 
 from __future__ import annotations
