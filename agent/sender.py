@@ -64,8 +64,6 @@ class Sender:
         self._settling = False
         self.published = 0
         """Messages the broker acknowledged (QoS 1) or that were sent (QoS 0)."""
-        self.passes = 0
-        """Rounds of work of this thread (each one a wake-up)."""
         self.sent_now = 0
         """Ordered messages their producer handed to paho itself (:meth:`send_now`)."""
 
@@ -165,7 +163,6 @@ class Sender:
             if out.stop:
                 return False
         with self._send:
-            self.passes += 1
             self._work()
         out.spool.sync_if_due()
         return True

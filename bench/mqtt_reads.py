@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bench.publish import process_cpu_s
+from bench.procstat import process_cpu_s
 from controller.mqtt_reads import ChunkedReadClient
 from tests.broker import Mosquitto
 

@@ -35,3 +35,14 @@ def machine_busy_s(stat: Path = Path("/proc/stat")) -> tuple[float, float]:
     user, nice, system, idle, iowait, irq, softirq, steal = fields
     busy = user + nice + system + irq + softirq + steal
     return busy / CLOCK_TICKS, (busy + idle + iowait) / CLOCK_TICKS
+
+
+def process_cpu_s() -> float:
+    """Time on a CPU of every thread of this process so far (schedstat: nanoseconds)."""
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            total += int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that just ended
+    return total / 1e9

@@ -29,6 +29,7 @@ from agent.outbox import OutMessage
 from agent.publisher import Publisher
 from agent.sender import Sender
 from agent.spool.queue import Spool
+from bench.procstat import process_cpu_s
 from tests.broker import Mosquitto
 
 FPS = 15.0
@@ -37,17 +38,6 @@ PAYLOAD = (
     b'"frame_index":1,"model":"blazeface@1","infer_ms":2.0,"width":640,"height":480,'
     b'"detections":[{"label":"face","score":0.9,"box":[0.1,0.2,0.3,0.4]}]}'
 )
-
-
-def process_cpu_s() -> float:
-    """Time on a CPU of every thread of this process so far (schedstat: nanoseconds)."""
-    total = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            total += int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0])
-        except (OSError, IndexError, ValueError):
-            continue  # a thread that just ended
-    return total / 1e9
 
 
 @contextmanager
