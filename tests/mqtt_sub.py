@@ -26,14 +26,24 @@ class Received:
 class Subscriber:
     """QoS 1 subscriber with a persistent session (survives a broker restart with persistence)."""
 
-    def __init__(self, port: int, topics: list[str], *, persistent: bool = True) -> None:
+    def __init__(
+        self,
+        port: int,
+        topics: list[str],
+        *,
+        persistent: bool = True,
+        client_id: str | None = None,
+        client_class: type[mqtt.Client] = mqtt.Client,
+    ) -> None:
+        """``client_id``: to come back to a persistent session (default: a new one);
+        ``client_class``: a paho ``Client`` subclass under test."""
         self.messages: list[Received] = []
         self._cond = threading.Condition()
         self._topics = topics
         self._subscribed = threading.Event()
-        self.client = mqtt.Client(
+        self.client = client_class(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"test-sub-{uuid.uuid4().hex[:8]}",
+            client_id=client_id or f"test-sub-{uuid.uuid4().hex[:8]}",
             protocol=mqtt.MQTTv5,
         )
         self.client.on_connect = self._on_connect

@@ -4,14 +4,9 @@ across chunks included, far fewer socket reads than messages, and reconnects sti
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from controller.db.session import Database
 from controller.fleet.history import count_telemetry
@@ -20,6 +15,7 @@ from controller.ingest.writer import Ingestor
 from controller.mqtt import MqttSettings, MqttSubscriber
 from controller.mqtt_reads import READ_CHUNK, ChunkedReadClient
 from tests.broker import Mosquitto
+from tests.mqtt_sub import Subscriber
 from tests.waiting import wait_for
 from tools.simulator.load import publish_load, telemetry_payloads
 
@@ -28,71 +24,22 @@ pytestmark = pytest.mark.slow
 TOPIC = "bench/reads"
 
 
-def _session_props() -> Properties:
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = 600
-    return props
+def _chunked(port: int, client_id: str) -> Subscriber:
+    """A persistent-session subscriber on TOPIC whose client is a ChunkedReadClient."""
+    return Subscriber(port, [TOPIC], client_id=client_id, client_class=ChunkedReadClient)
 
 
-class _Receiver:
-    """A ChunkedReadClient with a persistent session, collecting what it receives."""
-
-    def __init__(self, port: int, client_id: str) -> None:
-        self.port = port
-        self.payloads: list[bytes] = []
-        self.cond = threading.Condition()
-        self.client = ChunkedReadClient(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5,
-        )
-        self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(min_delay=1, max_delay=1)
-
-    def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
-        with self.cond:
-            self.payloads.append(bytes(msg.payload))
-            self.cond.notify_all()
-
-    def start(self) -> None:
-        self.client.connect("127.0.0.1", self.port, clean_start=False, properties=_session_props())
-        self.client.loop_start()
-
-    def subscribe_then_leave(self) -> None:
-        """Subscribe with a persistent session and disconnect: the broker queues for it."""
-        done = threading.Event()
-        self.client.on_subscribe = lambda *_: done.set()
-        self.start()
-        self.client.subscribe(TOPIC, qos=1)
-        assert done.wait(10), "no SUBACK"
-        self.stop()
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def wait_for(self, count: int, timeout: float = 30) -> list[bytes]:
-        with self.cond:
-            wait_for(
-                lambda: len(self.payloads) >= count,
-                timeout=timeout,
-                what=lambda: f"{count} messages; got {len(self.payloads)}",
-                condition=self.cond,
-            )
-            return list(self.payloads)
+def _reads(sub: Subscriber) -> int:
+    assert isinstance(sub.client, ChunkedReadClient)
+    return sub.client.socket_reads
 
 
-def _publish(port: int, payloads: list[bytes], qos: int) -> None:
-    pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    pub.connect("127.0.0.1", port)
-    pub.loop_start()
-    try:
-        infos = [pub.publish(TOPIC, p, qos=qos) for p in payloads]
-        for info in infos:
-            info.wait_for_publish(30)
-    finally:
-        pub.disconnect()
-        pub.loop_stop()
+def _publish(broker: Mosquitto, payloads: list[bytes], qos: int) -> None:
+    publish_load(broker_url=broker.url, payloads=[(TOPIC, p) for p in payloads], qos=qos)
+
+
+def _payloads(sub: Subscriber, count: int) -> list[bytes]:
+    return [m.payload for m in sub.wait_for(lambda ms: len(ms) >= count, timeout=30)]
 
 
 def _payload(i: int) -> bytes:
@@ -109,44 +56,41 @@ def test_messages_arrive_intact_in_order_with_few_socket_reads(
     mosquitto: Mosquitto, qos: int
 ) -> None:
     """QoS 1: a backlog queued for the session; QoS 0 (not queued offline): live."""
-    receiver = _Receiver(mosquitto.port, f"reads-{qos}")
-    receiver.subscribe_then_leave()
     sent = [_payload(i) for i in range(3000)]
-    if qos == 0:
-        receiver.start()
-    _publish(mosquitto.port, sent, qos)
+    sub = _chunked(mosquitto.port, f"reads-{qos}")
     if qos == 1:
-        receiver.start()
+        sub.close()  # the broker queues for its session
+        _publish(mosquitto, sent, qos)
+        sub = _chunked(mosquitto.port, f"reads-{qos}")
+    else:
+        _publish(mosquitto, sent, qos)
     try:
-        got = receiver.wait_for(len(sent))
+        got = _payloads(sub, len(sent))
     finally:
-        receiver.stop()
+        sub.close()
     assert len(got) == len(sent)
     for i, (a, b) in enumerate(zip(got, sent, strict=True)):
         assert a == b, f"message {i} differs ({len(a)} against {len(b)} bytes)"
     # paho alone reads every packet with 3-5 recv calls.
-    assert receiver.client.socket_reads < len(sent) / 5, receiver.client.socket_reads
+    assert _reads(sub) < len(sent) / 5, _reads(sub)
 
 
 def test_reads_go_on_after_the_broker_restarts(mosquitto: Mosquitto) -> None:
-    receiver = _Receiver(mosquitto.port, "reads-restart")
-    receiver.subscribe_then_leave()
-    _publish(mosquitto.port, [_payload(i) for i in range(500)], 1)
-    receiver.start()
+    _chunked(mosquitto.port, "reads-restart").close()
+    _publish(mosquitto, [_payload(i) for i in range(500)], 1)
+    sub = _chunked(mosquitto.port, "reads-restart")
     try:
-        receiver.wait_for(500)
+        _payloads(sub, 500)
         mosquitto.restart()  # the session survives (persistence); the socket does not
-        _publish(mosquitto.port, [_payload(i) for i in range(500, 800)], 1)
-        with receiver.cond:
-            wait_for(
-                lambda: len(_after(receiver.payloads, 500)) >= 300,
-                timeout=30,
-                what="the messages published after the restart",
-                condition=receiver.cond,
+        _publish(mosquitto, [_payload(i) for i in range(500, 800)], 1)
+        got = [
+            m.payload
+            for m in sub.wait_for(
+                lambda ms: len(_after([m.payload for m in ms], 500)) >= 300, timeout=30
             )
-            got = list(receiver.payloads)
+        ]
     finally:
-        receiver.stop()
+        sub.close()
     # The restarted broker may deliver again what it had not saved as acknowledged.
     assert _after(got, 500) == [_payload(i) for i in range(500, 800)]
 
