@@ -8,11 +8,12 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import event
+import pytest
 
 from controller.api import create_app
 from controller.artifacts.database import DatabaseBundleStore
@@ -20,6 +21,7 @@ from controller.blobstore import BlobStore, ModelHosting
 from controller.bundles import package_model
 from controller.db.session import Database
 from tests.controller.conftest import Clock, serving
+from tests.controller.sql_statements import Statements
 
 MANIFEST = (
     Path(__file__).resolve().parents[2] / "inference" / "assets" / "blazeface-short-int8.json"
@@ -34,28 +36,28 @@ def _bundle(folder: Path, size: int, seed: int) -> tuple[Path, str]:
     return path, hashlib.sha256(data).hexdigest()
 
 
-class _Statements:
-    """Counts the SQL statements ``database`` runs."""
+def _chunk_read(statement: str) -> bool:
+    """A statement that fetched a chunk's bytes (``SELECT bundle_chunks.data ...``)."""
+    return statement.lstrip().startswith("SELECT bundle_chunks.data")
 
-    def __init__(self, database: Database) -> None:
-        self.count = 0
-        self.chunk_reads = 0
-        """Statements that fetched a chunk's bytes (``SELECT bundle_chunks.data ...``)."""
-        self.on_chunks = 0
-        """Statements that touched ``bundle_chunks`` at all (sizes, spans, bytes)."""
-        self._lock = threading.Lock()
-        event.listen(database.engine, "before_cursor_execute", self._seen)
 
-    def _seen(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        with self._lock:
-            self.count += 1
-            self.chunk_reads += statement.lstrip().startswith("SELECT bundle_chunks.data")
-            self.on_chunks += "bundle_chunks" in statement
+def _on_chunks(statement: str) -> bool:
+    """A statement that touched ``bundle_chunks`` at all (sizes, spans, bytes)."""
+    return "bundle_chunks" in statement
 
-    def during(self, fn: Any) -> int:
-        before = self.count
-        fn()
-        return self.count - before
+
+@pytest.fixture
+def record(database: Database) -> Iterator[Callable[[], Statements]]:
+    """Starts recording ``database``'s statements from the call on; stopped after the test."""
+    started: list[Statements] = []
+
+    def start() -> Statements:
+        started.append(Statements(database))
+        return started[-1]
+
+    yield start
+    for statements in started:
+        statements.close()
 
 
 def _read(store: DatabaseBundleStore, sha: str, start: int, length: int) -> bytes:
@@ -77,13 +79,13 @@ def _app_with_a_bundle(database: Database, tmp_path: Path) -> tuple[Any, bytes]:
 
 
 def test_a_bundle_is_read_from_the_database_once_then_from_memory(
-    database: Database, tmp_path: Path
+    database: Database, record: Callable[[], Statements], tmp_path: Path
 ) -> None:
     store = DatabaseBundleStore(database, chunk_bytes=CHUNK, cache_bytes=4 << 20)
     path, sha = _bundle(tmp_path, 200_000, 1)
     data = path.read_bytes()
     store.put(path, sha, len(data))
-    sql = _Statements(database)
+    sql = record()
     assert sql.during(lambda: _read(store, sha, 0, len(data))) >= 2  # spans, then chunks
     for start, length in [(0, len(data)), (0, 1), (CHUNK - 3, 7), (len(data) - 10, 10)]:
         got: list[bytes] = []
@@ -91,12 +93,14 @@ def test_a_bundle_is_read_from_the_database_once_then_from_memory(
         assert got == [data[start : start + length]]
 
 
-def test_devices_arriving_together_read_the_rows_once(database: Database, tmp_path: Path) -> None:
+def test_devices_arriving_together_read_the_rows_once(
+    database: Database, record: Callable[[], Statements], tmp_path: Path
+) -> None:
     store = DatabaseBundleStore(database, chunk_bytes=CHUNK, cache_bytes=4 << 20)
     path, sha = _bundle(tmp_path, 200_000, 3)
     data = path.read_bytes()
     store.put(path, sha, len(data))
-    sql = _Statements(database)
+    sql = record()
     barrier = threading.Barrier(8)
     got: list[bytes] = []
 
@@ -110,17 +114,19 @@ def test_devices_arriving_together_read_the_rows_once(database: Database, tmp_pa
     for t in threads:
         t.join()
     assert got == [data] * 8
-    assert sql.chunk_reads == -(-len(data) // CHUNK)  # each chunk once, not once per device
+    assert sql.matching(_chunk_read) == -(
+        -len(data) // CHUNK
+    )  # each chunk once, not once per device
 
 
 def test_a_bundle_over_a_quarter_of_the_cache_is_streamed_every_time(
-    database: Database, tmp_path: Path
+    database: Database, record: Callable[[], Statements], tmp_path: Path
 ) -> None:
     store = DatabaseBundleStore(database, chunk_bytes=CHUNK, cache_bytes=600_000)
     path, sha = _bundle(tmp_path, 200_000, 2)  # over 150,000: never kept
     data = path.read_bytes()
     store.put(path, sha, len(data))
-    sql = _Statements(database)
+    sql = record()
     for _ in range(2):
         got: list[bytes] = []
         assert sql.during(lambda g=got: g.append(_read(store, sha, 5, len(data) - 5))) >= 2
@@ -128,7 +134,7 @@ def test_a_bundle_over_a_quarter_of_the_cache_is_streamed_every_time(
 
 
 def test_the_least_recently_used_bundle_leaves_first_and_a_deleted_one_at_once(
-    database: Database, tmp_path: Path
+    database: Database, record: Callable[[], Statements], tmp_path: Path
 ) -> None:
     store = DatabaseBundleStore(database, chunk_bytes=CHUNK, cache_bytes=1_000_000)
     shas = []
@@ -137,7 +143,7 @@ def test_the_least_recently_used_bundle_leaves_first_and_a_deleted_one_at_once(
         store.put(path, sha, 240_000)
         shas.append(sha)
     a, b, c, d, e = shas
-    sql = _Statements(database)
+    sql = record()
     for sha in (a, b, c, d, a):  # a is now the most recently used, b the least
         _read(store, sha, 0, 10)
     _read(store, e, 0, 10)  # b leaves
@@ -150,13 +156,13 @@ def test_the_least_recently_used_bundle_leaves_first_and_a_deleted_one_at_once(
 
 
 def test_downloads_over_http_read_the_database_once(
-    database: Database, tokens: dict[str, str], tmp_path: Path
+    database: Database, record: Callable[[], Statements], tokens: dict[str, str], tmp_path: Path
 ) -> None:
     app, data = _app_with_a_bundle(database, tmp_path)
     with serving(app) as url, httpx.Client(base_url=url) as client:
         auth = {"Authorization": f"Bearer {tokens['operator']}"}
         created = client.post("/api/v1/models", content=data, headers=auth).json()
-        sql = _Statements(database)
+        sql = record()
 
         def fetch(headers: dict[str, str] | None = None) -> httpx.Response:
             return client.get(created["download_url"], headers=headers)
@@ -173,7 +179,7 @@ def test_downloads_over_http_read_the_database_once(
 
 
 def test_a_cached_bundle_is_answered_without_touching_its_rows(
-    database: Database, tokens: dict[str, str], tmp_path: Path
+    database: Database, record: Callable[[], Statements], tokens: dict[str, str], tmp_path: Path
 ) -> None:
     """Once a bundle is in memory and its model row remembered (``ModelRows``), a download
     (whole or a range) runs no SQL at all: its size comes from the cache, not from
@@ -191,12 +197,12 @@ def test_a_cached_bundle_is_answered_without_touching_its_rows(
         auth = {"Authorization": f"Bearer {tokens['operator']}"}
         created = client.post("/api/v1/models", content=data, headers=auth).json()
         client.get(created["download_url"]).raise_for_status()  # fills the cache
-        sql = _Statements(database)
+        sql = record()
         whole = client.get(created["download_url"])
         parts = {
             spec: client.get(created["download_url"], headers={"Range": spec}) for spec in ranges
         }
-        assert sql.on_chunks == 0, "a cached bundle was looked up in bundle_chunks"
+        assert sql.matching(_on_chunks) == 0, "a cached bundle was looked up in bundle_chunks"
         assert sql.count == 0, "a remembered model row was read again"
     assert whole.status_code == 200 and whole.content == data
     assert whole.headers["content-length"] == str(n)

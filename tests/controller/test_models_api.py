@@ -3,7 +3,6 @@ downloads with Range, ETag and the per-bundle download key."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +10,6 @@ from pathlib import Path
 import cv2
 import httpx
 import pytest
-from sqlalchemy import event
 
 from controller.api import create_app
 from controller.api.models import ModelRows
@@ -22,6 +20,7 @@ from controller.keys import generate_keys, load_private_key, load_public_key
 from protocol.bundle import key_id
 from tests import images
 from tests.controller.conftest import Clock, serving
+from tests.controller.sql_statements import Statements
 
 MANIFEST = (
     Path(__file__).resolve().parents[2] / "inference" / "assets" / "blazeface-short-int8.json"
@@ -220,20 +219,8 @@ def test_bundle_download_without_key_needs_a_viewer_token(
     assert with_token.content == bundles["1.0.0"].read_bytes()
 
 
-@contextlib.contextmanager
-def model_selects(database: Database) -> Iterator[list[str]]:
-    """The ``SELECT ... FROM models`` statements run on ``database`` meanwhile."""
-    selects: list[str] = []
-
-    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and "FROM models" in statement:
-            selects.append(statement)
-
-    event.listen(database.engine, "before_cursor_execute", count)
-    try:
-        yield selects
-    finally:
-        event.remove(database.engine, "before_cursor_execute", count)
+def _model_select(statement: str) -> bool:
+    return statement.lstrip().upper().startswith("SELECT") and "FROM models" in statement
 
 
 def test_downloads_of_a_model_read_its_row_once(
@@ -244,11 +231,11 @@ def test_downloads_of_a_model_read_its_row_once(
     a version not stored yet is not remembered as missing."""
     url = push(client, tokens["operator"], bundles["1.0.0"]).json()["download_url"]
     missing = "/api/v1/models/face/1.1.0/bundle"
-    with model_selects(database) as selects:
+    with Statements(database) as sql:
         for _ in range(5):
             assert client.get(url).status_code == 200
         assert client.get(url.replace("key=", "key=x")).status_code == 401
-        assert len(selects) == 1, selects
+        assert sql.matching(_model_select) == 1, sql.seen
         assert client.get(missing, headers=auth(tokens["viewer"])).status_code == 404
         created = push(client, tokens["operator"], bundles["1.1.0"]).json()
         assert client.get(created["download_url"]).status_code == 200
@@ -261,16 +248,16 @@ def test_remembered_model_rows_expire_and_are_bounded(
         push(client, tokens["operator"], bundles[version])
     now = [0.0]
     rows = ModelRows(ttl_s=10.0, size=1, clock=lambda: now[0])
-    with model_selects(database) as selects:
+    with Statements(database) as sql:
         found = rows.get(database, "face", "1.0.0")
         assert found is not None and found.ref == "face@1.0.0"
         assert rows.get(database, "face", "1.0.0") is found
-        assert len(selects) == 1
+        assert sql.matching(_model_select) == 1
         assert rows.get(database, "face", "1.1.0") is not None  # the only slot: 1.0.0 goes
         assert rows.get(database, "face", "1.0.0") is not None
-        assert len(selects) == 3
+        assert sql.matching(_model_select) == 3
         now[0] = 10.5  # past the TTL
         assert rows.get(database, "face", "1.0.0") is not None
         assert rows.get(database, "face", "9.9.9") is None
         assert rows.get(database, "face", "9.9.9") is None
-        assert len(selects) == 6
+        assert sql.matching(_model_select) == 6
